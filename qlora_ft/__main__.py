@@ -1,0 +1,3 @@
+from qlora_ft.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""Entry points: `qlora-ft train|generate|prepare|export`, `train.py` and `inference.py` (parse, then call)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from qlora_ft.config import (
+    ExportConfig,
+    GenerateConfig,
+    TrainConfig,
+    _Parser,
+    build_parser,
+    config_from_flat,
+    parse_config,
+)
+from qlora_ft.errors import UserError, exits_cleanly
+
+log = logging.getLogger("qlora_ft")
+
+
+def setup_logging() -> None:
+    """One fixed-format line per event on stderr; third-party chatter kept to real problems."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module=r"(transformers|peft|accelerate|bitsandbytes|torch)\b")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train
+
+
+def run_train(cfg: TrainConfig) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from qlora_ft.loop import train
+
+    with logging_redirect_tqdm():
+        train(cfg)
+
+
+@exits_cleanly("train.py")
+def train_main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(TrainConfig, argv, "train.py", "QLoRA fine-tuning of a GPT-2-family model on paragraphs.")
+    setup_logging()
+    run_train(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generate / inference
+
+
+def run_generate(cfg: GenerateConfig) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from qlora_ft.generate import sample
+    from qlora_ft.model import load_for_inference
+
+    args = cfg.gen
+    if args.model_path is None:
+        raise UserError("--model_path is required")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_inference(args.model_path, args.base_model, args.qlora, device)
+    prompts = args.prompt or [""]
+    counter = iter(range(1, 1_000_000))
+
+    def streamer():
+        print(f"[{next(counter)}] ", end="", flush=True)
+        return TextStreamer(tokenizer, skip_special_tokens=True)
+
+    results = sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed,
+                     streamer_factory=streamer if args.stream else None)  # fmt: skip
+    if args.stream:
+        return
+    number = 1
+    for texts in results:
+        for text in texts:
+            print(f"[{number}] {text}\n", flush=True)
+            number += 1
+
+
+@exits_cleanly("inference.py")
+def inference_main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(GenerateConfig, argv, "inference.py", "Generate text from a fine-tuned model.")
+    setup_logging()
+    run_generate(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export, prepare
+
+
+def run_export(cfg: ExportConfig) -> None:
+    import torch
+
+    from qlora_ft.model import load_for_inference
+
+    args = cfg.export
+    if args.model_path is None or args.out is None:
+        raise UserError("--model_path and --out are required")
+    model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"))
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    log.info("merged model and tokenizer written to %s", args.out)
+
+
+def run_prepare(inputs: list[str], out: str, text_column: str | None) -> None:
+    from qlora_ft.data import load_corpus, write_pickle_dataset
+
+    texts: list[str] = []
+    for source in inputs:
+        corpus = load_corpus(source, text_column)
+        texts += corpus.train + (corpus.validation or [])
+    write_pickle_dataset(texts, out)
+    log.info("wrote %d paragraphs from %d source(s) to %s", len(texts), len(inputs), out)
+
+
+def _prepare_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="SOURCE", help=".txt books, folders of .txt, any --data source")
+    parser.add_argument("--out", required=True, help="the pickle to write: a list of {'sentence': paragraph}")
+    parser.add_argument("--text-column", "--text_column", dest="text_column", default=None,
+                        help="column or key holding the text, for table sources")  # fmt: skip
+
+
+COMMANDS = {
+    "train": (TrainConfig, "fine-tune a model (same options as train.py)"),
+    "generate": (GenerateConfig, "generate text from a fine-tuned model (same options as inference.py)"),
+    "export": (ExportConfig, "merge an adapter into its base and save a full model"),
+}
+
+
+@exits_cleanly("qlora-ft")
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser(prog="qlora-ft", description="QLoRA fine-tuning and generation for GPT-2-family models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (cfg_cls, help_text) in COMMANDS.items():
+        build_parser(cfg_cls, f"qlora-ft {name}", help_text, sub.add_parser(name, help=help_text))
+    _prepare_parser(sub.add_parser("prepare", help="turn plain-text books into the paragraph pickle"))
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command", None)
+    if command is None:
+        parser.print_help(sys.stderr)
+        raise UserError("choose a command")
+    setup_logging()
+    if command == "prepare":
+        run_prepare(args["inputs"], args["out"], args["text_column"])
+        return
+    cfg = config_from_flat(COMMANDS[command][0], args)
+    {"train": run_train, "generate": run_generate, "export": run_export}[command](cfg)

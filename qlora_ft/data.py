@@ -1,0 +1,410 @@
+"""Data: file -> paragraphs -> train/validation split -> token windows -> padded batches.
+
+All functions here are pure (lists in, lists/tensors out) except the loaders, which only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_ft.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+TEXT_KEYS = ("sentence", "text", "paragraph")
+TABLE_SUFFIXES = {".csv", ".jsonl", ".json", ".parquet"}
+PICKLE_SUFFIXES = {".pkl", ".pickle"}
+VALIDATION_KEYS = ("validation", "valid", "val", "test")
+
+# ----------------------------------------------------------------------------------------------------------
+# Restricted unpickling
+#
+# Hand-written because no library restricts pickle: `pickle.load` runs any callable a file names. This
+# unpickler resolves only the globals a list/dict of strings or a pandas DataFrame/Series of text needs
+# (current and older pandas/numpy names); everything else is refused before anything is called.
+
+_SAFE_GLOBALS = {
+    ("builtins", "slice"), ("builtins", "bytearray"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "complex"), ("__builtin__", "slice"), ("__builtin__", "bytearray"), ("__builtin__", "set"),
+    ("_codecs", "encode"),  # how protocol 2 stores bytes
+    ("collections", "OrderedDict"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("pandas", "DataFrame"), ("pandas", "Series"), ("pandas", "Index"), ("pandas", "RangeIndex"),
+    ("pandas", "NA"), ("pandas", "StringDtype"),
+    ("pandas.core.frame", "DataFrame"), ("pandas.core.series", "Series"),
+    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.range", "RangeIndex"),
+    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.managers", "SingleBlockManager"),
+    ("pandas.core.internals.blocks", "new_block"), ("pandas.core.internals.blocks", "ObjectBlock"),
+    ("pandas.core.internals.blocks", "Block"), ("pandas.core.internals.blocks", "NumpyBlock"),
+    ("pandas._libs.internals", "_unpickle_block"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("pandas.arrays", "StringArray"), ("pandas.arrays", "ArrowStringArray"),
+    ("pandas.core.arrays.string_", "StringArray"), ("pandas.core.arrays.string_", "StringDtype"),
+    ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
+    ("pyarrow.lib", "_restore_array"), ("pyarrow.lib", "py_buffer"), ("pyarrow.lib", "type_for_alias"),
+}  # fmt: skip
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(data: bytes, source: str = "pickle") -> Any:
+    """Load pickled builtin containers, strings, numbers and pandas text tables without running other code."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refusing"):
+            raise UserError(
+                f"{source}: {e}: only lists/dicts of text and pandas DataFrames/Series are accepted "
+                "(nothing in the file was executed)"
+            ) from None
+        raise UserError(f"{source}: not a readable pickle, corrupt or truncated ({e})") from None
+    except Exception as e:  # any failure inside a malformed stream: EOFError, ValueError, struct errors, ...
+        raise UserError(f"{source}: not a readable pickle, corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading paragraphs
+
+
+def clean_paragraph(text: str) -> str:
+    """Join hard-wrapped lines and trim: `"A truth\\nuniversally  known. "` -> `"A truth universally known."`.
+
+    Runs of whitespace inside a paragraph become one space; NUL bytes are dropped.
+    """
+    return " ".join(text.replace("\x00", "").split())
+
+
+def split_text(text: str) -> list[str]:
+    """Paragraphs of a plain-text book: blocks separated by blank lines, hard-wrapped lines joined.
+
+    >>> split_text("First line\\nwrapped.\\n\\n\\nSecond.\\n")
+    ['First line wrapped.', 'Second.']
+    """
+    blocks = text.replace("\r\n", "\n").replace("\r", "\n").split("\n\n")
+    return [p for p in (clean_paragraph(b) for b in blocks) if p]
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); re-save it as UTF-8") from None
+
+
+def _texts(items: Any, text_column: str | None, source: str) -> list[str]:
+    """Paragraph strings from a list of str/dicts, a DataFrame, a Series, or a column dict."""
+    import pandas as pd
+
+    if isinstance(items, pd.DataFrame):
+        column = _pick_column([str(c) for c in items.columns], text_column, source)
+        items = items[column].tolist()
+    elif isinstance(items, pd.Series):
+        items = items.tolist()
+    elif isinstance(items, dict):
+        column = _pick_column([str(k) for k in items], text_column, source)
+        items = items[column]
+        if isinstance(items, str):
+            items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise UserError(f"{source}: expected a list of paragraphs, got {type(items).__name__}")
+    texts, missing = [], 0
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            item = item.get(_pick_column([str(k) for k in item], text_column, f"{source} item {i}"))
+        if item is None or (isinstance(item, float) and math.isnan(item)) or item is pd.NA:
+            missing += 1
+            continue
+        if not isinstance(item, str):
+            raise UserError(f"{source}: item {i} is {type(item).__name__}, not text")
+        if text := clean_paragraph(item):
+            texts.append(text)
+    if missing:
+        log.warning("%s: skipped %d missing values", source, missing)
+    return texts
+
+
+def _pick_column(columns: list[str], text_column: str | None, source: str) -> str:
+    if text_column is not None:
+        if text_column not in columns:
+            raise UserError(f"{source}: no column {text_column!r} (columns: {', '.join(columns) or 'none'})")
+        return text_column
+    for key in TEXT_KEYS:
+        if key in columns:
+            return key
+    raise UserError(
+        f"{source}: no text column found among {', '.join(columns) or 'none'}; "
+        f"name one with --text-column (looked for {', '.join(TEXT_KEYS)})"
+    )
+
+
+@dataclass
+class Corpus:
+    """Paragraphs as loaded; `validation` is set only when the source was already split."""
+
+    train: list[str]
+    validation: list[str] | None = None
+
+
+def _from_object(obj: Any, text_column: str | None, source: str) -> Corpus:
+    if isinstance(obj, dict) and "train" in obj:
+        val_key = next((k for k in VALIDATION_KEYS if k in obj), None)
+        if val_key is None:
+            raise UserError(f"{source}: a split dataset needs 'train' and 'validation' keys (found {list(obj)})")
+        return Corpus(_texts(obj["train"], text_column, source), _texts(obj[val_key], text_column, source))
+    return Corpus(_texts(obj, text_column, source))
+
+
+def _load_datasets(source: str, text_column: str | None) -> Corpus:
+    import datasets
+
+    try:
+        if Path(source).is_dir():
+            ds = datasets.load_from_disk(source)
+        else:
+            from qlora_ft.model import check_hub_reachable
+
+            check_hub_reachable(source, "dataset")
+            ds = datasets.load_dataset(source)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load dataset {source!r}: {first_line(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        val_key = next((k for k in VALIDATION_KEYS if k in ds), None)
+        if "train" in ds and val_key:
+            return Corpus(_texts(ds["train"].to_pandas(), text_column, source),
+                          _texts(ds[val_key].to_pandas(), text_column, source))  # fmt: skip
+        ds = datasets.concatenate_datasets(list(ds.values()))
+    return Corpus(_texts(ds.to_pandas(), text_column, source))
+
+
+def load_corpus(source: str, text_column: str | None = None) -> Corpus:
+    """Read paragraphs from any supported source (see `DataArgs.data`). Raises UserError on bad input."""
+    import pandas as pd
+
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if any(path.glob("*.arrow")) or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            corpus = _load_datasets(source, text_column)
+        else:
+            files = sorted(path.glob("*.txt"))
+            if not files:
+                raise UserError(f"{source}: folder has no .txt files and is not a saved dataset")
+            corpus = Corpus([p for f in files for p in split_text(read_text_file(f))])
+    elif path.is_file():
+        if suffix in PICKLE_SUFFIXES:
+            corpus = _from_object(safe_unpickle(_read_bytes(path), str(path)), text_column, str(path))
+        elif suffix == ".txt":
+            corpus = Corpus(split_text(read_text_file(path)))
+        elif suffix in TABLE_SUFFIXES:
+            try:
+                if suffix == ".csv":
+                    frame = pd.read_csv(path)
+                elif suffix == ".parquet":
+                    frame = pd.read_parquet(path)
+                else:
+                    frame = pd.read_json(path, lines=suffix == ".jsonl")
+            except Exception as e:
+                raise UserError(f"cannot read {path}: {first_line(e)}") from None
+            corpus = Corpus(_texts(frame, text_column, str(path)))
+        else:
+            raise UserError(f"{source}: unknown data format {suffix!r} (use .pkl, .txt, .csv, .jsonl or .parquet)")
+    elif suffix in PICKLE_SUFFIXES | TABLE_SUFFIXES | {".txt"} or os.sep in source or source.startswith("."):
+        raise UserError(f"data file not found: {source}")
+    else:
+        corpus = _load_datasets(source, text_column)
+    n = len(corpus.train) + len(corpus.validation or [])
+    if n == 0:
+        raise UserError(f"{source}: no paragraphs found (the data is empty)")
+    return corpus
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Split
+
+
+@dataclass
+class Split:
+    """Which paragraphs train and which validate: indices into `paragraphs` (deduplicated, load order)."""
+
+    paragraphs: list[str]
+    train_idx: list[int]
+    val_idx: list[int]
+
+    @property
+    def train(self) -> list[str]:
+        return [self.paragraphs[i] for i in self.train_idx]
+
+    @property
+    def validation(self) -> list[str]:
+        return [self.paragraphs[i] for i in self.val_idx]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for p in self.paragraphs:
+            h.update(p.encode("utf-8"))
+            h.update(b"\x00")
+        return h.hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"data_sha256": self.fingerprint(), "n_paragraphs": len(self.paragraphs),
+                "train": self.train_idx, "validation": self.val_idx}  # fmt: skip
+
+
+def split_corpus(corpus: Corpus, train_size: float, seed: int) -> Split:
+    """Split at paragraph level, before any chunking, so no paragraph text is on both sides.
+
+    Exact duplicate paragraphs are kept once (otherwise a repeated line such as "CHAPTER I" would land on
+    both sides). A pre-split corpus keeps its split; paragraphs in both are kept in validation only.
+
+    >>> s = split_corpus(Corpus(["a", "b", "c", "a"]), train_size=0.5, seed=0); sorted(s.train + s.validation)
+    ['a', 'b', 'c']
+    """
+    if corpus.validation is not None:
+        val = list(dict.fromkeys(corpus.validation))
+        val_set = set(val)
+        train = [p for p in dict.fromkeys(corpus.train) if p not in val_set]
+        if not train or not val:
+            raise UserError("the pre-split data needs at least one paragraph on each side")
+        return Split(train + val, list(range(len(train))), list(range(len(train), len(train) + len(val))))
+    paragraphs = list(dict.fromkeys(corpus.train))
+    if len(paragraphs) < len(corpus.train):
+        log.info("dropped %d duplicate paragraphs", len(corpus.train) - len(paragraphs))
+    n_val = max(1, round(len(paragraphs) * (1.0 - train_size)))
+    if len(paragraphs) - n_val < 1:
+        raise UserError(f"too few paragraphs to split: {len(paragraphs)} (need at least 2)")
+    order = list(range(len(paragraphs)))
+    random.Random(seed).shuffle(order)
+    return Split(paragraphs, sorted(order[n_val:]), sorted(order[:n_val]))
+
+
+def split_from_json(paragraphs_source: Split, saved: dict[str, Any]) -> Split:
+    """The split a checkpoint recorded, checked against the data loaded now."""
+    if saved.get("data_sha256") != paragraphs_source.fingerprint():
+        raise UserError(
+            "the data differs from the data this checkpoint was trained on (fingerprint mismatch); "
+            "resume with the same --data, or start a new run"
+        )
+    return Split(paragraphs_source.paragraphs, list(saved["train"]), list(saved["validation"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens -> windows -> batches
+
+
+def tokenize(tokenizer, texts: Sequence[str], batch: int = 1000) -> list[list[int]]:
+    """Token ids per text, without special tokens (added by `to_windows`)."""
+    ids: list[list[int]] = []
+    for i in range(0, len(texts), batch):
+        ids.extend(tokenizer(list(texts[i : i + batch]), add_special_tokens=False, verbose=False)["input_ids"])
+    return ids
+
+
+def to_windows(ids: list[int], eos_id: int, max_len: int) -> list[list[int]]:
+    """`<eos> + ids + <eos>`, cut into windows of at most `max_len` tokens that overlap by one token, so that
+    every token after the leading `<eos>` is predicted exactly once (the overlap token is context only).
+
+    >>> to_windows([1, 2, 3, 4, 5], eos_id=0, max_len=4)
+    [[0, 1, 2, 3], [3, 4, 5, 0]]
+    >>> to_windows([1, 2], eos_id=0, max_len=8)
+    [[0, 1, 2, 0]]
+    """
+    seq = [eos_id, *ids, eos_id]
+    if len(seq) <= max_len:
+        return [seq]
+    step = max_len - 1
+    return [seq[i : i + max_len] for i in range(0, len(seq) - 1, step)]
+
+
+def windows_for(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    return [w for ids in tokenize(tokenizer, texts) for w in to_windows(ids, eos, max_len)]
+
+
+def collate(windows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest window. Labels are -100 at padding *by position*, so a real `<eos>` (which
+    shares its id with the pad token in GPT-2) is still a target.
+
+    >>> b = collate([[0, 5, 0], [0, 7]], pad_id=0); b["labels"].tolist()
+    [[0, 5, 0], [0, 7, -100]]
+    """
+    width = max(len(w) for w in windows)
+    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, w in enumerate(windows):
+        input_ids[row, : len(w)] = torch.tensor(w, dtype=torch.long)
+        attention_mask[row, : len(w)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def epoch_batches(n_windows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Window indices per micro-batch for one epoch: a permutation that depends only on (seed, epoch), so a
+    resumed run sees the same order and can skip the batches it already trained on."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_windows, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_windows, batch_size)]
+
+
+def eval_batches(windows: Sequence[Sequence[int]], batch_size: int) -> Iterable[list[int]]:
+    """Validation batches grouped by length (order does not matter for a token-weighted mean)."""
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `qlora-ft prepare`
+
+
+def write_pickle_dataset(texts: list[str], out: str) -> None:
+    """Write the original format (a list of `{"sentence": paragraph}`) atomically: temp file, then rename."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump([{"sentence": t} for t in texts], f, protocol=4)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,45 @@
+"""One error type for bad user input, turned into one stderr line and exit status 2 at the entry points."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """Bad input from the user (flag, file, checkpoint, model name): reported without a traceback."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span a page), or its type name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def exits_cleanly(prog: str) -> Callable[[F], F]:
+    """Decorate an entry point so a UserError becomes `prog: error: message` on stderr and exit 2.
+
+    Ctrl-C becomes exit 130 with one line. Anything else is a bug and keeps its traceback.
+    """
+
+    def wrap(main: F) -> F:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except UserError as e:
+                logging.shutdown()
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                sys.exit(130)
+
+        return run  # type: ignore[return-value]
+
+    return wrap

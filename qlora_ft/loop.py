@@ -1,0 +1,338 @@
+"""The training loop: one function, read top to bottom, on `accelerate.Accelerator`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qlora_ft import checkpoint
+from qlora_ft.config import TrainConfig, train_config_from_dict
+from qlora_ft.data import (
+    collate,
+    epoch_batches,
+    eval_batches,
+    load_corpus,
+    split_corpus,
+    split_from_json,
+    windows_for,
+)
+from qlora_ft.errors import UserError
+from qlora_ft.generate import sample
+from qlora_ft.model import (
+    add_lora,
+    compute_dtype,
+    count_parameters,
+    keep_training_layout,
+    load_base,
+    load_tokenizer,
+    resolve_base_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `peak`, then linear decay to 0.
+
+    >>> [round(lr_at(s, 1.0, 2, 6), 2) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy, number of target tokens); positions labelled -100 do not count.
+
+    logits (B, T, V), labels (B, T): position t predicts labels[t + 1].
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    loss_sum = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )  # fp32 under autocast
+    return loss_sum, (targets != -100).sum()
+
+
+def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerator) -> tuple[float, int, int]:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each micro-batch's summed token loss is divided by the target tokens of the *whole step*, so the
+    accumulated gradient equals that of one batch holding all of them (padding never counts). Returns
+    (summed loss, target tokens, real input tokens).
+    """
+    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total, n_tokens = 0.0, 0
+    for k, batch in enumerate(micro):
+        is_accumulating = k < len(micro) - 1  # DDP: all-reduce gradients only on the last micro-batch
+        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+        with accelerator.no_sync(model) if is_accumulating else nullcontext():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            loss_sum, _ = token_loss(logits, batch["labels"])
+            accelerator.backward(loss_sum / n_targets)
+        total += float(loss_sum.detach())
+        n_tokens += int(batch["attention_mask"].sum())
+    return total, n_targets, n_tokens
+
+
+@torch.no_grad()
+def evaluate(model, windows: list[list[int]], batch_size: int, pad_id: int, device) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over all of `windows`."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for idx in eval_batches(windows, batch_size * 2):
+        batch = collate([windows[i] for i in idx], pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits  # fmt: skip
+        loss_sum, n = token_loss(logits, batch["labels"].to(device))
+        total += loss_sum.double().cpu()
+        count += int(n)
+    model.train(was_training)
+    mean = float(total) / max(1, count)
+    return mean, math.exp(min(mean, 50.0))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint into a differently shaped model."""
+    fields = {
+        "model": (saved.model.model, cfg.model.model),
+        "qlora": (saved.model.qlora, cfg.model.qlora),
+        "rank_lora": (saved.model.rank_lora, cfg.model.rank_lora),
+        "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
+        "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
+        "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
+        "batch_size": (saved.data.batch_size, cfg.data.batch_size),
+        "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
+    }
+    diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
+    if diff:
+        raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained model (a PeftModel for QLoRA), unwrapped from accelerate
+    summary: dict[str, Any]  # also written to <output_dir>/train_summary.json
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune `cfg.model.model` on `cfg.data.data`, checkpointing and sampling as configured."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if cfg.data.data is None:
+        raise UserError("--data is required")
+    cfg.model.model = resolve_base_name(cfg.model.model)
+    out_dir, check_dir = Path(cfg.ckpt.output_dir), Path(cfg.ckpt.check_dir)
+
+    # --- resume point: read before touching anything, so bad input fails fast -----------------------
+    resume = None
+    if cfg.ckpt.restore_file:
+        path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
+        meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
+        _check_compatible(train_config_from_dict(saved_cfg), cfg, path)
+        resume = (path, meta, tensors, saved_split)
+
+    # --- data: paragraphs -> split -> windows ---------------------------------------------------------
+    corpus = load_corpus(cfg.data.data, cfg.data.text_column)
+    split = split_corpus(corpus, cfg.data.train_size, cfg.data.seed)
+    if resume:
+        split = split_from_json(split, resume[3])
+    tokenizer = load_tokenizer(cfg.model.model)
+    pad_id = tokenizer.pad_token_id
+    train_windows = windows_for(tokenizer, split.train, cfg.data.max_input_length)
+    val_windows = windows_for(tokenizer, split.validation, cfg.data.max_input_length)
+    log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens",
+             len(split.train_idx), len(split.val_idx), len(train_windows), len(val_windows),
+             cfg.data.max_input_length)  # fmt: skip
+
+    # --- accelerator, model, optimizer ----------------------------------------------------------------
+    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(cfg.model.compute_dtype, probe)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir))
+    device = accelerator.device
+    set_seed(cfg.data.seed)
+    model = load_base(cfg.model.model, cfg.model.qlora, dtype, device)
+    model.config.use_cache = False
+    if cfg.model.qlora:
+        keep_training_layout(model)
+        model = add_lora(model, cfg.model)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, "4-bit NF4 base + LoRA" if cfg.model.qlora else "full fine-tuning")  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+
+    batches_per_epoch = math.ceil(len(train_windows) / cfg.data.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
+    total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    step, epoch, position, tokens_seen = 0, 0, 0, 0
+    if resume:
+        path, meta, tensors, _ = resume
+        checkpoint.load_model_weights(model, path)
+        optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng_cuda"], device)
+        step, epoch, position, tokens_seen = meta["step"], meta["epoch"], meta["position"], meta["tokens"]
+        if position >= batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        if meta.get("total_steps") != total_steps:
+            log.warning("schedule length changed from %s to %d steps", meta.get("total_steps"), total_steps)
+        log.info("resumed from %s: step %d, epoch %d, micro-batch %d", path, step, epoch + 1, position)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.init_trackers("tb", config=_flat(cfg))
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
+
+    def save(name: str) -> None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        meta = {"step": step, "epoch": epoch, "position": position, "tokens": tokens_seen,
+                "total_steps": total_steps, "batches_per_epoch": batches_per_epoch}  # fmt: skip
+        tensors = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
+        unwrapped = accelerator.unwrap_model(model)
+        path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json())
+        log.info("saved checkpoint %s", path)
+
+    def record(row: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+
+    def validate() -> tuple[float, float]:
+        val_loss, val_ppl = evaluate(model, val_windows, cfg.data.batch_size, pad_id, device)
+        record({"step": step, "epoch": epoch + 1, "val_loss": val_loss, "val_perplexity": val_ppl})
+        log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, val_ppl)
+        return val_loss, val_ppl
+
+    def write_samples() -> None:
+        if not accelerator.is_main_process:
+            return
+        prompts = cfg.sample.sample_prompts
+        with accelerator.autocast():
+            texts = sample(accelerator.unwrap_model(model), tokenizer, prompts, cfg.sample,
+                           cfg.sample.max_output_length, seed=cfg.data.seed + step)  # fmt: skip
+        with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            for prompt, (text,) in zip(prompts, texts, strict=True):
+                f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+                tqdm.write(f"[sample @ step {step}] {text}")
+
+    # --- the loop -------------------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+    t_start, tokens_start = time.perf_counter(), tokens_seen
+    window_loss, window_targets = 0.0, 0
+    val_loss = val_ppl = float("nan")
+    last_saved_step = step
+    while step < total_steps:
+        batches = epoch_batches(len(train_windows), cfg.data.batch_size, cfg.data.seed, epoch)
+        while position < len(batches) and step < total_steps:
+            group = batches[position : position + cfg.optim.grad_accum_steps]
+            micro = [collate([train_windows[i] for i in idx], pad_id) for idx in group]
+            loss_sum, n_targets, n_tokens = accumulate_gradients(model, micro, accelerator)
+            window_loss += loss_sum
+            tokens_seen += n_tokens
+            window_targets += n_targets
+            if not math.isfinite(window_loss):  # before the update: the last checkpoint stays the last good one
+                raise UserError(f"the loss became non-finite at step {step + 1}; try a lower --lr (now {cfg.optim.lr})")
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            if cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            position += len(group)
+
+            # --- log, validate, sample, save ----------------------------------------------------------
+            elapsed = time.perf_counter() - t_start
+            tokens_per_second = (tokens_seen - tokens_start) / max(elapsed, 1e-9)
+            if step % cfg.ckpt.log_every == 0 or step == total_steps:
+                loss = window_loss / max(1, window_targets)
+                record({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "tokens": tokens_seen,
+                        "tokens_per_second": tokens_per_second})  # fmt: skip
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+                window_loss, window_targets = 0.0, 0
+            bar.update(1)
+            if cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0:
+                val_loss, val_ppl = validate()
+            if cfg.sample.sample_every and step % cfg.sample.sample_every == 0:
+                write_samples()
+            if cfg.ckpt.save_every_steps and step % cfg.ckpt.save_every_steps == 0:
+                save(f"step-{step:06d}")
+                last_saved_step = step
+        if position >= len(batches):  # end of epoch
+            if not (cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0):
+                val_loss, val_ppl = validate()
+            if cfg.ckpt.save_interval and (epoch + 1) % cfg.ckpt.save_interval == 0:
+                save(f"Epoch_{epoch + 1}")
+                last_saved_step = step
+            epoch, position = epoch + 1, 0
+    bar.close()
+    train_seconds = time.perf_counter() - t_start
+
+    # --- the end: final validation, checkpoint, adapter, summary -------------------------------------
+    if math.isnan(val_loss):
+        val_loss, val_ppl = validate()
+    if last_saved_step != step:
+        save(f"step-{step:06d}")
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        summary = {
+            "train_tokens": tokens_seen - tokens_start,
+            "train_tokens_total": tokens_seen,
+            "train_seconds": train_seconds,
+            "tokens_per_second": (tokens_seen - tokens_start) / max(train_seconds, 1e-9),
+            "final_val_loss": val_loss,
+            "final_val_perplexity": val_ppl,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "steps": step,
+            "epochs": step / steps_per_epoch,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+        }
+        checkpoint.write_json(out_dir / "train_summary.json", summary)
+        log.info("done: %d steps, validation loss %.4f, perplexity %.2f; adapter in %s", step, val_loss, val_ppl,
+                 out_dir)  # fmt: skip
+    accelerator.end_training()
+    return TrainResult(accelerator.unwrap_model(model), summary)
+
+
+def _flat(cfg: TrainConfig) -> dict[str, Any]:
+    """Hyperparameters for TensorBoard (scalars only)."""
+    flat = {}
+    for group in asdict(cfg).values():
+        for k, v in group.items():
+            flat[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat

@@ -1,0 +1,210 @@
+"""Model: load a base (4-bit NF4 or full precision), add LoRA, and rebuild a fine-tuned model for inference."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from qlora_ft.config import ModelArgs
+from qlora_ft.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") -> None:
+    """Fail fast, in one line, when `name` must come from the Hugging Face Hub and the Hub cannot be reached.
+
+    `from_pretrained` would otherwise retry for about a minute and end in a long traceback.
+    """
+    hint = (
+        "pass a local model directory instead (e.g. --model ../shared/models/mini-gpt2-fiction)"
+        if kind == "model"
+        else "pass a local file or a saved dataset directory instead"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"cannot load {kind} {name!r}: not a local path or cached, and HF_HUB_OFFLINE is set; {hint}")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    api = HfApi()
+    try:
+        (api.model_info if kind == "model" else api.dataset_info)(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise UserError(f"{kind} {name!r} is neither a local path nor a repository on the Hugging Face Hub") from None
+    except HfHubHTTPError:
+        return  # reachable (gated, rate-limited, ...): let the loader say what is wrong
+    except Exception as e:
+        raise UserError(
+            f"cannot load {kind} {name!r}: not a local path, and the Hugging Face Hub is unreachable "
+            f"({first_line(e)}); {hint}"
+        ) from None
+
+
+def _pretrained(loader, name: str, what: str = "model", **kwargs):
+    """`loader.from_pretrained(name)` for a local dir, a cached hub name, or (when reachable) the Hub."""
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            return loader.from_pretrained(str(path), **kwargs)
+        if name.startswith((".", "/", "~")) or path.suffix:
+            raise UserError(f"{what} directory not found: {name}")
+        try:
+            return loader.from_pretrained(name, local_files_only=True, **kwargs)  # a cached copy: no network
+        except OSError:
+            check_hub_reachable(name, "model")
+            return loader.from_pretrained(name, **kwargs)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load {what} {name!r}: {first_line(e)}") from None
+
+
+def resolve_base_name(name: str) -> str:
+    """Local directories are recorded as absolute paths (so adapter configs work from any cwd); hub names as is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, else fp16; float32 on CPU (bf16 matmuls are ~3x slower there)."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _pretrained(AutoTokenizer, name, "tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of {name!r} has no end-of-text token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, so sharing the id is safe
+    return tokenizer
+
+
+def bnb_config(dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_base(name: str, quantize: bool, dtype: torch.dtype, device: torch.device):
+    """The base model: NF4 4-bit with double quantisation and `dtype` compute, or full precision in `dtype`
+    (float32 for training; autocast supplies the low-precision compute)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype if not quantize else torch.float32}
+    if quantize:
+        kwargs.update(quantization_config=bnb_config(dtype), device_map={"": device})
+    model = _pretrained(AutoModelForCausalLM, name, "model", **kwargs)
+    if not quantize:
+        model.to(device)
+    return model
+
+
+def keep_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) converts a Linear4bit's weights to a bf16-only packed
+    layout the first time the layer runs in eval mode without gradients (our validation and samples). The
+    training forward then fails on that layout, and validation would be computed in bf16, not the dtype the
+    model trains in (which also breaks bit-exact resume). The flag below is the library's own switch.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model, args: ModelArgs):
+    """Wrap `args.targets_lora` with LoRA (peft). With a 4-bit base, first `prepare_model_for_kbit_training`
+    (casts norms/embeddings to float32 and enables input gradients)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in args.targets_lora if t not in names]
+    if missing:
+        raise UserError(f"--targets-lora {' '.join(missing)}: no such module in this model")
+    config = LoraConfig(
+        r=args.rank_lora,
+        lora_alpha=args.alpha_lora,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.targets_lora),
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=False,  # peft detects GPT-2 Conv1D and sets it per layer
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # bitsandbytes packs two 4-bit values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def adapter_base_name(path: Path) -> str:
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        return str(config["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}/adapter_config.json is unreadable or has no base model ({first_line(e)})") from None
+
+
+def load_for_inference(model_path: str, base_model: str | None, quantize: bool, device: torch.device):
+    """(model, tokenizer) ready to generate.
+
+    An adapter dir is merged into a full-precision copy of its base (fp16/bf16 on CUDA, float32 on CPU) by
+    default, never into 4-bit weights (lossy). `quantize=True` keeps the base in 4-bit with the adapter
+    applied unmerged, which is exactly what was trained and uses the least memory. A full model dir is
+    loaded as is.
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        raise UserError(f"model path not found: {model_path}")
+    dtype = compute_dtype("auto", device)
+    if not is_adapter_dir(path):
+        if not (path / "config.json").is_file():
+            raise UserError(f"{model_path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
+        model = load_base(str(path), quantize, dtype, device)
+        return model.eval(), load_tokenizer(str(path))
+
+    from peft import PeftModel
+
+    base_name = base_model or adapter_base_name(path)
+    base = load_base(base_name, quantize, dtype, device)
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot apply the adapter in {model_path} to {base_name!r}: {first_line(e)}") from None
+    if not quantize:
+        model = model.merge_and_unload()
+    tokenizer_src = str(path) if (path / "tokenizer_config.json").is_file() else base_name
+    return model.eval(), load_tokenizer(tokenizer_src)

@@ -1,0 +1,201 @@
+import json
+import os
+import pickle
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from qlora_ft.data import (
+    Corpus,
+    collate,
+    epoch_batches,
+    load_corpus,
+    safe_unpickle,
+    split_corpus,
+    split_from_json,
+    split_text,
+    to_windows,
+    write_pickle_dataset,
+)
+from qlora_ft.errors import UserError
+
+TEXTS = ["First paragraph.", "Second one here.", "Third, with more words."]
+
+
+def write_pickle(path, obj):
+    path.write_bytes(pickle.dumps(obj))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [{"sentence": t} for t in TEXTS],
+        list(TEXTS),
+        [{"text": t} for t in TEXTS],
+        [{"paragraph": t} for t in TEXTS],
+        pd.DataFrame({"sentence": TEXTS, "n": [1, 2, 3]}),
+        pd.DataFrame({"text": TEXTS}),
+        pd.Series(TEXTS, name="whatever"),
+        {"text": list(TEXTS)},
+    ],
+    ids=["list-of-sentence-dicts", "list-of-str", "text-key", "paragraph-key", "dataframe", "dataframe-text",
+         "series", "column-dict"],
+)  # fmt: skip
+def test_pickle_formats(tmp_path, obj):
+    assert load_corpus(write_pickle(tmp_path / "d.pkl", obj)) == Corpus(TEXTS)
+
+
+def test_pre_split_pickle(tmp_path):
+    corpus = load_corpus(write_pickle(tmp_path / "d.pkl", {"train": TEXTS[:2], "validation": [{"sentence": TEXTS[2]}]}))
+    assert corpus == Corpus(TEXTS[:2], [TEXTS[2]])
+    split = split_corpus(corpus, 0.9, seed=0)
+    assert split.train == TEXTS[:2] and split.validation == [TEXTS[2]]
+
+
+def test_text_column_flag(tmp_path):
+    path = write_pickle(tmp_path / "d.pkl", pd.DataFrame({"body": TEXTS, "title": ["a", "b", "c"]}))
+    assert load_corpus(path, text_column="body").train == TEXTS
+    with pytest.raises(UserError, match="no text column"):
+        load_corpus(path)
+    with pytest.raises(UserError, match="no column 'nope'"):
+        load_corpus(path, text_column="nope")
+
+
+def test_txt_file_and_folder(tmp_path):
+    book = "Chapter 1\n\nIt is a truth\nuniversally acknowledged.\n\n\n  Second para.  \r\n"
+    (tmp_path / "b.txt").write_text(book)
+    assert load_corpus(str(tmp_path / "b.txt")).train == ["Chapter 1", "It is a truth universally acknowledged.",
+                                                         "Second para."]  # fmt: skip
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "1.txt").write_text("A one.\n\nA two.")
+    (folder / "2.txt").write_text("B one.")
+    assert load_corpus(str(folder)).train == ["A one.", "A two.", "B one."]
+
+
+def test_tables(tmp_path):
+    frame = pd.DataFrame({"text": TEXTS})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in TEXTS))
+    for name in ("d.csv", "d.parquet", "d.jsonl"):
+        assert load_corpus(str(tmp_path / name)).train == TEXTS, name
+
+
+def test_saved_datasets_dir(tmp_path):
+    import datasets
+
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": TEXTS[:2]}),
+         "validation": datasets.Dataset.from_dict({"text": TEXTS[2:]})}
+    ).save_to_disk(tmp_path / "ds")  # fmt: skip
+    assert load_corpus(str(tmp_path / "ds")) == Corpus(TEXTS[:2], TEXTS[2:])
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(tmp_path / "flat")
+    assert load_corpus(str(tmp_path / "flat")) == Corpus(TEXTS)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_MARKER",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_pickle(tmp_path / "evil.pkl", [{"sentence": "fine"}, _Evil()])
+    with pytest.raises(UserError, match="refusing to load .*system.*nothing in the file was executed"):
+        load_corpus(path)
+    assert not (tmp_path / "PWNED_MARKER").exists()
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [(b"", "corrupt or truncated"), (pickle.dumps(TEXTS)[:-5], "corrupt or truncated"),
+     (random.Random(0).randbytes(64), "pickle"), (pickle.dumps(torch.zeros(2)), "refusing")],
+)  # fmt: skip
+def test_bad_pickles(payload, message):
+    with pytest.raises(UserError, match=message):
+        safe_unpickle(payload, "x.pkl")
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [([1, 2], "item 0 is int"), ([], "no paragraphs"), (42, "expected a list"), ({"train": ["a"]}, "validation"),
+     ([{"title": "x"}], "no text column")],
+)  # fmt: skip
+def test_wrong_structures(tmp_path, obj, message):
+    with pytest.raises(UserError, match=message):
+        load_corpus(write_pickle(tmp_path / "d.pkl", obj))
+
+
+def test_missing_file_and_unknown_format_and_bad_utf8(tmp_path):
+    with pytest.raises(UserError, match="data file not found"):
+        load_corpus(str(tmp_path / "nope.pkl"))
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(UserError, match="unknown data format"):
+        load_corpus(str(tmp_path / "d.xlsx"))
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_corpus(str(tmp_path / "bad.txt"))
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    texts = [f"paragraph {i}" for i in range(100)] + ["paragraph 3", "paragraph 7"]  # two duplicates
+    a, b = split_corpus(Corpus(texts), 0.9, seed=1), split_corpus(Corpus(texts), 0.9, seed=1)
+    assert a.train_idx == b.train_idx and a.val_idx == b.val_idx
+    assert len(a.validation) == 10 and len(a.train) == 90
+    assert not set(a.train) & set(a.validation)
+    assert sorted(a.train + a.validation) == sorted(set(texts))
+    assert split_corpus(Corpus(texts), 0.9, seed=2).val_idx != a.val_idx
+
+
+def test_split_needs_two_paragraphs():
+    with pytest.raises(UserError, match="too few paragraphs"):
+        split_corpus(Corpus(["only one"]), 0.9, seed=0)
+
+
+def test_saved_split_is_checked_against_the_data():
+    split = split_corpus(Corpus([f"p{i}" for i in range(20)]), 0.8, seed=0)
+    saved = json.loads(json.dumps(split.to_json()))
+    assert split_from_json(split, saved).val_idx == split.val_idx
+    other = split_corpus(Corpus([f"q{i}" for i in range(20)]), 0.8, seed=0)
+    with pytest.raises(UserError, match="differs"):
+        split_from_json(other, saved)
+
+
+@pytest.mark.parametrize("n, max_len", [(0, 4), (1, 2), (5, 4), (10, 3), (97, 16), (200, 100)])
+def test_windows_predict_every_token_exactly_once(n, max_len):
+    ids = list(range(1, n + 1))
+    windows = to_windows(ids, eos_id=0, max_len=max_len)
+    assert all(2 <= len(w) <= max_len for w in windows)
+    targets = [t for w in windows for t in w[1:]]  # what each window predicts
+    assert targets == ids + [0]  # every token and the final <eos>, once, in order
+    assert windows[0][0] == 0
+
+
+def test_collate_masks_padding_by_position_and_keeps_eos():
+    eos = 9
+    batch = collate([[eos, 1, 2, eos], [eos, 3]], pad_id=eos)
+    assert batch["input_ids"].tolist() == [[9, 1, 2, 9], [9, 3, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[9, 1, 2, 9], [9, 3, -100, -100]]  # the real final eos is a target
+
+
+def test_epoch_batches_cover_each_window_once_and_depend_on_epoch():
+    b0 = epoch_batches(23, 4, seed=3, epoch=0)
+    assert sorted(i for b in b0 for i in b) == list(range(23))
+    assert b0 == epoch_batches(23, 4, seed=3, epoch=0)
+    assert b0 != epoch_batches(23, 4, seed=3, epoch=1)
+
+
+def test_split_text_handles_crlf_and_nul():
+    assert split_text("a\r\nb\r\n\r\nc\x00d") == ["a b", "cd"]
+
+
+def test_write_pickle_dataset_round_trip(tmp_path):
+    out = tmp_path / "sub" / "austen_dataset.pkl"
+    write_pickle_dataset(TEXTS, str(out))
+    assert pickle.loads(out.read_bytes()) == [{"sentence": t} for t in TEXTS]
+    assert [p.name for p in out.parent.iterdir()] == ["austen_dataset.pkl"]  # no temp file left
