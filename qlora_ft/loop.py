@@ -186,6 +186,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
     total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
     step, epoch, position, tokens_seen = 0, 0, 0, 0
+    initial_val_loss = None
     if resume:
         path, meta, tensors, _ = resume
         checkpoint.load_model_weights(model, path)
@@ -194,6 +195,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if device.type == "cuda" and "rng_cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng_cuda"], device)
         step, epoch, position, tokens_seen = meta["step"], meta["epoch"], meta["position"], meta["tokens"]
+        initial_val_loss = meta.get("initial_val_loss")
         if position >= batches_per_epoch:
             epoch, position = epoch + 1, 0
         if meta.get("total_steps") != total_steps:
@@ -203,14 +205,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.init_trackers("tb", config=_flat(cfg))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run starts them anew; a resumed one drops
+            _keep_rows_up_to(out_dir / name, step)  # rows logged after its checkpoint by the run that died
 
     def save(name: str) -> None:
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
         meta = {"step": step, "epoch": epoch, "position": position, "tokens": tokens_seen,
-                "total_steps": total_steps, "batches_per_epoch": batches_per_epoch}  # fmt: skip
+                "total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
+                "initial_val_loss": initial_val_loss}  # fmt: skip
         tensors = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -244,6 +248,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- the loop -------------------------------------------------------------------------------------
     model.train()
+    if not resume:
+        initial_val_loss, _ = validate()  # the base model's loss on the same split: what fine-tuning improves on
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
     t_start, tokens_start = time.perf_counter(), tokens_seen
@@ -308,11 +314,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+        checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
         summary = {
             "train_tokens": tokens_seen - tokens_start,
             "train_tokens_total": tokens_seen,
             "train_seconds": train_seconds,
             "tokens_per_second": (tokens_seen - tokens_start) / max(train_seconds, 1e-9),
+            "initial_val_loss": initial_val_loss,
             "final_val_loss": val_loss,
             "final_val_perplexity": val_ppl,
             "peak_memory_bytes": peak_memory_bytes(device),
@@ -327,6 +335,25 @@ def train(cfg: TrainConfig) -> TrainResult:
                  out_dir)  # fmt: skip
     accelerator.end_training()
     return TrainResult(accelerator.unwrap_model(model), summary)
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows of a metrics/samples .jsonl whose step is past `step` (all of them for a fresh run)."""
+    if not path.exists():
+        return
+    rows = path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except (ValueError, AttributeError):  # a line cut short when the process was killed
+            return False
+
+    kept = [line for line in rows if keep(line)]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _flat(cfg: TrainConfig) -> dict[str, Any]:

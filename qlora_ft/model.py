@@ -54,7 +54,7 @@ def _pretrained(loader, name: str, what: str = "model", **kwargs):
         if path.is_dir():
             return loader.from_pretrained(str(path), **kwargs)
         if name.startswith((".", "/", "~")) or path.suffix:
-            raise UserError(f"{what} directory not found: {name}")
+            raise UserError(f"model directory not found: {name}")
         try:
             return loader.from_pretrained(name, local_files_only=True, **kwargs)  # a cached copy: no network
         except OSError:

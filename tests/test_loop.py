@@ -82,7 +82,7 @@ def test_qlora_trains_only_lora_weights_and_writes_outputs(tmp_path, data_pkl, t
     assert summary["train_tokens"] > 0 and summary["device"] == "cpu" and summary["steps"] == 4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]  # 0: the base model
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {2, 4} and len(samples) == 2 * len(cfg.sample.sample_prompts)
     assert all(s["text"].startswith(s["prompt"]) for s in samples)
