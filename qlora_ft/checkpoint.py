@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qlora_ft.errors import UserError
+from qlora_ft.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,40 @@ def save_checkpoint(
     return final
 
 
+def prune_step_checkpoints(check_dir: Path, keep: int) -> list[str]:
+    """Delete `step-*` checkpoints except the newest `keep` and the best by validation loss; returns the
+    names deleted. `Epoch_N` checkpoints are never deleted here."""
+    steps = sorted(
+        (n for n in list_checkpoints(check_dir) if n.startswith("step-")), key=lambda n: _step_of(check_dir / n)
+    )
+    keep_names = set(steps[-keep:])
+    losses = {n: _meta(check_dir / n).get("val_loss") for n in steps}
+    scored = [n for n in steps if isinstance(losses[n], (int, float))]
+    if scored:
+        keep_names.add(min(scored, key=lambda n: losses[n]))
+    deleted = [n for n in steps if n not in keep_names]
+    for name in deleted:
+        shutil.rmtree(check_dir / name, ignore_errors=True)
+    return deleted
+
+
 def list_checkpoints(check_dir: Path) -> list[str]:
     if not check_dir.is_dir():
         return []
     return sorted(p.name for p in check_dir.iterdir() if not p.name.startswith(".") and is_complete(p))
 
 
-def _step_of(path: Path) -> int:
+def _meta(path: Path) -> dict[str, Any]:
     try:
-        return int(json.loads((path / STATE_JSON).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
+        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _step_of(path: Path) -> int:
+    step = _meta(path).get("step")
+    return step if isinstance(step, int) else -1
 
 
 def resolve_checkpoint(check_dir: Path, restore_file: str) -> Path:
@@ -139,8 +162,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
         run_config = json.loads((path / CONFIG_JSON).read_text(encoding="utf-8"))
         split = json.loads((path / SPLIT_JSON).read_text(encoding="utf-8"))
         tensors = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError) as e:
-        raise UserError(f"checkpoint {path} is damaged or unreadable ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated zip, bad JSON, a pickle that weights_only refuses, ...
+        raise UserError(f"checkpoint {path} is damaged or unreadable ({type(e).__name__}: {first_line(e)})") from None
     return meta, tensors, run_config, split
 
 
@@ -159,7 +182,7 @@ def load_model_weights(model, path: Path) -> None:
             if not state:
                 raise OSError(f"no model weights in {path}")
             bad = list(model.load_state_dict(state, strict=False).unexpected_keys)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot load weights from checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # safetensors raises its own SafetensorError on truncated files
+        raise UserError(f"cannot load weights from checkpoint {path}: {first_line(e)}") from None
     if bad:
         raise UserError(f"checkpoint {path} has weights this model does not: {', '.join(bad[:3])}")

@@ -55,8 +55,9 @@ class DataArgs:
     )
     text_column: str | None = arg(None, "column or key holding the text (default: sentence, text or paragraph)")
     train_size: float = arg(0.9, "share of paragraphs used for training; the rest is the validation split")
-    max_input_length: int = arg(100, "tokens per training sequence; longer paragraphs are cut into windows")
+    max_input_length: int = arg(256, "tokens per training sequence; longer paragraphs are cut into windows")
     batch_size: int = arg(8, "sequences per micro-batch")
+    packing: bool = arg(True, "pack paragraphs into full sequences (no attention across them); False: pad")
     seed: int = arg(42, "seed for the split, the data order, LoRA init and dropout")
 
     def __post_init__(self):
@@ -76,6 +77,8 @@ class ModelArgs:
     alpha_lora: float = arg(16, "LoRA alpha (the update is scaled by alpha / r)")
     targets_lora: list[str] = arg(["c_attn", "c_proj"], "module names LoRA wraps (suffix match)")
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
+    loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
         "auto", "dtype of 4-bit matmuls and autocast: auto = bf16 on GPUs that have it, else fp16; float32 on CPU"
     )
@@ -85,6 +88,8 @@ class ModelArgs:
             raise UserError(f"--rank-lora must be at least 1, got {self.rank_lora}")
         if not self.targets_lora:
             raise UserError("--targets-lora needs at least one module name")
+        if self.loss_chunk < 0:
+            raise UserError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -140,14 +145,23 @@ class CheckpointArgs:
     eval_every: int = arg(0, "validate every N optimizer steps (0: only at the end of each epoch)")
     log_every: int = arg(10, "optimizer steps between log lines and metrics.jsonl rows")
     restore_file: str | None = arg(None, "checkpoint to resume: a name in --check-dir (Epoch_2), a path, or latest")
-    load_checkpoint: bool = arg(False, "resume from --restore-file (latest when it is not given)")
+    load_checkpoint: bool | None = arg(
+        None, "resume: True alone means --restore-file latest (default: resume only when --restore-file is given)"
+    )
+    keep_checkpoints: int = arg(
+        0, "keep only the newest K step-NNNNNN checkpoints plus the best by validation loss (0: all)"
+    )
     output_dir: str = arg("GPT2_fine_tuned_Austen", "where the final adapter, tokenizer, metrics and summary go")
 
     def __post_init__(self):
         if min(self.save_interval, self.save_every_steps, self.eval_every) < 0 or self.log_every < 1:
             raise UserError("--save-interval, --save-every-steps, --eval-every must be >= 0, --log-every >= 1")
+        if self.load_checkpoint is False and self.restore_file is not None:
+            raise UserError("--load-checkpoint False conflicts with --restore-file: drop one of them")
         if self.load_checkpoint and self.restore_file is None:
             self.restore_file = "latest"
+        if self.keep_checkpoints < 0:
+            raise UserError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}")
 
 
 @dataclass

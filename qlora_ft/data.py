@@ -5,6 +5,7 @@ All functions here are pure (lists in, lists/tensors out) except the loaders, wh
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -14,7 +15,7 @@ import os
 import pickle
 import random
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,35 +356,109 @@ def windows_for(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]
     return [w for ids in tokenize(tokenizer, texts) for w in to_windows(ids, eos, max_len)]
 
 
-def collate(windows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest window. Labels are -100 at padding *by position*, so a real `<eos>` (which
-    shares its id with the pad token in GPT-2) is still a target.
+def pack(lengths: Sequence[int], order: Sequence[int], block_len: int) -> list[list[int]]:
+    """Best-fit decreasing: put window indices (taken longest first, ties in `order`) into rows of at most
+    `block_len` tokens, each into the fullest row that still has room. Waste is usually well under 1%.
 
-    >>> b = collate([[0, 5, 0], [0, 7]], pad_id=0); b["labels"].tolist()
-    [[0, 5, 0], [0, 7, -100]]
+    >>> pack([5, 3, 2, 4], order=[0, 1, 2, 3], block_len=7)
+    [[0, 2], [3, 1]]
     """
-    width = max(len(w) for w in windows)
-    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, w in enumerate(windows):
-        input_ids[row, : len(w)] = torch.tensor(w, dtype=torch.long)
-        attention_mask[row, : len(w)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in sorted(order, key=lambda i: -lengths[i]):  # stable: equal lengths keep the shuffled order
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = block_len - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
 
 
-def epoch_batches(n_windows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Window indices per micro-batch for one epoch: a permutation that depends only on (seed, epoch), so a
-    resumed run sees the same order and can skip the batches it already trained on."""
+def epoch_rows(lengths: Sequence[int], block_len: int, packing: bool, seed: int, epoch: int) -> list[list[int]]:
+    """The rows (lists of window indices) of one epoch, in training order; a pure function of (seed, epoch),
+    so a resumed run sees the same order and can skip the batches it already trained on.
+
+    packing: windows packed into rows of `block_len` tokens, rows shuffled. Otherwise one window a row, in
+    a shuffled order (batches are then grouped by length in `epoch_batches`).
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_windows, generator=g).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_windows, batch_size)]
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not packing:
+        return [[i] for i in order]
+    rows = pack(lengths, order, block_len)
+    return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
 
 
-def eval_batches(windows: Sequence[Sequence[int]], batch_size: int) -> Iterable[list[int]]:
-    """Validation batches grouped by length (order does not matter for a token-weighted mean)."""
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def epoch_batches(
+    rows: list[list[int]], lengths: Sequence[int], batch_size: int, group_by_length: bool, seed: int, epoch: int
+) -> list[list[list[int]]]:
+    """Rows cut into micro-batches. With `group_by_length`, rows are sorted by length inside pools of 64
+    batches so that a padded batch holds rows of similar length, and the batches are then shuffled."""
+    if group_by_length:
+        pool = batch_size * 64
+        rows = [r for i in range(0, len(rows), pool)
+                for r in sorted(rows[i : i + pool], key=lambda r: sum(lengths[w] for w in r))]  # fmt: skip
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if group_by_length:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def collate(rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch from rows of one or more windows each. Shapes (B, T), T = the longest row.
+
+    Every window's first token is context only (label -100): it is the paragraph's leading `<eos>` or the
+    token a window overlaps with the previous one, and in a packed row it must not be predicted from the
+    window before it. Padding gets label -100 *by position*, so a real closing `<eos>` (the same id as the
+    pad token in GPT-2) is still a target.
+
+    Rows of one window are padded and masked with `attention_mask`. Rows of several windows (packing) get
+    `position_ids` that restart at every window instead and no `attention_mask`: transformers then builds a
+    block-diagonal causal mask from the restarts, so no token attends across windows (the padding tail
+    is a block of its own).
+
+    >>> collate([[[0, 5, 0]], [[0, 7]]], pad_id=0)["labels"].tolist()
+    [[-100, 5, 0], [-100, 7, -100]]
+    >>> b = collate([[[0, 5, 0], [0, 7]]], pad_id=0); b["position_ids"].tolist(), b["labels"].tolist()
+    ([[0, 1, 2, 0, 1]], [[-100, 5, 0, -100, 7]])
+    """
+    width = max(sum(len(w) for w in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for window in row:
+            n = len(window)
+            input_ids[r, at : at + n] = torch.tensor(window, dtype=torch.long)
+            labels[r, at + 1 : at + n] = input_ids[r, at + 1 : at + n]
+            position_ids[r, at : at + n] = torch.arange(n)
+            attention_mask[r, at : at + n] = 1
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # the padding tail: a block of its own
+    batch = {"input_ids": input_ids, "labels": labels}
+    if all(len(row) == 1 for row in rows):
+        batch["attention_mask"] = attention_mask
+    else:
+        batch["position_ids"] = position_ids
+    return batch
+
+
+def eval_batches(lengths: Sequence[int], block_len: int, packing: bool, batch_size: int) -> list[list[list[int]]]:
+    """Validation batches: packed rows, or rows grouped by length (order does not matter for a mean)."""
+    order = list(range(len(lengths)))
+    if packing:
+        rows = pack(lengths, order, block_len)
+    else:
+        rows = [[i] for i in sorted(order, key=lambda i: lengths[i])]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------

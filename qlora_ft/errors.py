@@ -15,6 +15,14 @@ class UserError(Exception):
     """Bad input from the user (flag, file, checkpoint, model name): reported without a traceback."""
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving a checkpoint; `code` is the exit status (128 + signal)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors can span a page), or its type name."""
     text = str(e).strip()
@@ -36,6 +44,10 @@ def exits_cleanly(prog: str) -> Callable[[F], F]:
                 logging.shutdown()
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 sys.exit(2)
+            except Interrupted as e:
+                logging.shutdown()
+                print(f"{prog}: {e}", file=sys.stderr)
+                sys.exit(e.code)
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 sys.exit(130)

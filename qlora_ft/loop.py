@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import resource
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -21,14 +25,16 @@ from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.data import (
     collate,
     epoch_batches,
+    epoch_rows,
     eval_batches,
     load_corpus,
     split_corpus,
     split_from_json,
     windows_for,
 )
-from qlora_ft.errors import UserError
+from qlora_ft.errors import Interrupted, UserError
 from qlora_ft.generate import sample
+from qlora_ft.loss import linear_cross_entropy
 from qlora_ft.model import (
     add_lora,
     compute_dtype,
@@ -65,7 +71,28 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss_sum, (targets != -100).sum()
 
 
-def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerator) -> tuple[float, int, int]:
+def output_layer(model):
+    """The output projection when the chunked loss can stand in for it (a bias-free Linear), else None."""
+    head = model.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Linear) and head.bias is None else None
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], head, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, target tokens) of one batch. With `head` and `chunk` > 0 the model stops at
+    its final hidden states (`logits_to_keep` empty) and `linear_cross_entropy` applies the output layer a
+    chunk at a time, only at positions that predict a real token; otherwise the full logits are made."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if head is None or chunk == 0:
+        return token_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+    keep_none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=keep_none)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    valid = targets != -100
+    hidden = out.hidden_states[-1][:, :-1][valid]  # (N, d), N = real targets
+    return linear_cross_entropy(hidden, head.weight, targets[valid], chunk), valid.sum()
+
+
+def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerator, head=None, chunk: int = 0):
     """Forward and backward over the micro-batches of one optimizer step.
 
     Each micro-batch's summed token loss is divided by the target tokens of the *whole step*, so the
@@ -78,30 +105,47 @@ def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerato
         is_accumulating = k < len(micro) - 1  # DDP: all-reduce gradients only on the last micro-batch
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         with accelerator.no_sync(model) if is_accumulating else nullcontext():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            loss_sum, _ = token_loss(logits, batch["labels"])
+            loss_sum, _ = forward_loss(model, batch, head, chunk)
             accelerator.backward(loss_sum / n_targets)
         total += float(loss_sum.detach())
-        n_tokens += int(batch["attention_mask"].sum())
+        n_tokens += int(batch["n_tokens"])
     return total, n_targets, n_tokens
 
 
+def make_batch(rows: list[list[int]], windows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch."""
+    batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+    batch["n_tokens"] = torch.tensor(sum(len(windows[i]) for row in rows for i in row))
+    return batch
+
+
 @torch.no_grad()
-def evaluate(model, windows: list[list[int]], batch_size: int, pad_id: int, device) -> tuple[float, float]:
-    """Token-weighted mean loss and perplexity over all of `windows`."""
+def evaluate(model, batches: list[dict[str, torch.Tensor]], device, head=None, chunk: int = 0) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over all of `batches`."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for idx in eval_batches(windows, batch_size * 2):
-        batch = collate([windows[i] for i in idx], pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits  # fmt: skip
-        loss_sum, n = token_loss(logits, batch["labels"].to(device))
+    for batch in batches:
+        loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
         total += loss_sum.double().cpu()
         count += int(n)
     model.train(was_training)
     mean = float(total) / max(1, count)
     return mean, math.exp(min(mean, 50.0))
+
+
+@torch.no_grad()
+def packing_is_isolated(model, device) -> bool:
+    """Whether this model keeps packed windows apart: the logits of window B must not depend on the window
+    packed before it. transformers builds the block-diagonal mask from restarting `position_ids`; a model
+    whose attention ignores them would silently attend across paragraphs."""
+    was_training = model.training
+    model.eval()
+    b = collate([[[1, 2, 3], [4, 5, 6]], [[7, 8, 9], [4, 5, 6]]], pad_id=0)
+    logits = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                   use_cache=False).logits.float()  # fmt: skip
+    model.train(was_training)
+    return torch.allclose(logits[0, 3:], logits[1, 3:], atol=1e-3, rtol=1e-3)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -120,11 +164,39 @@ def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
         "batch_size": (saved.data.batch_size, cfg.data.batch_size),
+        "packing": (saved.data.packing, cfg.data.packing),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
     if diff:
         raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: the first one lets the current optimizer step finish, after which the
+    loop saves a checkpoint and stops (exit status 130/143); a second one exits at once (checkpoints are
+    written atomically, so that cannot damage one)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        log.warning("%s: finishing this step, then saving a checkpoint (again to stop at once)",
+                    signal.Signals(signum).name)  # fmt: skip
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -173,18 +245,36 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.data.seed)
     model = load_base(cfg.model.model, cfg.model.qlora, dtype, device)
     model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.qlora:
         keep_training_layout(model)
         model = add_lora(model, cfg.model)
+    if cfg.data.packing and not packing_is_isolated(model, device):
+        log.warning("this model attends across packed paragraphs; training with padded batches instead")
+        cfg.data.packing = False
+    head = output_layer(model) if cfg.model.loss_chunk else None
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, "4-bit NF4 base + LoRA" if cfg.model.qlora else "full fine-tuning")  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
-    batches_per_epoch = math.ceil(len(train_windows) / cfg.data.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.optim.grad_accum_steps)
-    total_steps = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
+    # --- the plan: micro-batches per epoch, a pure function of (seed, epoch) -----------------------------
+    lengths = [len(w) for w in train_windows]
+
+    @functools.lru_cache(maxsize=2)
+    def plan(epoch: int) -> list[list[list[int]]]:
+        rows = epoch_rows(lengths, cfg.data.max_input_length, cfg.data.packing, cfg.data.seed, epoch)
+        return epoch_batches(rows, lengths, cfg.data.batch_size, not cfg.data.packing, cfg.data.seed, epoch)
+
+    def steps_in(epoch: int) -> int:
+        return math.ceil(len(plan(epoch)) / cfg.optim.grad_accum_steps)
+
+    total_steps = cfg.optim.max_steps or sum(steps_in(e) for e in range(cfg.optim.epochs))
+    val_batches = [make_batch(rows, val_windows, pad_id) for rows in
+                   eval_batches([len(w) for w in val_windows], cfg.data.max_input_length, cfg.data.packing,
+                                cfg.data.batch_size * 2)]  # fmt: skip
     step, epoch, position, tokens_seen = 0, 0, 0, 0
     initial_val_loss = None
     if resume:
@@ -196,7 +286,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             torch.cuda.set_rng_state(tensors["rng_cuda"], device)
         step, epoch, position, tokens_seen = meta["step"], meta["epoch"], meta["position"], meta["tokens"]
         initial_val_loss = meta.get("initial_val_loss")
-        if position >= batches_per_epoch:
+        if position >= len(plan(epoch)):
             epoch, position = epoch + 1, 0
         if meta.get("total_steps") != total_steps:
             log.warning("schedule length changed from %s to %d steps", meta.get("total_steps"), total_steps)
@@ -208,19 +298,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run starts them anew; a resumed one drops
             _keep_rows_up_to(out_dir / name, step)  # rows logged after its checkpoint by the run that died
 
-    def save(name: str) -> None:
+    def save(name: str) -> Path:
+        nonlocal last_saved_step
+        last_saved_step = step
+        path = check_dir / name
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            return
+            return path
         meta = {"step": step, "epoch": epoch, "position": position, "tokens": tokens_seen,
-                "total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
-                "initial_val_loss": initial_val_loss}  # fmt: skip
+                "total_steps": total_steps, "batches_in_epoch": len(plan(epoch)),
+                "initial_val_loss": initial_val_loss,
+                "val_loss": None if math.isnan(val_loss) else val_loss}  # fmt: skip
         tensors = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
         unwrapped = accelerator.unwrap_model(model)
         path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json())
         log.info("saved checkpoint %s", path)
+        if cfg.ckpt.keep_checkpoints:
+            for old in checkpoint.prune_step_checkpoints(check_dir, cfg.ckpt.keep_checkpoints):
+                log.info("deleted checkpoint %s (--keep-checkpoints %d)", old, cfg.ckpt.keep_checkpoints)
+        return path
 
     def record(row: dict[str, Any]) -> None:
         if accelerator.is_main_process:
@@ -229,7 +327,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
     def validate() -> tuple[float, float]:
-        val_loss, val_ppl = evaluate(model, val_windows, cfg.data.batch_size, pad_id, device)
+        val_loss, val_ppl = evaluate(model, val_batches, device, head, cfg.model.loss_chunk)
         record({"step": step, "epoch": epoch + 1, "val_loss": val_loss, "val_perplexity": val_ppl})
         log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, val_ppl)
         return val_loss, val_ppl
@@ -248,61 +346,72 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- the loop -------------------------------------------------------------------------------------
     model.train()
+    val_loss = val_ppl = float("nan")
+    last_saved_step = step
     if not resume:
         initial_val_loss, _ = validate()  # the base model's loss on the same split: what fine-tuning improves on
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
     t_start, tokens_start = time.perf_counter(), tokens_seen
     window_loss, window_targets = 0.0, 0
-    val_loss = val_ppl = float("nan")
-    last_saved_step = step
-    while step < total_steps:
-        batches = epoch_batches(len(train_windows), cfg.data.batch_size, cfg.data.seed, epoch)
-        while position < len(batches) and step < total_steps:
-            group = batches[position : position + cfg.optim.grad_accum_steps]
-            micro = [collate([train_windows[i] for i in idx], pad_id) for idx in group]
-            loss_sum, n_targets, n_tokens = accumulate_gradients(model, micro, accelerator)
-            window_loss += loss_sum
-            tokens_seen += n_tokens
-            window_targets += n_targets
-            if not math.isfinite(window_loss):  # before the update: the last checkpoint stays the last good one
-                raise UserError(f"the loss became non-finite at step {step + 1}; try a lower --lr (now {cfg.optim.lr})")
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
-            if cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            position += len(group)
+    with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, save, stop
+        while step < total_steps and not stop.signum:
+            batches = plan(epoch)
+            while position < len(batches) and step < total_steps and not stop.signum:
+                group = batches[position : position + cfg.optim.grad_accum_steps]
+                micro = [make_batch(rows, train_windows, pad_id) for rows in group]
+                loss_sum, n_targets, n_tokens = accumulate_gradients(
+                    model, micro, accelerator, head, cfg.model.loss_chunk
+                )
+                window_loss += loss_sum
+                tokens_seen += n_tokens
+                window_targets += n_targets
+                if not math.isfinite(window_loss):  # before the update: the last checkpoint stays the last good one
+                    raise UserError(
+                        f"the loss became non-finite at step {step + 1}; try a lower --lr (now {cfg.optim.lr})"
+                    )
+                lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = lr
+                if cfg.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                position += len(group)
 
-            # --- log, validate, sample, save ----------------------------------------------------------
-            elapsed = time.perf_counter() - t_start
-            tokens_per_second = (tokens_seen - tokens_start) / max(elapsed, 1e-9)
-            if step % cfg.ckpt.log_every == 0 or step == total_steps:
-                loss = window_loss / max(1, window_targets)
-                record({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "tokens": tokens_seen,
-                        "tokens_per_second": tokens_per_second})  # fmt: skip
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-                window_loss, window_targets = 0.0, 0
-            bar.update(1)
-            if cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0:
-                val_loss, val_ppl = validate()
-            if cfg.sample.sample_every and step % cfg.sample.sample_every == 0:
-                write_samples()
-            if cfg.ckpt.save_every_steps and step % cfg.ckpt.save_every_steps == 0:
-                save(f"step-{step:06d}")
-                last_saved_step = step
-        if position >= len(batches):  # end of epoch
-            if not (cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0):
-                val_loss, val_ppl = validate()
-            if cfg.ckpt.save_interval and (epoch + 1) % cfg.ckpt.save_interval == 0:
-                save(f"Epoch_{epoch + 1}")
-                last_saved_step = step
-            epoch, position = epoch + 1, 0
+                # --- log, validate, sample, save ----------------------------------------------------------
+                elapsed = time.perf_counter() - t_start
+                tokens_per_second = (tokens_seen - tokens_start) / max(elapsed, 1e-9)
+                if step % cfg.ckpt.log_every == 0 or step == total_steps:
+                    loss = window_loss / max(1, window_targets)
+                    record({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr, "tokens": tokens_seen,
+                            "tokens_per_second": tokens_per_second})  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+                    window_loss, window_targets = 0.0, 0
+                bar.update(1)
+                if cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0:
+                    val_loss, val_ppl = validate()
+                if cfg.sample.sample_every and step % cfg.sample.sample_every == 0:
+                    write_samples()
+                if cfg.ckpt.save_every_steps and step % cfg.ckpt.save_every_steps == 0:
+                    save(f"step-{step:06d}")
+            if position >= len(batches):  # end of epoch
+                if not (cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0):
+                    val_loss, val_ppl = validate()
+                if cfg.ckpt.save_interval and (epoch + 1) % cfg.ckpt.save_interval == 0:
+                    save(f"Epoch_{epoch + 1}")
+                epoch, position = epoch + 1, 0
     bar.close()
     train_seconds = time.perf_counter() - t_start
+    if stop.signum:  # a signal: keep what was done and stop
+        path = (
+            save(f"step-{step:06d}") if last_saved_step != step else checkpoint.resolve_checkpoint(check_dir, "latest")
+        )
+        accelerator.end_training()
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(f"stopped by {name} after step {step}; checkpoint {path} saved; "
+                          "resume with the same command plus --load-checkpoint True", 128 + stop.signum)  # fmt: skip
 
     # --- the end: final validation, checkpoint, adapter, summary -------------------------------------
     if math.isnan(val_loss):
@@ -326,7 +435,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "peak_memory_bytes": peak_memory_bytes(device),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "steps": step,
-            "epochs": step / steps_per_epoch,
+            "epochs": epoch + position / max(1, len(plan(epoch))),
             "trainable_parameters": trainable,
             "total_parameters": total,
         }

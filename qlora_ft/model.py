@@ -202,7 +202,7 @@ def load_for_inference(model_path: str, base_model: str | None, quantize: bool, 
     base = load_base(base_name, quantize, dtype, device)
     try:
         model = PeftModel.from_pretrained(base, str(path))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # peft raises ValueError, KeyError, RuntimeError, TypeError for bad configs
         raise UserError(f"cannot apply the adapter in {model_path} to {base_name!r}: {first_line(e)}") from None
     if not quantize:
         model = model.merge_and_unload()

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from qlora_ft.cli import inference_main, main, train_main
 
 SMALL = ["--batch-size", "4", "--max-input-length", "24", "--rank_lora", "4", "--sample-every", "0",

@@ -11,7 +11,9 @@ from qlora_ft.data import (
     Corpus,
     collate,
     epoch_batches,
+    epoch_rows,
     load_corpus,
+    pack,
     safe_unpickle,
     split_corpus,
     split_from_json,
@@ -177,17 +179,54 @@ def test_windows_predict_every_token_exactly_once(n, max_len):
 
 def test_collate_masks_padding_by_position_and_keeps_eos():
     eos = 9
-    batch = collate([[eos, 1, 2, eos], [eos, 3]], pad_id=eos)
+    batch = collate([[[eos, 1, 2, eos]], [[eos, 3]]], pad_id=eos)
     assert batch["input_ids"].tolist() == [[9, 1, 2, 9], [9, 3, 9, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[9, 1, 2, 9], [9, 3, -100, -100]]  # the real final eos is a target
+    assert batch["labels"].tolist() == [[-100, 1, 2, 9], [-100, 3, -100, -100]]  # the real final eos is a target
+    assert "position_ids" not in batch
 
 
-def test_epoch_batches_cover_each_window_once_and_depend_on_epoch():
-    b0 = epoch_batches(23, 4, seed=3, epoch=0)
-    assert sorted(i for b in b0 for i in b) == list(range(23))
-    assert b0 == epoch_batches(23, 4, seed=3, epoch=0)
-    assert b0 != epoch_batches(23, 4, seed=3, epoch=1)
+def test_collate_packed_rows_restart_positions_and_never_predict_across_windows():
+    batch = collate([[[9, 1, 2, 9], [9, 3, 9]], [[9, 4, 9]]], pad_id=9)
+    assert batch["input_ids"].tolist() == [[9, 1, 2, 9, 9, 3, 9], [9, 4, 9, 9, 9, 9, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, 1, 2, 9, -100, 3, 9], [-100, 4, 9, -100, -100, -100, -100]]
+    assert "attention_mask" not in batch  # transformers derives the block-diagonal mask from the positions
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pack_places_every_window_once_within_the_block(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(2, 100) for _ in range(2000)]
+    rows = pack(lengths, list(range(len(lengths))), block_len=128)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    assert sum(lengths) / (128 * len(rows)) > 0.97  # best-fit decreasing leaves little room unused
+
+
+def test_epoch_rows_and_batches_are_a_function_of_seed_and_epoch():
+    lengths = [random.Random(i).randint(2, 50) for i in range(300)]
+    for packing in (True, False):
+        a = epoch_rows(lengths, 64, packing, seed=3, epoch=0)
+        assert a == epoch_rows(lengths, 64, packing, seed=3, epoch=0)
+        assert a != epoch_rows(lengths, 64, packing, seed=3, epoch=1)
+        assert sorted(i for r in a for i in r) == list(range(300))
+        batches = epoch_batches(a, lengths, 8, not packing, seed=3, epoch=0)
+        assert sorted(map(tuple, (r for b in batches for r in b))) == sorted(map(tuple, a))
+
+
+def test_padded_batches_grouped_by_length_waste_little():
+    rng = random.Random(0)
+    lengths = [min(100, int(rng.lognormvariate(4, 0.8)) + 2) for _ in range(4000)]
+    rows = epoch_rows(lengths, 100, packing=False, seed=0, epoch=0)
+
+    def padding_share(batches):
+        slots = sum(len(b) * max(lengths[r[0]] for r in b) for b in batches)
+        return 1 - sum(lengths) / slots
+
+    grouped = padding_share(epoch_batches(rows, lengths, 8, True, seed=0, epoch=0))
+    shuffled = padding_share(epoch_batches(rows, lengths, 8, False, seed=0, epoch=0))
+    assert grouped < 0.05 < 0.3 < shuffled
 
 
 def test_split_text_handles_crlf_and_nul():

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, shared_or_skip
 
+from conftest import ROOT, shared_or_skip
 from qlora_ft.data import load_corpus
 
 

@@ -8,7 +8,16 @@ from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.config import TrainConfig, parse_config
 from qlora_ft.data import collate
 from qlora_ft.errors import UserError
-from qlora_ft.loop import accumulate_gradients, lr_at, token_loss, train
+from qlora_ft.loop import (
+    accumulate_gradients,
+    forward_loss,
+    lr_at,
+    make_batch,
+    output_layer,
+    packing_is_isolated,
+    token_loss,
+    train,
+)
 
 
 def config(tmp_path, data, model_dir, *argv: str, run: str = "run") -> TrainConfig:
@@ -45,10 +54,10 @@ def test_lr_schedule():
 def test_token_loss_ignores_padding():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
-    a = collate([[1, 2, 3, 4, 5], [6, 7]], pad_id=0)
+    a = collate([[[1, 2, 3, 4, 5]], [[6, 7]]], pad_id=0)
     total, n = token_loss(logits, a["labels"])
-    one, n1 = token_loss(logits[:1], collate([[1, 2, 3, 4, 5]], 0)["labels"])
-    two, n2 = token_loss(logits[1:, :2], collate([[6, 7]], 0)["labels"])
+    one, n1 = token_loss(logits[:1], collate([[[1, 2, 3, 4, 5]]], 0)["labels"])
+    two, n2 = token_loss(logits[1:, :2], collate([[[6, 7]]], 0)["labels"])
     assert int(n) == 5 == int(n1) + int(n2)
     torch.testing.assert_close(total, one + two)
 
@@ -152,8 +161,9 @@ def test_gradient_accumulation_matches_the_bigger_batch(tiny_model_dir):
         loss, n_targets, n_tokens = accumulate_gradients(model, micro, accelerator)
         return loss, n_targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    loss_big, n_big, big = grads([collate(windows, 0)])
-    loss_acc, n_acc, acc = grads([collate(windows[:4], 0), collate(windows[4:], 0)])
+    loss_big, n_big, big = grads([make_batch([[i] for i in range(8)], windows, 0)])
+    loss_acc, n_acc, acc = grads([make_batch([[i] for i in range(4)], windows, 0),
+                                  make_batch([[i] for i in range(4, 8)], windows, 0)])  # fmt: skip
     assert n_big == n_acc == sum(len(w) - 1 for w in windows)
     assert loss_big == pytest.approx(loss_acc, rel=1e-5)
     for name in big:
@@ -178,3 +188,75 @@ def test_full_fine_tuning_with_qlora_false(tmp_path, data_pkl, tiny_model_dir):
     train(config(tmp_path, data_pkl, tiny_model_dir, "--qlora", "False", "--max-steps", "3", "--lr", "1e-3",
                  "--load-checkpoint", "True", run="run2"))  # fmt: skip
     assert json.loads((tmp_path / "run2" / "train_summary.json").read_text())["steps"] == 3
+
+
+def qlora_tiny(model_dir, **kw):
+    from qlora_ft.config import ModelArgs
+    from qlora_ft.model import add_lora, keep_training_layout, load_base
+
+    torch.manual_seed(0)
+    base = load_base(str(model_dir), True, torch.float32, torch.device("cpu"))
+    keep_training_layout(base)
+    model = add_lora(base, ModelArgs(rank_lora=4, lora_dropout=0.0, **kw))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_packed_batch_gives_the_same_per_paragraph_loss_as_one_by_one(tiny_model_dir):
+    model = qlora_tiny(tiny_model_dir).eval()
+    assert packing_is_isolated(model, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    windows = [[399, *torch.randint(1, 300, (n,), generator=g).tolist(), 399] for n in (5, 17, 2, 30, 9)]
+    packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 32 tokens
+    assert "position_ids" in packed
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), packed["labels"][:, 1:], ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        starts = {0: [0, 7, 26], 1: [0, 32]}
+        for (row, at), index in zip([(0, 0), (0, 7), (0, 26), (1, 0), (1, 32)], range(5), strict=True):
+            n = len(windows[index])
+            alone = make_batch([[index]], windows, pad_id=399)
+            expected, _ = token_loss(model(input_ids=alone["input_ids"], use_cache=False).logits, alone["labels"])
+            got = per_token[row, at : at + n - 1].sum()
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+            assert starts[row]
+
+
+def test_chunked_loss_equals_the_plain_loss_with_gradients(tiny_model_dir):
+    from qlora_ft.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    (gh, gw) = torch.autograd.grad(plain * 0.5, (hidden, weight))
+    chunked = linear_cross_entropy(hidden, weight, targets, chunk=8)
+    (ch, cw) = torch.autograd.grad(chunked * 0.5, (hidden, weight))
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(ch, gh)
+    torch.testing.assert_close(cw, gw)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk=5), plain)
+
+    # and through the model: the same loss and LoRA gradients as computing the full logits
+    model = qlora_tiny(tiny_model_dir)
+    windows = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (12, 40, 7, 25)]
+    for rows in ([[0], [1], [2], [3]], [[0, 1, 2], [3]]):
+        batch = make_batch(rows, windows, pad_id=0)
+        results = []
+        for chunk in (0, 16):
+            model.zero_grad()
+            loss, n = forward_loss(model, batch, output_layer(model), chunk)
+            loss.backward()
+            results.append((loss.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                    if p.requires_grad}))  # fmt: skip
+        (plain_loss, n0, plain_grads), (chunk_loss, n1, chunk_grads) = results
+        assert n0 == n1
+        torch.testing.assert_close(chunk_loss, plain_loss, atol=1e-4, rtol=1e-5)
+        for k in plain_grads:
+            torch.testing.assert_close(chunk_grads[k], plain_grads[k], atol=1e-5, rtol=1e-4)

@@ -1,5 +1,4 @@
 from conftest import ROOT
-
 from qlora_ft.config import options_reference
 
 

@@ -1,0 +1,91 @@
+"""Next-token cross-entropy without materialising the full logits tensor.
+
+For GPT-2 the largest activation in training is the logits: tokens x 50,257 x 4 bytes, plus its gradient
+(8 x 1024 tokens: 1.65 GB each), far more than the 4-bit weights. `linear_cross_entropy` projects the final
+hidden states through the output layer a chunk of tokens at a time and, in the same pass, computes the
+gradient with respect to the hidden states (and the output weight, when it trains), so at most one chunk of
+logits exists at any moment and nothing is recomputed in backward.
+
+Written here because no maintained library does this on every device: Liger-Kernel's fused linear
+cross-entropy is Triton (CUDA) only, and torch has no fused linear + cross-entropy op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_cpu_buffer: dict[str, torch.Tensor] = {}
+
+
+def _logits_t(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits of a chunk, vocabulary first: (V, C), float32.
+
+    On CPU this layout runs the (V, d) @ (d, C) product about twice as fast as (C, d) @ (d, V), and the
+    result goes into one reused buffer: a fresh ~200 MB tensor per chunk costs page faults every step.
+    """
+    if h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32:
+        need = weight.shape[0] * h.shape[0]
+        buf = _cpu_buffer.get("logits")
+        if buf is None or buf.numel() < need:
+            buf = _cpu_buffer["logits"] = torch.empty(need, dtype=torch.float32)
+        return torch.mm(weight, h.t(), out=buf[:need].view(weight.shape[0], h.shape[0]))
+    return (weight @ h.t()).float()
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and d(loss)/d(logits) for one chunk: h (C, d), weight (V, d), t (C,) -> (), (V, C)."""
+    logits = _logits_t(h, weight)  # (V, C)
+    target_logit = logits.gather(0, t[None, :])  # (1, C)
+    # softmax in place (the chunk is the largest tensor here; every extra copy costs a pass over memory)
+    top = logits.amax(dim=0, keepdim=True)  # (1, C)
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(dim=0, keepdim=True)  # (1, C)
+    loss = (top + total.log() - target_logit).sum()  # sum of logsumexp - target logit
+    grad = probs.div_(total)
+    grad[t, torch.arange(t.numel(), device=t.device)] -= 1.0
+    return loss, grad
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):  # hidden (N, d), weight (V, d), targets (N,)
+        need_weight_grad = ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            loss, grad = _chunk_loss(h, weight, t)  # grad (V, C)
+            total += loss
+            grad = grad.to(h.dtype)
+            grad_hidden[start : start + chunk] = grad.t() @ weight.to(h.dtype)  # (C, d)
+            if grad_weight is not None:
+                grad_weight += (grad @ h).float()  # (V, d)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_w = (grad_weight * grad_output).to(grad_weight.dtype) if grad_weight is not None else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), computed `chunk` rows at a time.
+
+    hidden (N, d), weight (V, d), targets (N,) with every target a real token id (select rows first).
+    Equal to `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`, gradients included.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = _logits_t(hidden[start : start + chunk], weight)  # (V, C)
+        total += F.cross_entropy(logits.t(), targets[start : start + chunk], reduction="sum")
+    return total
