@@ -60,6 +60,32 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / STATE_JSON).is_file() and (path / STATE_PT).is_file()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(check_dir: Path) -> None:
+    """Tidy what a killed save left behind: a `.tmp-NAME-PID` folder is incomplete and goes; an
+    `.old-NAME-PID` folder is the previous complete NAME, put back if the new one never got its place."""
+    for entry in check_dir.iterdir():
+        if not entry.name.startswith((".tmp-", ".old-")):
+            continue
+        kind, _, rest = entry.name[1:].partition("-")
+        name, _, pid = rest.rpartition("-")
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not (check_dir / name).exists() and is_complete(entry):
+            os.rename(entry, check_dir / name)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def save_checkpoint(
     check_dir: Path,
     name: str,
@@ -71,6 +97,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `<check_dir>/<name>/` atomically (temp folder, fsync, rename) and then point `latest` at it."""
     check_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(check_dir)
     final = check_dir / name
     tmp = check_dir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
