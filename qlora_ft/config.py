@@ -131,7 +131,7 @@ class SamplingArgs:
 class SampleArgs(SamplingArgs):
     sample_every: int = arg(200, "generate samples every N optimizer steps (0 disables)")
     sample_prompts: list[str] = arg(
-        ["It is a truth", "She was", "The morning", ""],
+        ["The morning", "She was", "It was", ""],
         "prompt for in-training samples (repeat the flag for several; '' starts from <|endoftext|> alone)",
     )
     max_output_length: int = arg(100, "new tokens per in-training sample")

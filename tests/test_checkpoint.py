@@ -131,3 +131,19 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrup
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(tmp_path / "GPT2_fine_tuned_Austen" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path, data_pkl, tiny_model_dir):
+    args = ["--data", data_pkl, "--model", tiny_model_dir, "--batch-size", "2", "--max-input-length", "24",
+            "--rank-lora", "4", "--sample-every", "0", "--max-steps", "100000", "--log-every", "1"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = tmp_path / "GPT2_fine_tuned_Austen" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err and "--load-checkpoint True" in err and "Traceback" not in err
+    assert len(checkpoint.list_checkpoints(tmp_path / "Checkpoints")) == 1
