@@ -71,10 +71,24 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss_sum, (targets != -100).sum()
 
 
-def output_layer(model):
-    """The output projection when the chunked loss can stand in for it (a bias-free Linear), else None."""
+@torch.no_grad()
+def output_layer(model, device=None):
+    """The output projection when the chunked loss can stand in for it, else None (full logits are made).
+
+    It must be a bias-free Linear fed by the model's last hidden state, with nothing after it (some models
+    scale or soft-cap their logits): a two-row probe compares the chunked loss with the plain one.
+    """
     head = model.get_output_embeddings()
-    return head if isinstance(head, torch.nn.Linear) and head.bias is None else None
+    if not (isinstance(head, torch.nn.Linear) and head.bias is None):
+        return None
+    device = device or head.weight.device
+    was_training = model.training
+    model.eval()
+    probe = {k: v.to(device) for k, v in collate([[[1, 2, 3, 4]], [[5, 6, 7]]], pad_id=0).items()}
+    plain, _ = forward_loss(model, probe, None, 0)
+    chunked, _ = forward_loss(model, probe, head, 2)
+    model.train(was_training)
+    return head if torch.allclose(plain.float(), chunked.float(), rtol=1e-3, atol=1e-3) else None
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor], head, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +267,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.data.packing and not packing_is_isolated(model, device):
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
         cfg.data.packing = False
-    head = output_layer(model) if cfg.model.loss_chunk else None
+    head = output_layer(model, device) if cfg.model.loss_chunk else None
+    if cfg.model.loss_chunk and head is None:
+        log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, "4-bit NF4 base + LoRA" if cfg.model.qlora else "full fine-tuning")  # fmt: skip

@@ -207,6 +207,7 @@ def qlora_tiny(model_dir, **kw):
 def test_packed_batch_gives_the_same_per_paragraph_loss_as_one_by_one(tiny_model_dir):
     model = qlora_tiny(tiny_model_dir).eval()
     assert packing_is_isolated(model, torch.device("cpu"))
+    assert output_layer(model) is model.get_output_embeddings()  # the chunked-loss probe passes for GPT-2
     g = torch.Generator().manual_seed(1)
     windows = [[399, *torch.randint(1, 300, (n,), generator=g).tolist(), 399] for n in (5, 17, 2, 30, 9)]
     packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 32 tokens
@@ -244,7 +245,7 @@ def test_chunked_loss_equals_the_plain_loss_with_gradients(tiny_model_dir):
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk=5), plain)
 
     # and through the model: the same loss and LoRA gradients as computing the full logits
-    model = qlora_tiny(tiny_model_dir)
+    model = qlora_tiny(tiny_model_dir).eval()  # eval: no dropout, so both passes see the same network
     windows = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (12, 40, 7, 25)]
     for rows in ([[0], [1], [2], [3]], [[0, 1, 2], [3]]):
         batch = make_batch(rows, windows, pad_id=0)
