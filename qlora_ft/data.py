@@ -8,7 +8,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -479,7 +478,3 @@ def write_pickle_dataset(texts: list[str], out: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def dump_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
