@@ -30,6 +30,18 @@ def digest(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def signal_after(cmd, cwd, sig, losses):
+    """Start `cmd`, send `sig` once it has logged `losses` loss rows; (exit status, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cwd / "GPT2_fine_tuned_Austen" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < losses):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 def test_a_failed_save_leaves_earlier_checkpoints_intact(tmp_path, data_pkl, tiny_model_dir, monkeypatch):
     train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "2"))
     before = digest(tmp_path / "ckpt")
@@ -112,14 +124,8 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrup
     train(uninterrupted)
 
     cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args), "--log-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "GPT2_fine_tuned_Austen" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 20):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    returncode, err = signal_after(cmd, tmp_path, signal.SIGTERM, losses=20)
+    assert returncode == 143, err
     assert "stopped by SIGTERM after step" in err and "Traceback" not in err
     names = checkpoint.list_checkpoints(tmp_path / "Checkpoints")
     assert len(names) == 1 and names[0].startswith("step-")
@@ -136,14 +142,8 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrup
 def test_ctrl_c_saves_and_exits_130(tmp_path, data_pkl, tiny_model_dir):
     args = ["--data", data_pkl, "--model", tiny_model_dir, "--batch-size", "2", "--max-input-length", "24",
             "--rank-lora", "4", "--sample-every", "0", "--max-steps", "100000", "--log-every", "1"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    metrics = tmp_path / "GPT2_fine_tuned_Austen" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    returncode, err = signal_after(cmd, tmp_path, signal.SIGINT, losses=3)
+    assert returncode == 130, err
     assert "stopped by SIGINT" in err and "--load-checkpoint True" in err and "Traceback" not in err
     assert len(checkpoint.list_checkpoints(tmp_path / "Checkpoints")) == 1
