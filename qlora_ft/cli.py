@@ -1,4 +1,4 @@
-"""Entry points: `qlora-ft train|generate|prepare|export`, `train.py` and `inference.py` (parse, then call)."""
+"""Entry points: `qlora-ft train|generate|prepare|export|eval|compare`, `train.py`, `inference.py`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import warnings
 
 from qlora_ft.config import (
+    CompareConfig,
+    EvalConfig,
     ExportConfig,
     GenerateConfig,
     TrainConfig,
@@ -73,7 +75,7 @@ def run_generate(cfg: GenerateConfig) -> None:
     if args.model_path is None:
         raise UserError("--model_path is required")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_inference(args.model_path, args.base_model, args.qlora, device)
+    model, tokenizer = load_for_inference(args.model_path, args.base_model, args.qlora, device, args.merge_into)
     prompts = args.prompt or [""]
     counter = iter(range(1, 1_000_000))
 
@@ -111,7 +113,7 @@ def run_export(cfg: ExportConfig) -> None:
     args = cfg.export
     if args.model_path is None or args.out is None:
         raise UserError("--model_path and --out are required")
-    model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"))
+    model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"), args.merge_into)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     log.info("merged model and tokenizer written to %s", args.out)
@@ -139,7 +141,24 @@ COMMANDS = {
     "train": (TrainConfig, "fine-tune a model (same options as train.py)"),
     "generate": (GenerateConfig, "generate text from a fine-tuned model (same options as inference.py)"),
     "export": (ExportConfig, "merge an adapter into its base and save a full model"),
+    "eval": (EvalConfig, "perplexity, merge parity, style score and copying of a run vs its base"),
+    "compare": (CompareConfig, "Markdown of base vs fine-tuned generations for the same prompts and seed"),
 }
+
+
+def run_eval(cfg: EvalConfig) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from qlora_ft.evaluate import run_eval
+
+    with logging_redirect_tqdm():
+        run_eval(cfg)
+
+
+def run_compare(cfg: CompareConfig) -> None:
+    from qlora_ft.evaluate import run_compare
+
+    run_compare(cfg)
 
 
 @exits_cleanly("qlora-ft")
@@ -159,4 +178,6 @@ def main(argv: list[str] | None = None) -> None:
         run_prepare(args["inputs"], args["out"], args["text_column"])
         return
     cfg = config_from_flat(COMMANDS[command][0], args)
-    {"train": run_train, "generate": run_generate, "export": run_export}[command](cfg)
+    runners = {"train": run_train, "generate": run_generate, "export": run_export, "eval": run_eval,
+               "compare": run_compare}  # fmt: skip
+    runners[command](cfg)

@@ -72,10 +72,20 @@ class DataArgs:
 @dataclass
 class ModelArgs:
     model: str = arg("gpt2", "hub name (gpt2, gpt2-medium, ...) or a local model directory")
-    qlora: bool = arg(True, "load the base in 4-bit NF4 and train LoRA adapters; False: full fine-tuning")
+    qlora: bool = arg(True, "load the base in 4-bit NF4 and train LoRA adapters on it; False: full precision base")
+    lora: bool | None = arg(
+        None,
+        "train LoRA adapters (default: the --qlora value; --qlora False --lora True: 16/32-bit LoRA, "
+        "--qlora False alone: full fine-tuning)",
+    )
     rank_lora: int = arg(64, "LoRA rank r")
     alpha_lora: float = arg(16, "LoRA alpha (the update is scaled by alpha / r)")
-    targets_lora: list[str] = arg(["c_attn", "c_proj"], "module names LoRA wraps (suffix match)")
+    targets_lora: list[str] = arg(
+        ["auto"],
+        "module names LoRA wraps (suffix match); auto: per architecture (GPT-2: c_attn c_proj; Llama, Mistral, "
+        "Qwen: q/k/v/o_proj gate/up/down_proj; GPT-NeoX: query_key_value dense dense_h_to_4h dense_4h_to_h; "
+        "others: all-linear); all-linear: every linear layer but the output layer",
+    )
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
     loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
@@ -84,6 +94,10 @@ class ModelArgs:
     )
 
     def __post_init__(self):
+        if self.lora is None:
+            self.lora = self.qlora
+        if self.qlora and not self.lora:
+            raise UserError("--qlora True trains LoRA on frozen 4-bit weights: --lora False needs --qlora False")
         if self.rank_lora < 1:
             raise UserError(f"--rank-lora must be at least 1, got {self.rank_lora}")
         if not self.targets_lora:
@@ -180,6 +194,12 @@ class TrainConfig:
 # Generation configuration (inference.py, `qlora-ft generate`)
 
 
+MERGE_HELP = (
+    "weights the adapter is merged into: dequantized = the NF4 base it was trained on, dequantised (matches "
+    "the trained model); original = the full-precision base; auto = dequantized for QLoRA runs, else original"
+)
+
+
 @dataclass
 class GenerateArgs(SamplingArgs):
     model_path: str | None = arg(None, "output dir, checkpoint dir, or merged/full model dir")
@@ -190,6 +210,7 @@ class GenerateArgs(SamplingArgs):
     seed: int = arg(42, "sampling seed")
     stream: bool = arg(False, "print tokens as they are generated")
     qlora: bool = arg(False, "keep the base in 4-bit with the adapter unmerged (least memory)")
+    merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
 
     def __post_init__(self):
         super().__post_init__()
@@ -207,11 +228,62 @@ class ExportArgs:
     model_path: str | None = arg(None, "output dir or checkpoint dir holding an adapter")
     base_model: str | None = arg(None, "base model (default: the one named in the adapter's config)")
     out: str | None = arg(None, "folder for the merged model and tokenizer (safetensors)")
+    merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
 
 
 @dataclass
 class ExportConfig:
     export: ExportArgs = field(default_factory=ExportArgs)
+
+
+@dataclass
+class EvalArgs(SamplingArgs):
+    model_path: str | None = arg(None, "the run's output dir (adapter + run_config.json) to evaluate")
+    base_model: str | None = arg(None, "base model (default: the one named in the adapter's config)")
+    data: str | None = arg(None, "held-out paragraphs, any --data format (default: the run's validation split)")
+    reference: str | None = arg(None, "target-style text for the style classifier (default: the run's --data)")
+    contrast: str | None = arg(None, "contrasting-style text for the style classifier (none: no style score)")
+    lora_reference: str | None = arg(
+        None, "output dir of a 16/32-bit LoRA run (--qlora False --lora True) on the same data, shown beside"
+    )
+    prompt: list[str] = arg(["The morning", "She was", "It was", ""], "prompts the generations start from")
+    n_generations: int = arg(100, "generations per model (spread evenly over the prompts)")
+    max_length: int = arg(100, "new tokens per generation")
+    seed: int = arg(42, "sampling seed (the same for the base and the fine-tuned model)")
+    batch_size: int = arg(4, "held-out sequences per forward pass")
+    out_dir: str | None = arg(None, "where eval.json, eval.md, eval.png and report.md go (default: --model_path)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_generations < 1 or self.max_length < 1 or self.batch_size < 1:
+            raise UserError("--n-generations, --max-length and --batch-size must be at least 1")
+
+
+@dataclass
+class EvalConfig:
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+
+@dataclass
+class CompareArgs(SamplingArgs):
+    model_path: str | None = arg(None, "the run's output dir (or a checkpoint dir) holding the adapter")
+    base_model: str | None = arg(None, "base model (default: the one named in the adapter's config)")
+    prompt: list[str] = arg([], "prompt (repeat the flag for several; none: the empty prompt)")
+    n_return_seqs: int = arg(2, "generations per prompt and model")
+    max_length: int = arg(60, "new tokens per generation")
+    seed: int = arg(42, "sampling seed (the same for both models)")
+    merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
+    out: str | None = arg(None, "the Markdown file to write (default: MODEL_PATH/compare.md)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length < 1 or self.n_return_seqs < 1:
+            raise UserError("--max_length and --n_return_seqs must be at least 1")
+
+
+@dataclass
+class CompareConfig:
+    compare: CompareArgs = field(default_factory=CompareArgs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,6 +476,8 @@ def options_reference() -> str:
         ("train.py, qlora-ft train", TrainConfig),
         ("inference.py, qlora-ft generate", GenerateConfig),
         ("qlora-ft export", ExportConfig),
+        ("qlora-ft eval", EvalConfig),
+        ("qlora-ft compare", CompareConfig),
     ]
     return "\n\n".join(f"#### {title}\n\n{options_markdown(cls)}" for title, cls in parts) + "\n"
 

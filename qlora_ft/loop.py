@@ -44,6 +44,7 @@ from qlora_ft.model import (
     load_tokenizer,
     resolve_base_name,
 )
+from qlora_ft.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +110,31 @@ def forward_loss(model, batch: dict[str, torch.Tensor], head, chunk: int) -> tup
 def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerator, head=None, chunk: int = 0):
     """Forward and backward over the micro-batches of one optimizer step.
 
-    Each micro-batch's summed token loss is divided by the target tokens of the *whole step*, so the
-    accumulated gradient equals that of one batch holding all of them (padding never counts). Returns
-    (summed loss, target tokens, real input tokens).
+    Each micro-batch's summed token loss is divided by the target tokens of the *whole step* on all
+    processes, so the accumulated (and, with several processes, all-reduced) gradient equals that of one
+    batch holding all of them (padding never counts). Returns (summed loss, target tokens, real input
+    tokens), summed over processes.
     """
-    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    world = accelerator.num_processes
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    n_targets = int(_all_sum(accelerator, torch.tensor([n_local], dtype=torch.float64))[0]) if world > 1 else n_local
     total, n_tokens = 0.0, 0
     for k, batch in enumerate(micro):
         is_accumulating = k < len(micro) - 1  # DDP: all-reduce gradients only on the last micro-batch
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         with accelerator.no_sync(model) if is_accumulating else nullcontext():
             loss_sum, _ = forward_loss(model, batch, head, chunk)
-            accelerator.backward(loss_sum / n_targets)
+            accelerator.backward(loss_sum * world / max(n_targets, 1))  # DDP averages over processes
         total += float(loss_sum.detach())
         n_tokens += int(batch["n_tokens"])
-    return total, n_targets, n_tokens
+    if world > 1:
+        total, n_tokens = _all_sum(accelerator, torch.tensor([total, n_tokens], dtype=torch.float64)).tolist()
+    return total, n_targets, int(n_tokens)
+
+
+def _all_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 tensor over processes (gloo on CPU, nccl on GPU)."""
+    return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
 
 
 def make_batch(rows: list[list[int]], windows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -134,17 +145,22 @@ def make_batch(rows: list[list[int]], windows: list[list[int]], pad_id: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict[str, torch.Tensor]], device, head=None, chunk: int = 0) -> tuple[float, float]:
-    """Token-weighted mean loss and perplexity over all of `batches`."""
+def evaluate(
+    model, batches: list[dict[str, torch.Tensor]], device, head=None, chunk: int = 0, accelerator=None
+) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over all of `batches` (with several processes, each scores
+    its share of them and the sums are all-reduced)."""
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in batches:
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, targets
+    for batch in batches[rank::world]:
         loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
-        total += loss_sum.double().cpu()
-        count += int(n)
+        sums += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
     model.train(was_training)
-    mean = float(total) / max(1, count)
+    if world > 1:
+        sums = _all_sum(accelerator, sums)
+    mean = float(sums[0]) / max(1.0, float(sums[1]))
     return mean, math.exp(min(mean, 50.0))
 
 
@@ -168,20 +184,37 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint into a differently shaped model."""
+def method_name(cfg: TrainConfig) -> str:
+    if cfg.model.qlora:
+        return "QLoRA (4-bit NF4 base + LoRA)"
+    precision = "16-bit" if compute_dtype(cfg.model.compute_dtype, _device()) != torch.float32 else "32-bit"
+    return f"{precision} LoRA" if cfg.model.lora else f"full fine-tuning ({precision})"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
+    """Refuse to resume a checkpoint into a differently shaped model, or onto a different data plan.
+
+    The saved position counts global batches (`--batch-size` x processes); a different process count is
+    fine when the global batch is the same (2 x 4 -> 1 x 8), as the position then means the same data."""
     fields = {
         "model": (saved.model.model, cfg.model.model),
         "qlora": (saved.model.qlora, cfg.model.qlora),
+        "lora": (saved.model.lora, cfg.model.lora),
         "rank_lora": (saved.model.rank_lora, cfg.model.rank_lora),
         "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
-        "batch_size": (saved.data.batch_size, cfg.data.batch_size),
         "packing": (saved.data.packing, cfg.data.packing),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
+    if saved.data.batch_size * saved_world != cfg.data.batch_size * world:
+        diff.append(f"--batch-size {saved.data.batch_size} on {saved_world} process(es) "
+                    f"(this run: {cfg.data.batch_size} on {world})")  # fmt: skip
     if diff:
         raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
 
@@ -234,7 +267,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.ckpt.restore_file:
         path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
         meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
-        _check_compatible(train_config_from_dict(saved_cfg), cfg, path)
+        _check_compatible(train_config_from_dict(saved_cfg), cfg, path, meta.get("world_size", 1), world_size())
         resume = (path, meta, tensors, saved_split)
 
     # --- data: paragraphs -> split -> windows ---------------------------------------------------------
@@ -251,18 +284,22 @@ def train(cfg: TrainConfig) -> TrainResult:
              cfg.data.max_input_length)  # fmt: skip
 
     # --- accelerator, model, optimizer ----------------------------------------------------------------
-    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(cfg.model.compute_dtype, probe)
+    dtype = compute_dtype(cfg.model.compute_dtype, _device())
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir))
+    # cpu=True without CUDA: several CPU processes (torchrun) then train data-parallel over gloo
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
-    set_seed(cfg.data.seed)
+    set_seed(cfg.data.seed, device_specific=True)  # seed + rank: each process its own dropout masks
     model = load_base(cfg.model.model, cfg.model.qlora, dtype, device)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.qlora:
         keep_training_layout(model)
+    if cfg.model.lora:
         model = add_lora(model, cfg.model)
     if cfg.data.packing and not packing_is_isolated(model, device):
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
@@ -272,7 +309,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total, "4-bit NF4 base + LoRA" if cfg.model.qlora else "full fine-tuning")  # fmt: skip
+             100 * trainable / total, method_name(cfg))  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
@@ -281,8 +318,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     @functools.lru_cache(maxsize=2)
     def plan(epoch: int) -> list[list[list[int]]]:
+        """Global batches of `--batch-size` x processes rows; process r trains on rows r, r + world, ..."""
         rows = epoch_rows(lengths, cfg.data.max_input_length, cfg.data.packing, cfg.data.seed, epoch)
-        return epoch_batches(rows, lengths, cfg.data.batch_size, not cfg.data.packing, cfg.data.seed, epoch)
+        batches = epoch_batches(rows, lengths, cfg.data.batch_size * world, not cfg.data.packing, cfg.data.seed, epoch)
+        return [b for b in batches if len(b) >= world]  # every process needs a row (drops at most one batch)
 
     def steps_in(epoch: int) -> int:
         return math.ceil(len(plan(epoch)) / cfg.optim.grad_accum_steps)
@@ -297,9 +336,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         path, meta, tensors, _ = resume
         checkpoint.load_model_weights(model, path)
         optimizer.load_state_dict(tensors["optimizer"])
-        torch.set_rng_state(tensors["rng_cpu"])
+        rng_cpu = tensors["rng_cpu"]  # one row per process (older checkpoints: a single state)
+        torch.set_rng_state(rng_cpu[rank] if rng_cpu.dim() == 2 else rng_cpu)
         if device.type == "cuda" and "rng_cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng_cuda"], device)
+            rng_cuda = tensors["rng_cuda"]
+            torch.cuda.set_rng_state(rng_cuda[rank] if rng_cuda.dim() == 2 else rng_cuda, device)
         step, epoch, position, tokens_seen = meta["step"], meta["epoch"], meta["position"], meta["tokens"]
         initial_val_loss = meta.get("initial_val_loss")
         if position >= len(plan(epoch)):
@@ -318,16 +359,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         nonlocal last_saved_step
         last_saved_step = step
         path = check_dir / name
+        rng = {"rng_cpu": _gather_rows(accelerator, torch.get_rng_state())}  # every process's RNG, for dropout
+        if device.type == "cuda":
+            rng["rng_cuda"] = _gather_rows(accelerator, torch.cuda.get_rng_state(device))
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return path
-        meta = {"step": step, "epoch": epoch, "position": position, "tokens": tokens_seen,
+        meta = {"step": step, "epoch": epoch, "position": position, "tokens": tokens_seen, "world_size": world,
                 "total_steps": total_steps, "batches_in_epoch": len(plan(epoch)),
                 "initial_val_loss": initial_val_loss,
                 "val_loss": None if math.isnan(val_loss) else val_loss}  # fmt: skip
-        tensors = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
+        tensors = {"optimizer": optimizer.state_dict(), **rng}
         unwrapped = accelerator.unwrap_model(model)
         path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json())
         log.info("saved checkpoint %s", path)
@@ -343,7 +385,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
     def validate() -> tuple[float, float]:
-        val_loss, val_ppl = evaluate(model, val_batches, device, head, cfg.model.loss_chunk)
+        val_loss, val_ppl = evaluate(model, val_batches, device, head, cfg.model.loss_chunk, accelerator)
         record({"step": step, "epoch": epoch + 1, "val_loss": val_loss, "val_perplexity": val_ppl})
         log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, val_ppl)
         return val_loss, val_ppl
@@ -371,11 +413,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     t_start, tokens_start = time.perf_counter(), tokens_seen
     window_loss, window_targets = 0.0, 0
     with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, save, stop
-        while step < total_steps and not stop.signum:
+
+        def stopping() -> bool:  # with several processes: all stop at the same step if any got a signal
+            if world > 1:
+                signum = int(_gather_rows(accelerator, torch.tensor([stop.signum or 0])).max())
+                stop.signum = stop.signum or signum or None
+            return stop.signum is not None
+
+        while step < total_steps and not stopping():
             batches = plan(epoch)
-            while position < len(batches) and step < total_steps and not stop.signum:
+            while position < len(batches) and step < total_steps and not stopping():
                 group = batches[position : position + cfg.optim.grad_accum_steps]
-                micro = [make_batch(rows, train_windows, pad_id) for rows in group]
+                micro = [make_batch(rows[rank::world], train_windows, pad_id) for rows in group]
                 loss_sum, n_targets, n_tokens = accumulate_gradients(
                     model, micro, accelerator, head, cfg.model.loss_chunk
                 )
@@ -424,7 +473,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         path = (
             save(f"step-{step:06d}") if last_saved_step != step else checkpoint.resolve_checkpoint(check_dir, "latest")
         )
-        accelerator.end_training()
+        _finish(accelerator)
         name = signal.Signals(stop.signum).name
         raise Interrupted(f"stopped by {name} after step {step}; checkpoint {path} saved; "
                           "resume with the same command plus --load-checkpoint True", 128 + stop.signum)  # fmt: skip
@@ -441,6 +490,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         tokenizer.save_pretrained(out_dir)
         checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
         summary = {
+            "method": method_name(cfg),
             "train_tokens": tokens_seen - tokens_start,
             "train_tokens_total": tokens_seen,
             "train_seconds": train_seconds,
@@ -456,10 +506,31 @@ def train(cfg: TrainConfig) -> TrainResult:
             "total_parameters": total,
         }
         checkpoint.write_json(out_dir / "train_summary.json", summary)
+        try:
+            write_report(out_dir, out_dir)
+        except Exception as e:  # plotting must not cost a finished run its exit status; the adapter is saved
+            log.warning("could not write report.md: %s", e)
         log.info("done: %d steps, validation loss %.4f, perplexity %.2f; adapter in %s", step, val_loss, val_ppl,
                  out_dir)  # fmt: skip
-    accelerator.end_training()
+    _finish(accelerator)
     return TrainResult(accelerator.unwrap_model(model), summary)
+
+
+def _finish(accelerator) -> None:
+    accelerator.end_training()
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo aborts the process at exit
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _gather_rows(accelerator, state: torch.Tensor) -> torch.Tensor:
+    """(processes, n) from each process's 1-D state tensor (RNG states have a fixed size)."""
+    if accelerator.num_processes == 1:
+        return state[None]
+    return accelerator.gather(state[None].to(accelerator.device)).cpu()
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:

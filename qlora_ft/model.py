@@ -130,22 +130,49 @@ def keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+# The attention and MLP projections of each family (the QLoRA paper adapts every linear layer of the blocks).
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_NEOX_LIKE = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj"],
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2"], _LLAMA_LIKE),
+    **dict.fromkeys(["gpt_neox", "falcon"], _NEOX_LIKE),
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def lora_targets(model, targets: list[str]) -> list[str] | str:
+    """`--targets-lora` resolved for this model: `auto` looks the architecture up in LORA_TARGETS (others get
+    `all-linear`, peft's every-linear-layer-but-the-output one); explicit names must exist."""
+    if targets == ["auto"]:
+        model_type = getattr(model.config, "model_type", "")
+        if model_type not in LORA_TARGETS:
+            log.info("no LoRA target list for model type %r: using all-linear", model_type)
+            return "all-linear"
+        return LORA_TARGETS[model_type]
+    if targets == ["all-linear"]:
+        return "all-linear"
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UserError(f"--targets-lora {' '.join(missing)}: no such module in this model")
+    return list(targets)
+
+
 def add_lora(model, args: ModelArgs):
     """Wrap `args.targets_lora` with LoRA (peft). With a 4-bit base, first `prepare_model_for_kbit_training`
     (casts norms/embeddings to float32 and enables input gradients)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    targets = lora_targets(model, args.targets_lora)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in args.targets_lora if t not in names]
-    if missing:
-        raise UserError(f"--targets-lora {' '.join(missing)}: no such module in this model")
     config = LoraConfig(
         r=args.rank_lora,
         lora_alpha=args.alpha_lora,
         lora_dropout=args.lora_dropout,
-        target_modules=list(args.targets_lora),
+        target_modules=targets,
         task_type="CAUSAL_LM",
         fan_in_fan_out=False,  # peft detects GPT-2 Conv1D and sets it per layer
     )
@@ -178,13 +205,40 @@ def adapter_base_name(path: Path) -> str:
         raise UserError(f"{path}/adapter_config.json is unreadable or has no base model ({first_line(e)})") from None
 
 
-def load_for_inference(model_path: str, base_model: str | None, quantize: bool, device: torch.device):
+def trained_on_4bit(path: Path) -> bool | None:
+    """Whether the run that wrote `path` trained on a 4-bit base (its run_config.json), None if unknown."""
+    try:
+        return bool(json.loads((path / "run_config.json").read_text(encoding="utf-8"))["model"]["qlora"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def merge_target(path: Path, merge_into: str) -> str:
+    """`auto` -> `dequantized` for adapters trained on a 4-bit base, `original` otherwise (see eval.md:
+    merging into the dequantised NF4 base reproduces the trained model; the original weights do not)."""
+    if merge_into != "auto":
+        return merge_into
+    return "dequantized" if trained_on_4bit(path) else "original"
+
+
+def load_dequantized_base(name: str, dtype: torch.dtype, device: torch.device):
+    """The base as a QLoRA adapter saw it: loaded in NF4, then dequantised to `dtype` (transformers'
+    `dequantize()` turns each Linear4bit back into an nn.Linear)."""
+    model = load_base(name, True, dtype, device).dequantize()
+    model.is_loaded_in_4bit = False  # stale after dequantize(); peft would treat the model as 4-bit
+    return model.to(dtype)
+
+
+def load_for_inference(
+    model_path: str, base_model: str | None, quantize: bool, device: torch.device, merge_into: str = "auto"
+):
     """(model, tokenizer) ready to generate.
 
-    An adapter dir is merged into a full-precision copy of its base (fp16/bf16 on CUDA, float32 on CPU) by
-    default, never into 4-bit weights (lossy). `quantize=True` keeps the base in 4-bit with the adapter
-    applied unmerged, which is exactly what was trained and uses the least memory. A full model dir is
-    loaded as is.
+    An adapter dir is merged into full-precision weights (fp16/bf16 on CUDA, float32 on CPU), never into
+    4-bit weights (lossy): `merge_into` picks the dequantised NF4 base (what a QLoRA adapter was trained
+    against) or the original base (see `merge_target`). `quantize=True` keeps the base in 4-bit with the
+    adapter applied unmerged, which is exactly what was trained and uses the least memory. A full model dir
+    is loaded as is.
     """
     path = Path(model_path)
     if not path.is_dir():
@@ -199,12 +253,19 @@ def load_for_inference(model_path: str, base_model: str | None, quantize: bool, 
     from peft import PeftModel
 
     base_name = base_model or adapter_base_name(path)
-    base = load_base(base_name, quantize, dtype, device)
+    target = merge_target(path, merge_into)
+    if quantize:
+        base = load_base(base_name, True, dtype, device)
+    elif target == "dequantized":
+        base = load_dequantized_base(base_name, dtype, device)
+    else:
+        base = load_base(base_name, False, dtype, device)
     try:
         model = PeftModel.from_pretrained(base, str(path))
     except Exception as e:  # peft raises ValueError, KeyError, RuntimeError, TypeError for bad configs
         raise UserError(f"cannot apply the adapter in {model_path} to {base_name!r}: {first_line(e)}") from None
     if not quantize:
         model = model.merge_and_unload()
+        log.info("adapter merged into the %s base", "dequantised NF4" if target == "dequantized" else "original")
     tokenizer_src = str(path) if (path / "tokenizer_config.json").is_file() else base_name
     return model.eval(), load_tokenizer(tokenizer_src)

@@ -1,50 +1,46 @@
 #!/usr/bin/env bash
-# Makes sample_outputs/austen-mini-gpt2-fiction.md: base vs fine-tuned generations for the same prompts and
-# seeds, from ../shared/models/mini-gpt2-fiction fine-tuned with QLoRA on the five Austen novels.
-# Run from the repository root: bash sample_outputs/make_samples.sh   (about 20 minutes on 2 CPU cores)
+# Makes everything in sample_outputs/ from ../shared: mini-gpt2-fiction (pretrained on Dickens, Eliot, Brontë
+# and Wilde, never Austen) fine-tuned for two epochs on the five Austen novels, with QLoRA and, as the
+# reference, with 32-bit LoRA on the same tokens; then `qlora-ft eval` (Dickens as the contrast style) and
+# `qlora-ft compare`.
+# Run from the repository root: bash sample_outputs/make_samples.sh [WORK_DIR]
+# About 90 minutes on 2 CPU cores. A run already finished in WORK_DIR (train_summary.json) is reused.
 set -euo pipefail
 root=$(pwd)
 model=$(realpath ../shared/models/mini-gpt2-fiction)
-work=$(mktemp -d)
-out="$root/sample_outputs/austen-mini-gpt2-fiction.md"
-cd "$work"
-python "$root/train.py" --help >/dev/null
-python -m qlora_ft prepare "$(realpath "$root/../shared/data/corpora/austen")" --out austen_dataset.pkl
-train=(python "$root/train.py" --qlora True --model "$model" --data austen_dataset.pkl --epochs 1 --lr 1e-3
-       --warmup-steps 20 --sample-every 100 --log-every 20)
-"${train[@]}" 2> train.log
-prompts=("It is a truth universally acknowledged" "She was" "Mr. Darcy" "")
-gen() {  # $1: model path
-  args=()
-  for p in "${prompts[@]}"; do args+=(--prompt "$p"); done
-  python "$root/inference.py" --model_path "$1" "${args[@]}" --n_return_seqs 2 --max_length 60 --seed 7
-}
+corpora=$(realpath ../shared/data/corpora)
+work=${1:-$(mktemp -d)}
+out="$root/sample_outputs"
+mkdir -p "$work" && cd "$work"
+[[ -f austen_dataset.pkl ]] || python -m qlora_ft prepare "$corpora/austen" --out austen_dataset.pkl
+common=(--model "$model" --data austen_dataset.pkl --epochs 2 --lr 1e-3 --warmup-steps 20 --sample-every 100
+        --log-every 20)
+[[ -f qlora_run/train_summary.json ]] ||
+  python "$root/train.py" --qlora True "${common[@]}" --output-dir qlora_run --check-dir qlora_ckpt 2> qlora.log
+[[ -f lora_run/train_summary.json ]] ||
+  python "$root/train.py" --qlora False --lora True "${common[@]}" --output-dir lora_run --check-dir lora_ckpt \
+    2> lora.log
+python -m qlora_ft eval --model_path qlora_run --contrast "$corpora/dickens" --lora-reference lora_run 2> eval.log
+python -m qlora_ft compare --model_path qlora_run --prompt "It is a truth universally acknowledged" \
+  --prompt "She was" --prompt "Mr. Darcy" --prompt "" --out compare.md 2>> eval.log
+
+dest="$out/austen-mini-gpt2-fiction"
+mkdir -p "$dest"
+cp qlora_run/{eval.json,eval.md,eval.png,training.png,report.md,train_summary.json,run_config.json} "$dest/"
+cp lora_run/train_summary.json "$dest/lora_reference_train_summary.json"
 {
   echo "# Before and after: mini-gpt2-fiction fine-tuned on Jane Austen"
   echo
-  shown="${train[*]/$model/../shared/models/mini-gpt2-fiction}"
-  echo "Made by \`bash sample_outputs/make_samples.sh\`: \`${shown/$root\//}\`"
-  echo "(one epoch over the Austen paragraphs in ../shared/data/corpora/austen, 90/10 split), then"
-  echo "\`inference.py --n_return_seqs 2 --max_length 60 --seed 7\` with the same prompts on the base model and"
-  echo "on the fine-tuned adapter (merged into the float32 base). The base model was pretrained on Dickens,"
-  echo "Eliot, Brontë and Wilde only. The empty prompt starts from <|endoftext|> alone."
+  echo "Made by \`bash sample_outputs/make_samples.sh\`: ../shared/models/mini-gpt2-fiction fine-tuned with"
+  echo "\`train.py --qlora True --model ../shared/models/mini-gpt2-fiction --data austen_dataset.pkl --epochs 2"
+  echo "--lr 1e-3 --warmup-steps 20 --sample-every 100 --log-every 20\` (two epochs over the Austen paragraphs in"
+  echo "../shared/data/corpora/austen, 90/10 split), then \`qlora-ft compare\` below: the same prompts, seed and"
+  echo "sampling settings for the base and the fine-tuned model. The evaluation (perplexity, style classifier,"
+  echo "merge parity, copying) is in austen-mini-gpt2-fiction/eval.md; the full report in"
+  echo "austen-mini-gpt2-fiction/report.md."
   echo
-  echo "Training summary (train_summary.json):"
-  echo
-  echo '```json'
-  cat GPT2_fine_tuned_Austen/train_summary.json
-  echo '```'
-  echo
-  echo "## Base model (../shared/models/mini-gpt2-fiction)"
-  echo
-  echo '```'
-  gen "$model"
-  echo '```'
-  echo
-  echo "## Fine-tuned (GPT2_fine_tuned_Austen)"
-  echo
-  echo '```'
-  gen GPT2_fine_tuned_Austen
-  echo '```'
-} > "$out" 2>> train.log
-echo "wrote $out (work dir $work)"
+  sed -e '1d' -e "s#$work/##g" -e "s#$model#../shared/models/mini-gpt2-fiction#g" compare.md
+} > "$out/austen-mini-gpt2-fiction.md"
+sed -i -e "s#$work/##g" -e "s#$model#../shared/models/mini-gpt2-fiction#g" -e "s#$corpora#../shared/data/corpora#g" \
+  "$dest"/*.md "$dest"/*.json
+echo "wrote $out/austen-mini-gpt2-fiction.md and $dest/ (work dir $work)"

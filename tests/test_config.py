@@ -36,7 +36,7 @@ def test_defaults_equal_the_dataclass_defaults():
     assert train_cfg() == TrainConfig()
     cfg = TrainConfig()
     assert (cfg.data.train_size, cfg.model.rank_lora, cfg.model.alpha_lora) == (0.9, 64, 16)
-    assert cfg.model.targets_lora == ["c_attn", "c_proj"]
+    assert cfg.model.targets_lora == ["auto"]
     assert (cfg.ckpt.check_dir, cfg.ckpt.output_dir) == ("Checkpoints", "GPT2_fine_tuned_Austen")
 
 
