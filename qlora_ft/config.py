@@ -241,7 +241,7 @@ class EvalArgs(SamplingArgs):
     model_path: str | None = arg(None, "the run's output dir (adapter + run_config.json) to evaluate")
     base_model: str | None = arg(None, "base model (default: the one named in the adapter's config)")
     data: str | None = arg(None, "held-out paragraphs, any --data format (default: the run's validation split)")
-    reference: str | None = arg(None, "target-style text for the style classifier (default: the run's --data)")
+    reference: str | None = arg(None, "target-style text for the style classifier (default: the run's training split)")
     contrast: str | None = arg(None, "contrasting-style text for the style classifier (none: no style score)")
     lora_reference: str | None = arg(
         None, "output dir of a 16/32-bit LoRA run (--qlora False --lora True) on the same data, shown beside"
