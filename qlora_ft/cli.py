@@ -65,16 +65,15 @@ def train_main(argv: list[str] | None = None) -> None:
 
 
 def run_generate(cfg: GenerateConfig) -> None:
-    import torch
     from transformers import TextStreamer
 
     from qlora_ft.generate import sample
-    from qlora_ft.model import load_for_inference
+    from qlora_ft.model import default_device, load_for_inference
 
     args = cfg.gen
     if args.model_path is None:
         raise UserError("--model_path is required")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, tokenizer = load_for_inference(args.model_path, args.base_model, args.qlora, device, args.merge_into)
     prompts = args.prompt or [""]
     counter = iter(range(1, 1_000_000))

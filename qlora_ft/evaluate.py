@@ -25,6 +25,7 @@ from qlora_ft.generate import sample
 from qlora_ft.model import (
     adapter_base_name,
     compute_dtype,
+    default_device,
     is_adapter_dir,
     keep_training_layout,
     load_base,
@@ -44,10 +45,6 @@ VARIANTS = {
 }
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def read_run(path: Path) -> TrainConfig:
     if not path.is_dir():
         raise UserError(f"run directory not found: {path}")
@@ -61,10 +58,11 @@ def read_run(path: Path) -> TrainConfig:
 
 def _find_data(cfg: TrainConfig, run: Path) -> str:
     """The run's --data, as recorded (relative to where training ran, or to the run dir's parent)."""
-    recorded = Path(cfg.data.data or "")
-    for candidate in (recorded, run.parent / recorded, run.resolve().parent / recorded):
-        if cfg.data.data and candidate.exists():
-            return str(candidate)
+    if cfg.data.data:
+        recorded = Path(cfg.data.data)
+        for candidate in (recorded, run.parent / recorded, run.resolve().parent / recorded):
+            if candidate.exists():
+                return str(candidate)
     raise UserError(
         f"the run's training data {cfg.data.data!r} (run_config.json) is not found from here; "
         "run eval from the directory training ran in"
@@ -111,7 +109,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     run = Path(args.model_path)
     train_cfg = read_run(run)
     out_dir = Path(args.out_dir or run)
-    device = _device()
+    device = default_device()
     dtype = compute_dtype("auto", device)
     base_name = resolve_base_name(args.base_model or adapter_base_name(run))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base_name)
@@ -141,9 +139,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "held_out": {"source": held_out_name, "paragraphs": len(held_out), "tokens": n_tokens},
     }
-    summary_path = run / "train_summary.json"
-    if summary_path.is_file():
-        result["train_summary"] = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary := _summary(run):
+        result["train_summary"] = summary
     models = {"base": load_base(base_name, False, dtype, device).eval()}
     if train_cfg.model.lora:
         trained_base = load_base(base_name, on_4bit, dtype, device)
@@ -253,7 +250,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     if not run.is_dir() or not is_adapter_dir(run):
         raise UserError(f"{args.model_path} is not a directory holding an adapter (adapter_config.json)")
     out = Path(args.out) if args.out else run / "compare.md"
-    device = _device()
+    device = default_device()
     base_name = args.base_model or adapter_base_name(run)
     prompts = args.prompt or [""]
     fine_tuned, tokenizer = load_for_inference(str(run), base_name, False, device, args.merge_into)
@@ -272,9 +269,7 @@ def run_compare(cfg: CompareConfig) -> Path:
         f"- sampling: top_k {args.top_k}, top_p {args.top_p}, temperature {args.temperature}, "
         f"{args.max_length} new tokens, seed {args.seed} (the same for both models)",
     ]
-    summary = run / "train_summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text(encoding="utf-8"))
+    if s := _summary(run):
         before, after = s.get("initial_val_loss") or math.nan, s.get("final_val_loss") or math.nan
         lines.append(f"- training: {s.get('steps')} steps, {s.get('train_tokens_total', 0):,} tokens, "
                      f"validation loss {before:.3f} -> {after:.3f}")  # fmt: skip

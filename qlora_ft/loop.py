@@ -39,6 +39,7 @@ from qlora_ft.model import (
     add_lora,
     compute_dtype,
     count_parameters,
+    default_device,
     keep_training_layout,
     load_base,
     load_tokenizer,
@@ -187,12 +188,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 def method_name(cfg: TrainConfig) -> str:
     if cfg.model.qlora:
         return "QLoRA (4-bit NF4 base + LoRA)"
-    precision = "16-bit" if compute_dtype(cfg.model.compute_dtype, _device()) != torch.float32 else "32-bit"
+    precision = "16-bit" if compute_dtype(cfg.model.compute_dtype, default_device()) != torch.float32 else "32-bit"
     return f"{precision} LoRA" if cfg.model.lora else f"full fine-tuning ({precision})"
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
@@ -284,7 +281,7 @@ def train(cfg: TrainConfig) -> TrainResult:
              cfg.data.max_input_length)  # fmt: skip
 
     # --- accelerator, model, optimizer ----------------------------------------------------------------
-    dtype = compute_dtype(cfg.model.compute_dtype, _device())
+    dtype = compute_dtype(cfg.model.compute_dtype, default_device())
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     # cpu=True without CUDA: several CPU processes (torchrun) then train data-parallel over gloo
     accelerator = Accelerator(

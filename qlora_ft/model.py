@@ -72,6 +72,11 @@ def resolve_base_name(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on GPUs that support it, else fp16; float32 on CPU (bf16 matmuls are ~3x slower there)."""
     if choice != "auto":
