@@ -94,8 +94,10 @@ def save_checkpoint(
     tensors: dict[str, Any],
     run_config: dict[str, Any],
     split: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `<check_dir>/<name>/` atomically (temp folder, fsync, rename) and then point `latest` at it."""
+    """Write `<check_dir>/<name>/` atomically (temp folder, fsync, rename) and then point `latest` at it.
+    `state_dict`: the model's full weights where `model` holds only a shard of them (FSDP)."""
     check_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(check_dir)
     final = check_dir / name
@@ -103,7 +105,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         torch.save(tensors, tmp / STATE_PT)
         write_json(tmp / STATE_JSON, meta)
         write_json(tmp / CONFIG_JSON, run_config)

@@ -147,17 +147,27 @@ def make_batch(rows: list[list[int]], windows: list[list[int]], pad_id: int) -> 
 
 @torch.no_grad()
 def evaluate(
-    model, batches: list[dict[str, torch.Tensor]], device, head=None, chunk: int = 0, accelerator=None
+    model,
+    batches: list[dict[str, torch.Tensor]],
+    device,
+    head=None,
+    chunk: int = 0,
+    accelerator=None,
+    lockstep: bool = False,
 ) -> tuple[float, float]:
     """Token-weighted mean loss and perplexity over all of `batches` (with several processes, each scores
-    its share of them and the sums are all-reduced)."""
+    its share of them and the sums are all-reduced). `lockstep` (FSDP, where every forward is collective):
+    all processes run the same number of forwards, a process out of batches repeating one and not counting it."""
     world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)  # loss, targets
-    for batch in batches[rank::world]:
+    mine = batches[rank::world]
+    for i in range(math.ceil(len(batches) / world) if lockstep else len(mine)):
+        batch = mine[i] if i < len(mine) else batches[0]
         loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
-        sums += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
+        if i < len(mine):
+            sums += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
     model.train(was_training)
     if world > 1:
         sums = _all_sum(accelerator, sums)
@@ -251,7 +261,6 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Fine-tune `cfg.model.model` on `cfg.data.data`, checkpointing and sampling as configured."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if cfg.data.data is None:
@@ -284,13 +293,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     dtype = compute_dtype(cfg.model.compute_dtype, default_device())
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     # cpu=True without CUDA: several CPU processes (torchrun) then train data-parallel over gloo
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
-    )
+    accelerator = make_accelerator(out_dir, precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
-    set_seed(cfg.data.seed, device_specific=True)  # seed + rank: each process its own dropout masks
-    model = load_base(cfg.model.model, cfg.model.qlora, dtype, device)
+    fsdp = check_engine(accelerator, cfg)
+    set_seed(cfg.data.seed)  # the same initial adapter on every process (FSDP keeps each one's own shard of it)
+    # FSDP shards only floating tensors of one dtype: the packed 4-bit bytes are stored in the compute dtype
+    model = load_base(cfg.model.model, cfg.model.qlora, dtype, device, dtype if fsdp else torch.uint8)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -298,9 +307,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         keep_training_layout(model)
     if cfg.model.lora:
         model = add_lora(model, cfg.model)
+    set_seed(cfg.data.seed, device_specific=True)  # seed + rank: each process its own dropout masks
     if cfg.data.packing and not packing_is_isolated(model, device):
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
         cfg.data.packing = False
+    if fsdp and cfg.model.loss_chunk:  # the chunked loss reads the output layer's weight outside the forward,
+        log.info("FSDP: computing full logits (--loss-chunk off)")  # where FSDP holds only this process's shard
+        cfg.model.loss_chunk = 0
     head = output_layer(model, device) if cfg.model.loss_chunk else None
     if cfg.model.loss_chunk and head is None:
         log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
@@ -332,12 +345,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume:
         path, meta, tensors, _ = resume
         checkpoint.load_model_weights(model, path)
-        optimizer.load_state_dict(tensors["optimizer"])
-        rng_cpu = tensors["rng_cpu"]  # one row per process (older checkpoints: a single state)
-        torch.set_rng_state(rng_cpu[rank] if rng_cpu.dim() == 2 else rng_cpu)
+        if not fsdp:  # under FSDP after `prepare`, into the sharded parameters
+            optimizer.load_state_dict(tensors["optimizer"])
+        # one row per process (older checkpoints: a single state); cloned, as set_rng_state reads a row's
+        # storage from its start, ignoring the view's offset (rank 1 would get an invalid state)
+        rng_cpu = tensors["rng_cpu"]
+        torch.set_rng_state((rng_cpu[rank] if rng_cpu.dim() == 2 else rng_cpu).clone())
         if device.type == "cuda" and "rng_cuda" in tensors:
             rng_cuda = tensors["rng_cuda"]
-            torch.cuda.set_rng_state(rng_cuda[rank] if rng_cuda.dim() == 2 else rng_cuda, device)
+            torch.cuda.set_rng_state((rng_cuda[rank] if rng_cuda.dim() == 2 else rng_cuda).clone(), device)
         step, epoch, position, tokens_seen = meta["step"], meta["epoch"], meta["position"], meta["tokens"]
         initial_val_loss = meta.get("initial_val_loss")
         if position >= len(plan(epoch)):
@@ -346,6 +362,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             log.warning("schedule length changed from %s to %d steps", meta.get("total_steps"), total_steps)
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", path, step, epoch + 1, position)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
+    if fsdp:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")  # gathers the outer weights (embeddings) for samples
+        if resume:
+            set_full_optimizer_state(model, optimizer, resume[2]["optimizer"])
     accelerator.init_trackers("tb", config=_flat(cfg))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,6 +382,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         rng = {"rng_cpu": _gather_rows(accelerator, torch.get_rng_state())}  # every process's RNG, for dropout
         if device.type == "cuda":
             rng["rng_cuda"] = _gather_rows(accelerator, torch.cuda.get_rng_state(device))
+        # under FSDP, gathering the full weights and optimizer state takes every process
+        weights = accelerator.get_state_dict(model) if fsdp else None
+        optim_state = full_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return path
@@ -366,9 +392,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "total_steps": total_steps, "batches_in_epoch": len(plan(epoch)),
                 "initial_val_loss": initial_val_loss,
                 "val_loss": None if math.isnan(val_loss) else val_loss}  # fmt: skip
-        tensors = {"optimizer": optimizer.state_dict(), **rng}
+        tensors = {"optimizer": optim_state, **rng}
         unwrapped = accelerator.unwrap_model(model)
-        path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json())
+        path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json(),
+                                          state_dict=weights)  # fmt: skip
         log.info("saved checkpoint %s", path)
         if cfg.ckpt.keep_checkpoints:
             for old in checkpoint.prune_step_checkpoints(check_dir, cfg.ckpt.keep_checkpoints):
@@ -382,18 +409,20 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
     def validate() -> tuple[float, float]:
-        val_loss, val_ppl = evaluate(model, val_batches, device, head, cfg.model.loss_chunk, accelerator)
+        val_loss, val_ppl = evaluate(model, val_batches, device, head, cfg.model.loss_chunk, accelerator, fsdp)
         record({"step": step, "epoch": epoch + 1, "val_loss": val_loss, "val_perplexity": val_ppl})
         log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, val_ppl)
         return val_loss, val_ppl
 
     def write_samples() -> None:
-        if not accelerator.is_main_process:
+        if not (accelerator.is_main_process or fsdp):  # FSDP: all generate the same texts, in lockstep
             return
         prompts = cfg.sample.sample_prompts
         with accelerator.autocast():
             texts = sample(accelerator.unwrap_model(model), tokenizer, prompts, cfg.sample,
                            cfg.sample.max_output_length, seed=cfg.data.seed + step)  # fmt: skip
+        if not accelerator.is_main_process:
+            return
         with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for prompt, (text,) in zip(prompts, texts, strict=True):
                 f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
@@ -481,9 +510,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if last_saved_step != step:
         save(f"step-{step:06d}")
     summary: dict[str, Any] = {}
+    weights = accelerator.get_state_dict(model) if fsdp else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(out_dir, safe_serialization=True)
+        unwrapped.save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(out_dir)
         checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
         summary = {
@@ -511,6 +541,61 @@ def train(cfg: TrainConfig) -> TrainResult:
                  out_dir)  # fmt: skip
     _finish(accelerator)
     return TrainResult(accelerator.unwrap_model(model), summary)
+
+
+def make_accelerator(out_dir: Path, precision: str):
+    """The Accelerator: its engine (DDP, FSDP) comes from `accelerate launch --config_file`; cpu=True without
+    CUDA, so that several CPU processes (torchrun) train data-parallel over gloo."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
+    )
+
+
+def check_engine(accelerator, cfg: TrainConfig) -> bool:
+    """Whether this run is sharded with FSDP (2); a clear error for the engines this loop does not drive."""
+    from accelerate.utils import DistributedType
+
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
+        why = "its engine steps the optimizer inside backward, past this loop's accumulation and schedule"
+        raise UserError(f"DeepSpeed is not supported ({why}); shard with FSDP: --config_file configs/fsdp_qlora.yaml")
+    if engine != DistributedType.FSDP:
+        return False
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 (see configs/fsdp_qlora.yaml)")
+    if not cfg.model.lora:
+        raise UserError("FSDP here shards LoRA and QLoRA runs; full fine-tuning (--lora False) needs DDP")
+    return True
+
+
+def full_optimizer_state(model, optimizer) -> dict[str, Any]:
+    """Under FSDP: the optimizer state gathered from every process, in a single process's own layout
+    (parameters by position), so the checkpoint resumes with any engine and process count."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
+    if not by_name:  # the full state goes to the main process only
+        return {}
+    index = {name: i for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
+    return {
+        "state": {index[name]: state for name, state in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
+    }
+
+
+def set_full_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
+    """The inverse of `full_optimizer_state`: each FSDP process keeps its shard of a full optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_name = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _finish(accelerator) -> None:

@@ -97,7 +97,9 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def bnb_config(dtype: torch.dtype):
+def bnb_config(dtype: torch.dtype, storage: torch.dtype = torch.uint8):
+    """NF4 with double quantisation, computing in `dtype`. `storage` is the dtype the packed 4-bit bytes are
+    held in: FSDP shards only floating tensors of one dtype, so under FSDP it is the compute dtype."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -105,17 +107,20 @@ def bnb_config(dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
     )
 
 
-def load_base(name: str, quantize: bool, dtype: torch.dtype, device: torch.device):
+def load_base(
+    name: str, quantize: bool, dtype: torch.dtype, device: torch.device, quant_storage: torch.dtype = torch.uint8
+):
     """The base model: NF4 4-bit with double quantisation and `dtype` compute, or full precision in `dtype`
     (float32 for training; autocast supplies the low-precision compute)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": dtype if not quantize else torch.float32}
     if quantize:
-        kwargs.update(quantization_config=bnb_config(dtype), device_map={"": device})
+        kwargs.update(quantization_config=bnb_config(dtype, quant_storage), device_map={"": device})
     model = _pretrained(AutoModelForCausalLM, name, "model", **kwargs)
     if not quantize:
         model.to(device)
@@ -188,7 +193,8 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # bitsandbytes packs two 4-bit values per byte
+        quant_state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight, packed in any storage dtype
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -36,6 +36,19 @@ def test_4bit_path_holds_linear4bit_and_lora_on_c_attn_and_both_c_proj(tiny_mode
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_fsdp_storage_keeps_the_4bit_weights_and_gives_one_dtype(tiny_model_dir):
+    """Under FSDP the packed 4-bit bytes are stored in the compute dtype: the same NF4 model (same logits,
+    same parameter count), with every parameter in that one floating dtype, which is what FSDP can shard."""
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    packed = load_base(str(tiny_model_dir), True, torch.float32, CPU)
+    stored = load_base(str(tiny_model_dir), True, torch.float32, CPU, quant_storage=torch.float32)
+    assert {p.dtype for p in packed.parameters()} == {torch.uint8, torch.float32}
+    assert {p.dtype for p in stored.parameters()} == {torch.float32}
+    assert count_parameters(stored) == count_parameters(packed)
+    with torch.no_grad():
+        torch.testing.assert_close(stored(ids).logits, packed(ids).logits, atol=0, rtol=0)
+
+
 def test_unknown_target_module_is_a_user_error(tiny_model_dir):
     with pytest.raises(UserError, match="q_proj: no such module"):
         add_lora(load_base(str(tiny_model_dir), False, torch.float32, CPU), ModelArgs(targets_lora=["q_proj"]))
