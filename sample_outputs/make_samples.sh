@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Makes everything in sample_outputs/ from ../shared: mini-gpt2-fiction (pretrained on Dickens, Eliot, Brontë
-# and Wilde, never Austen) fine-tuned for two epochs on the five Austen novels, with QLoRA and, as the
-# reference, with 32-bit LoRA on the same tokens; then `qlora-ft eval` (Dickens as the contrast style) and
-# `qlora-ft compare`.
+# and Wilde, never Austen) fine-tuned for two epochs on the five Austen novels, LoRA on every linear layer of
+# its blocks, with QLoRA and, as the reference, with 32-bit LoRA on the same tokens; then `qlora-ft eval`
+# (Dickens as the contrast style) and `qlora-ft compare`.
 # Run from the repository root: bash sample_outputs/make_samples.sh [WORK_DIR]
-# About 90 minutes on 2 CPU cores. A run already finished in WORK_DIR (train_summary.json) is reused.
+# About 90 minutes on 2 CPU cores (the two training runs can run side by side, OMP_NUM_THREADS=1 each).
+# A run already finished in WORK_DIR (train_summary.json) is reused.
 set -euo pipefail
 root=$(pwd)
 model=$(realpath ../shared/models/mini-gpt2-fiction)
@@ -13,8 +14,8 @@ work=${1:-$(mktemp -d)}
 out="$root/sample_outputs"
 mkdir -p "$work" && cd "$work"
 [[ -f austen_dataset.pkl ]] || python -m qlora_ft prepare "$corpora/austen" --out austen_dataset.pkl
-common=(--model "$model" --data austen_dataset.pkl --epochs 2 --lr 1e-3 --warmup-steps 20 --sample-every 100
-        --log-every 20)
+common=(--model "$model" --data austen_dataset.pkl --epochs 2 --lr 1e-3 --warmup-steps 20 --targets-lora all-linear
+        --sample-every 100 --log-every 20)
 [[ -f qlora_run/train_summary.json ]] ||
   python "$root/train.py" --qlora True "${common[@]}" --output-dir qlora_run --check-dir qlora_ckpt 2> qlora.log
 [[ -f lora_run/train_summary.json ]] ||
@@ -33,7 +34,8 @@ cp lora_run/train_summary.json "$dest/lora_reference_train_summary.json"
   echo
   echo "Made by \`bash sample_outputs/make_samples.sh\`: ../shared/models/mini-gpt2-fiction fine-tuned with"
   echo "\`train.py --qlora True --model ../shared/models/mini-gpt2-fiction --data austen_dataset.pkl --epochs 2"
-  echo "--lr 1e-3 --warmup-steps 20 --sample-every 100 --log-every 20\` (two epochs over the Austen paragraphs in"
+  echo "--lr 1e-3 --warmup-steps 20 --targets-lora all-linear --sample-every 100 --log-every 20\` (two epochs over the"
+  echo "Austen paragraphs in"
   echo "../shared/data/corpora/austen, 90/10 split), then \`qlora-ft compare\` below: the same prompts, seed and"
   echo "sampling settings for the base and the fine-tuned model. The evaluation (perplexity, style classifier,"
   echo "merge parity, copying) is in austen-mini-gpt2-fiction/eval.md; the full report in"
