@@ -25,10 +25,15 @@ log = logging.getLogger("qlora_ft")
 
 
 def setup_logging() -> None:
-    """One fixed-format line per event on stderr; third-party chatter kept to real problems."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    """One fixed-format line per event on stderr; third-party chatter kept to real problems. With several
+    processes, the main one reports progress and the others only warnings and errors, marked with their rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    tag = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=logging.WARNING if rank else logging.INFO,
+                        format=f"%(asctime)s %(levelname)s {tag}%(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    noisy = ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx", "huggingface_hub", "DeepSpeed")
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module=r"(transformers|peft|accelerate|bitsandbytes|torch)\b")
     try:

@@ -32,6 +32,16 @@ from qlora_ft.data import (
     split_from_json,
     windows_for,
 )
+from qlora_ft.engines import (
+    DEEPSPEED,
+    FSDP,
+    check_engine,
+    fp32_masters,
+    gathered_optimizer_state,
+    gathered_weights,
+    restore_optimizer,
+    set_fp32_masters,
+)
 from qlora_ft.errors import Interrupted, UserError
 from qlora_ft.generate import sample
 from qlora_ft.loss import linear_cross_entropy
@@ -114,18 +124,24 @@ def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerato
     Each micro-batch's summed token loss is divided by the target tokens of the *whole step* on all
     processes, so the accumulated (and, with several processes, all-reduced) gradient equals that of one
     batch holding all of them (padding never counts). Returns (summed loss, target tokens, real input
-    tokens), summed over processes.
+    tokens), summed over processes. Under DeepSpeed the engine also takes the optimizer step (clipping,
+    update, zeroing) at the end of the last backward, which this function marks as the step's boundary.
     """
     world = accelerator.num_processes
+    deepspeed = getattr(accelerator, "deepspeed_engine_wrapped", None)
     n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     n_targets = int(_all_sum(accelerator, torch.tensor([n_local], dtype=torch.float64))[0]) if world > 1 else n_local
     total, n_tokens = 0.0, 0
     for k, batch in enumerate(micro):
         is_accumulating = k < len(micro) - 1  # DDP: all-reduce gradients only on the last micro-batch
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-        with accelerator.no_sync(model) if is_accumulating else nullcontext():
+        with accelerator.no_sync(model) if is_accumulating and not deepspeed else nullcontext():
             loss_sum, _ = forward_loss(model, batch, head, chunk)
-            accelerator.backward(loss_sum * world / max(n_targets, 1))  # DDP averages over processes
+            scaled = loss_sum * world / max(n_targets, 1)  # DDP and DeepSpeed average over processes
+            if deepspeed:
+                deepspeed.backward(scaled, sync_gradients=not is_accumulating)
+            else:
+                accelerator.backward(scaled)
         total += float(loss_sum.detach())
         n_tokens += int(batch["n_tokens"])
     if world > 1:
@@ -296,7 +312,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = make_accelerator(out_dir, precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
-    fsdp = check_engine(accelerator, cfg)
+    engine = check_engine(accelerator, cfg)  # FSDP, DEEPSPEED or None (one process, DDP)
+    fsdp = engine == FSDP
     set_seed(cfg.data.seed)  # the same initial adapter on every process (FSDP keeps each one's own shard of it)
     # FSDP shards only floating tensors of one dtype: the packed 4-bit bytes are stored in the compute dtype
     model = load_base(cfg.model.model, cfg.model.qlora, dtype, device, dtype if fsdp else torch.uint8)
@@ -345,7 +362,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume:
         path, meta, tensors, _ = resume
         checkpoint.load_model_weights(model, path)
-        if not fsdp:  # under FSDP after `prepare`, into the sharded parameters
+        if engine is None:  # FSDP, DeepSpeed: after `prepare`, into each process's shard
             optimizer.load_state_dict(tensors["optimizer"])
         # one row per process (older checkpoints: a single state); cloned, as set_rng_state reads a row's
         # storage from its start, ignoring the view's offset (rank 1 would get an invalid state)
@@ -361,14 +378,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         if meta.get("total_steps") != total_steps:
             log.warning("schedule length changed from %s to %d steps", meta.get("total_steps"), total_steps)
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", path, step, epoch + 1, position)
+    masters = fp32_masters(model) if engine == DEEPSPEED else None  # before it casts the model to 16 bits
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     if fsdp:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         register_fsdp_forward_method(model, "generate")  # gathers the outer weights (embeddings) for samples
-        if resume:
-            set_full_optimizer_state(model, optimizer, resume[2]["optimizer"])
+    if masters:
+        set_fp32_masters(model, masters)
+    if engine and resume:
+        restore_optimizer(engine, model, optimizer, resume[2]["optimizer"])
     accelerator.init_trackers("tb", config=_flat(cfg))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,9 +402,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         rng = {"rng_cpu": _gather_rows(accelerator, torch.get_rng_state())}  # every process's RNG, for dropout
         if device.type == "cuda":
             rng["rng_cuda"] = _gather_rows(accelerator, torch.cuda.get_rng_state(device))
-        # under FSDP, gathering the full weights and optimizer state takes every process
-        weights = accelerator.get_state_dict(model) if fsdp else None
-        optim_state = full_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
+        # under FSDP and DeepSpeed, gathering the full weights and optimizer state takes every process
+        weights = gathered_weights(engine, accelerator, model)
+        optim_state = gathered_optimizer_state(engine, model, optimizer)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return path
@@ -451,22 +471,22 @@ def train(cfg: TrainConfig) -> TrainResult:
             while position < len(batches) and step < total_steps and not stopping():
                 group = batches[position : position + cfg.optim.grad_accum_steps]
                 micro = [make_batch(rows[rank::world], train_windows, pad_id) for rows in group]
+                lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
+                for group_ in optimizer.param_groups:  # set first: DeepSpeed steps inside the last backward
+                    group_["lr"] = lr
                 loss_sum, n_targets, n_tokens = accumulate_gradients(
                     model, micro, accelerator, head, cfg.model.loss_chunk
                 )
                 window_loss += loss_sum
                 tokens_seen += n_tokens
                 window_targets += n_targets
-                if not math.isfinite(window_loss):  # before the update: the last checkpoint stays the last good one
+                if not math.isfinite(window_loss):  # stop before saving: the last checkpoint stays the last good one
                     raise UserError(
                         f"the loss became non-finite at step {step + 1}; try a lower --lr (now {cfg.optim.lr})"
                     )
-                lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
-                for group_ in optimizer.param_groups:
-                    group_["lr"] = lr
-                if cfg.optim.max_grad_norm > 0:
+                if cfg.optim.max_grad_norm > 0:  # (DeepSpeed clips in its step, by the same rule)
                     accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
+                optimizer.step()  # (DeepSpeed: accelerate makes this and zero_grad no-ops)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 position += len(group)
@@ -510,7 +530,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if last_saved_step != step:
         save(f"step-{step:06d}")
     summary: dict[str, Any] = {}
-    weights = accelerator.get_state_dict(model) if fsdp else None
+    weights = gathered_weights(engine, accelerator, model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
@@ -537,8 +557,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             write_report(out_dir, out_dir)
         except Exception as e:  # plotting must not cost a finished run its exit status; the adapter is saved
             log.warning("could not write report.md: %s", e)
-        log.info("done: %d steps, validation loss %.4f, perplexity %.2f; adapter in %s", step, val_loss, val_ppl,
-                 out_dir)  # fmt: skip
+        log.info("done: %d steps, validation loss %.4f, perplexity %.2f; %s in %s", step, val_loss, val_ppl,
+                 "adapter" if cfg.model.lora else "model", out_dir)  # fmt: skip
     _finish(accelerator)
     return TrainResult(accelerator.unwrap_model(model), summary)
 
@@ -551,51 +571,6 @@ def make_accelerator(out_dir: Path, precision: str):
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
     )
-
-
-def check_engine(accelerator, cfg: TrainConfig) -> bool:
-    """Whether this run is sharded with FSDP (2); a clear error for the engines this loop does not drive."""
-    from accelerate.utils import DistributedType
-
-    engine = accelerator.distributed_type
-    if engine == DistributedType.DEEPSPEED:
-        why = "its engine steps the optimizer inside backward, past this loop's accumulation and schedule"
-        raise UserError(f"DeepSpeed is not supported ({why}); shard with FSDP: --config_file configs/fsdp_qlora.yaml")
-    if engine != DistributedType.FSDP:
-        return False
-    if accelerator.state.fsdp_plugin.fsdp_version != 2:
-        raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 (see configs/fsdp_qlora.yaml)")
-    if not cfg.model.lora:
-        raise UserError("FSDP here shards LoRA and QLoRA runs; full fine-tuning (--lora False) needs DDP")
-    return True
-
-
-def full_optimizer_state(model, optimizer) -> dict[str, Any]:
-    """Under FSDP: the optimizer state gathered from every process, in a single process's own layout
-    (parameters by position), so the checkpoint resumes with any engine and process count."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    by_name = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
-    if not by_name:  # the full state goes to the main process only
-        return {}
-    index = {name: i for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
-    return {
-        "state": {index[name]: state for name, state in by_name["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
-    }
-
-
-def set_full_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
-    """The inverse of `full_optimizer_state`: each FSDP process keeps its shard of a full optimizer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    by_name = {
-        "state": {names[i]: s for i, s in state["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-    set_optimizer_state_dict(model, optimizer.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _finish(accelerator) -> None:

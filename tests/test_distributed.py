@@ -8,22 +8,28 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from qlora_ft.checkpoint import load_checkpoint
 from qlora_ft.config import TrainConfig, parse_config
 from qlora_ft.errors import UserError
 from qlora_ft.loop import _check_compatible
 
+# the shipped config of each engine, and the script that runs train.py under it on CPU processes
+ENGINES = {"fsdp": ("configs/fsdp_qlora.yaml", "tests/fsdp_on_cpu.py"),
+           "deepspeed": ("configs/deepspeed_zero2.yaml", "tests/deepspeed_on_cpu.py")}  # fmt: skip
 
-def launch(n_proc: int, tmp_path, data, model_dir, run: str, *extra: str, fsdp: bool = False):
+
+def launch(n_proc: int, tmp_path, data, model_dir, run: str, *extra: str, engine: str | None = None,
+           launcher: tuple[str, ...] = ()):  # fmt: skip
     args = ["--data", str(data), "--model", str(model_dir), "--max-input-length", "24", "--rank-lora", "4",
             "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--sample-every", "2", "--lora-dropout", "0",
             "--max-output-length", "4", "--log-every", "1", "--check-dir", str(tmp_path / f"ckpt-{run}"),
             "--output-dir", str(tmp_path / run), *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_proc}",
            str(ROOT / "train.py"), *args]  # fmt: skip
-    if fsdp:  # the shipped config, through accelerate's own launcher
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs/fsdp_qlora.yaml"), "--num_processes", str(n_proc), "--mixed_precision", "no",
-               str(ROOT / "tests/fsdp_on_cpu.py"), *args]  # fmt: skip
+    if engine:  # the shipped config, through accelerate's own launcher
+        config, script = ENGINES[engine]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config), *launcher,
+               "--num_processes", str(n_proc), "--mixed_precision", "no", str(ROOT / script), *args]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,7 +92,7 @@ def test_fsdp_two_processes_equal_one_and_resume_anywhere(tmp_path, data_pkl, ti
     unsharded process does; its checkpoints (gathered weights and optimizer state) resume unsharded and sharded."""
     tiny_model_dir = no_dropout_copy(tiny_model_dir, tmp_path / "model")
     fsdp = launch(2, tmp_path, data_pkl, tiny_model_dir, "fsdp", "--batch-size", "2", "--save-every-steps", "2",
-                  fsdp=True)  # fmt: skip
+                  engine="fsdp")  # fmt: skip
     assert "FSDP: computing full logits" in fsdp.stderr
     launch(1, tmp_path, data_pkl, tiny_model_dir, "one", "--batch-size", "4")
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("fsdp", "one"))
@@ -100,10 +106,73 @@ def test_fsdp_two_processes_equal_one_and_resume_anywhere(tmp_path, data_pkl, ti
     for n_proc, batch, sharded, run in ((1, "4", False, "resumed-one"), (2, "2", True, "resumed-fsdp")):
         launch(n_proc, tmp_path, data_pkl, tiny_model_dir, run, "--batch-size", batch, "--check-dir",
                str(tmp_path / "ckpt-fsdp"), "--restore-file", "step-000002", "--output-dir", str(tmp_path / run),
-               fsdp=sharded)  # fmt: skip
+               engine="fsdp" if sharded else None)  # fmt: skip
         c = load_file(tmp_path / run / "adapter_model.safetensors")
         for k in a:
             torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_two_processes_equal_one_and_resume_anywhere(tmp_path, data_pkl, tiny_model_dir):
+    """QLoRA under DeepSpeed ZeRO-2 on 2 CPU processes (tests/deepspeed_on_cpu.py), accumulating 2 micro-batches
+    per step, trains the adapter that one process does without DeepSpeed; its checkpoints (float32 masters and
+    AdamW moments gathered from ZeRO's slices) resume without DeepSpeed and under ZeRO-1."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    tiny_model_dir = no_dropout_copy(tiny_model_dir, tmp_path / "model")
+    common = ("--grad-accum-steps", "2", "--max-grad-norm", "0.05")  # clipping on: DeepSpeed clips in its step
+    ds = launch(2, tmp_path, data_pkl, tiny_model_dir, "ds", "--batch-size", "2", "--save-every-steps", "2", *common,
+                engine="deepspeed")  # fmt: skip
+    assert "engine: DeepSpeed ZeRO-2 on 2 processes" in ds.stderr
+    launch(1, tmp_path, data_pkl, tiny_model_dir, "one", "--batch-size", "4", "--save-every-steps", "2", *common)
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ds", "one"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    saved = {run: load_checkpoint(tmp_path / f"ckpt-{run}" / "step-000002")[1]["optimizer"] for run in ("ds", "one")}
+    assert saved["ds"]["param_groups"][0]["params"] == saved["one"]["param_groups"][0]["params"]
+    for i, state in saved["one"]["state"].items():  # the same moments, gathered whole, by parameter position
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(saved["ds"]["state"][i][key], state[key], atol=1e-6, rtol=1e-4)
+
+    # the ZeRO-2 checkpoint, resumed on one process without DeepSpeed and on 2 processes under ZeRO-1
+    for n_proc, batch, engine, run in ((1, "4", None, "resumed-one"), (2, "2", "deepspeed", "resumed-ds")):
+        done = launch(n_proc, tmp_path, data_pkl, tiny_model_dir, run, "--batch-size", batch, *common, "--check-dir",
+                      str(tmp_path / "ckpt-ds"), "--restore-file", "step-000002", "--output-dir", str(tmp_path / run),
+                      engine=engine, launcher=("--zero_stage", "1"))  # fmt: skip
+        assert engine is None or "engine: DeepSpeed ZeRO-1 on 2 processes" in done.stderr
+        c = load_file(tmp_path / run / "adapter_model.safetensors")
+        for k in a:
+            torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
+    """With bf16, DeepSpeed casts the model to 16 bits and keeps float32 masters; checkpoints hold the masters
+    and resuming restores them, so an interrupted run ends with the very adapter of an uninterrupted one."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    bf16 = ("--batch-size", "2", "--compute-dtype", "bfloat16")  # train.py asks accelerate for bf16
+    launch(2, tmp_path, data_pkl, tiny_model_dir, "ds", *bf16, "--save-every-steps", "2", engine="deepspeed")
+    launch(2, tmp_path, data_pkl, tiny_model_dir, "resumed", *bf16, "--check-dir", str(tmp_path / "ckpt-ds"),
+           "--restore-file", "step-000002", "--output-dir", str(tmp_path / "resumed"), engine="deepspeed")  # fmt: skip
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ds", "resumed"))
+    for k in a:
+        assert a[k].dtype == torch.float32
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_deepspeed_full_fine_tuning_equals_one_process(tmp_path, data_pkl, tiny_model_dir):
+    """Full fine-tuning (every weight trained, ZeRO-2 splitting its AdamW state) on 2 processes matches one
+    process; the tied output layer is saved once."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    tiny_model_dir = no_dropout_copy(tiny_model_dir, tmp_path / "model")
+    full = ("--qlora", "False", "--lora", "False")
+    launch(2, tmp_path, data_pkl, tiny_model_dir, "ds", "--batch-size", "2", *full, engine="deepspeed")
+    launch(1, tmp_path, data_pkl, tiny_model_dir, "one", "--batch-size", "4", *full)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("ds", "one"))
+    assert a.keys() == b.keys() and "lm_head.weight" not in a
+    for k in a:  # Adam turns float noise in near-zero gradients into whole updates of lr: a looser bound
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
 
 
 def test_engines_this_loop_does_not_drive_are_refused():
@@ -111,20 +180,58 @@ def test_engines_this_loop_does_not_drive_are_refused():
 
     from accelerate.utils import DistributedType
 
-    from qlora_ft.loop import check_engine
+    from qlora_ft.engines import check_engine
 
     cfg = parse_config(TrainConfig, ["--data", "x.pkl"], "train.py")
-    engine = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
-    with pytest.raises(UserError, match="DeepSpeed is not supported.*configs/fsdp_qlora.yaml"):
-        check_engine(engine, cfg)
-    fsdp1 = SimpleNamespace(
-        distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))
-    )
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
+                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))  # fmt: skip
     with pytest.raises(UserError, match="FSDP version 1 is not supported"):
         check_engine(fsdp1, cfg)
     fsdp1.state.fsdp_plugin.fsdp_version = 2
-    assert check_engine(fsdp1, cfg) is True
-    assert check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), cfg) is False
+    assert check_engine(fsdp1, cfg) == "fsdp"
+    assert check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), cfg) is None
     cfg.model.lora = False
     with pytest.raises(UserError, match="full fine-tuning"):
         check_engine(fsdp1, cfg)
+
+
+def deepspeed_accelerator(stage: int, **config):
+    """A stand-in for the Accelerator, with the plugin accelerate builds from a config file's settings."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=1)
+    plugin.deepspeed_config.update(config)
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=4,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "config", "error"),
+    [
+        (3, {}, "ZeRO stage 3 is not supported.*configs/fsdp_qlora.yaml"),
+        (0, {}, "ZeRO stage 0 is not supported"),
+        (2, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+        (2, {"optimizer": {"type": "AdamW"}}, "remove 'optimizer'.*--lr"),
+        (2, {"scheduler": {"type": "WarmupLR"}}, "remove 'scheduler'"),
+        (2, {"gradient_accumulation_steps": 4}, "--grad-accum-steps"),
+    ],
+)
+def test_deepspeed_configs_this_loop_does_not_drive_are_refused(stage, config, error):
+    from qlora_ft.engines import check_engine
+
+    cfg = parse_config(TrainConfig, ["--data", "x.pkl"], "train.py")
+    with pytest.raises(UserError, match=error):
+        check_engine(deepspeed_accelerator(stage, **config), cfg)
+
+
+def test_deepspeed_config_takes_the_batch_and_clipping_from_the_flags():
+    from qlora_ft.engines import check_engine
+
+    args = ["--data", "x.pkl", "--batch-size", "3", "--grad-accum-steps", "5", "--max-grad-norm", "0.5"]
+    accelerator = deepspeed_accelerator(2)
+    assert check_engine(accelerator, parse_config(TrainConfig, args, "train.py")) == "deepspeed"
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+    assert [ds[k] for k in keys] == [3, 1, 12, 0.5]  # 3 rows x 4 processes per micro-batch; the loop accumulates 5

@@ -1,0 +1,203 @@
+"""What the sharding engines need beyond `accelerate`: FSDP 2 and DeepSpeed ZeRO-1/2.
+
+accelerate wraps the model and optimizer; this module checks that the engine from `accelerate launch
+--config_file` is one this loop drives correctly, fills the DeepSpeed settings that the loop's own flags
+decide, and converts between each engine's sharded state and the one checkpoint layout (full adapter, optimizer
+state by parameter position), so that a checkpoint resumes under any engine and process count.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from qlora_ft.config import TrainConfig
+from qlora_ft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FSDP, DEEPSPEED = "fsdp", "deepspeed"
+FSDP_CONFIG, DEEPSPEED_CONFIG = "configs/fsdp_qlora.yaml", "configs/deepspeed_zero2.yaml"
+
+
+def check_engine(accelerator, cfg: TrainConfig) -> str | None:
+    """ "fsdp", "deepspeed", or None (one process, DDP); a clear error for a setup this loop does not drive."""
+    from accelerate.utils import DistributedType
+
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        configure_deepspeed(plugin, cfg, accelerator.num_processes)
+        log.info("engine: DeepSpeed ZeRO-%d on %d processes", plugin.zero_stage, accelerator.num_processes)
+        return DEEPSPEED
+    if engine != DistributedType.FSDP:
+        return None
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise UserError(f"FSDP version 1 is not supported: set fsdp_version: 2 (see {FSDP_CONFIG})")
+    if not cfg.model.lora:
+        raise UserError("FSDP here shards LoRA and QLoRA runs; full fine-tuning (--lora False) needs DDP or DeepSpeed")
+    log.info("engine: FSDP 2 on %d processes", accelerator.num_processes)
+    return FSDP
+
+
+def configure_deepspeed(plugin, cfg: TrainConfig, world: int) -> None:
+    """Check a DeepSpeed config against this loop and write into it what train.py's flags decide: the
+    batch per process, gradient clipping, and one micro-batch per engine step (the loop accumulates
+    --grad-accum-steps micro-batches itself and tells the engine which backward ends the step)."""
+    ds = plugin.deepspeed_config
+    zero = ds.get("zero_optimization", {})
+    if plugin.zero_stage not in (1, 2):
+        raise UserError(
+            f"DeepSpeed ZeRO stage {plugin.zero_stage} is not supported: use stage 1 or 2 ({DEEPSPEED_CONFIG}); "
+            f"to shard the 4-bit model itself, use FSDP ({FSDP_CONFIG})"
+        )
+    for part in ("offload_optimizer", "offload_param"):
+        if zero.get(part, {}).get("device", "none") not in ("none", None):
+            raise UserError(f"DeepSpeed {part} is not supported: set its device to none (an adapter's optimizer "
+                            "state is small; the 4-bit base is what FSDP shards)")  # fmt: skip
+    for part, flags in (("optimizer", "--lr, --eps, --weight-decay"), ("scheduler", "--lr, --warmup-steps")):
+        if part in ds:
+            raise UserError(f"remove '{part}' from the DeepSpeed config: train.py sets it from {flags}")
+    if ds.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise UserError("set gradient_accumulation_steps to 1 in the DeepSpeed config and use --grad-accum-steps")
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.data.batch_size,
+        gradient_accumulation_steps=1,
+        train_batch_size=cfg.data.batch_size * world,
+        gradient_clipping=cfg.optim.max_grad_norm,  # 0: none, as --max-grad-norm 0 means
+    )
+
+
+def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what the optimizer updates, in the optimizer's order (checkpoints index by it)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gathered_weights(engine: str | None, accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The full weights to save, or None where the model's own are full (trainable ones in float32 under
+    DeepSpeed, from its masters). Collective under FSDP and DeepSpeed: every process must call it."""
+    if engine == FSDP:
+        return accelerator.get_state_dict(model)
+    if engine == DEEPSPEED:
+        return _deepspeed_weights(accelerator.unwrap_model(model))
+    return None
+
+
+def gathered_optimizer_state(engine: str | None, model, optimizer) -> dict[str, Any]:
+    """The optimizer state in a single process's layout (parameters by position). Collective, as above."""
+    if engine == FSDP:
+        return _fsdp_optimizer_state(model, optimizer)
+    if engine == DEEPSPEED:
+        return _deepspeed_optimizer_state(model, optimizer)
+    return optimizer.state_dict()
+
+
+def restore_optimizer(engine: str, model, optimizer, state: dict[str, Any]) -> None:
+    """The inverse of `gathered_optimizer_state`, after `accelerator.prepare`: each process keeps its shard."""
+    if engine == FSDP:
+        _fsdp_set_optimizer_state(model, optimizer, state)
+    elif engine == DEEPSPEED:
+        _deepspeed_set_optimizer_state(model, optimizer, state)
+
+
+# --- FSDP 2 ---------------------------------------------------------------------------------------------
+
+
+def _fsdp_optimizer_state(model, optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
+    if not by_name:  # the full state goes to the main process only
+        return {}
+    index = {name: i for i, (name, _) in enumerate(trainable(model))}
+    return {
+        "state": {index[name]: state for name, state in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
+    }
+
+
+def _fsdp_set_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, _ in trainable(model)]
+    by_name = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+# --- DeepSpeed ZeRO-1/2 ---------------------------------------------------------------------------------
+# ZeRO keeps the float32 master weights and AdamW's moments as flat slices spread over the processes; its
+# own checkpoints keep that layout. deepspeed.utils gathers and scatters them per parameter, which is all
+# that is needed to write and read the engine-independent layout.
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def fp32_masters(model) -> list[torch.Tensor]:
+    """Copies of the trainable weights before DeepSpeed casts the model to 16 bits (restored as its float32
+    masters by `set_fp32_masters`, so a run starts, or resumes, from exactly these values)."""
+    return [p.detach().to("cpu", torch.float32, copy=True) for _, p in trainable(model)]  # kept off the GPU
+
+
+def set_fp32_masters(model, masters: list[torch.Tensor]) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for (_, p), value in zip(trainable(model), masters, strict=True):
+        safe_set_full_fp32_param(p, value.to(p.device))
+
+
+def _deepspeed_weights(module) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # frozen weights as they are, trainable ones from the float32 masters; by identity, so that tied names
+    # (GPT-2's lm_head and wte) keep sharing one tensor and are saved once
+    masters = {id(p): safe_get_full_fp32_param(p).cpu() for _, p in trainable(module)}
+    return {name: masters.get(id(v), v.detach()) for name, v in module.state_dict(keep_vars=True).items()}
+
+
+def _zero_optimizer(optimizer):
+    """(accelerate's wrapper ->) DeepSpeed's ZeRO optimizer -> the torch AdamW over its flat slices."""
+    zero = optimizer.optimizer
+    return zero, zero.optimizer
+
+
+def _deepspeed_optimizer_state(model, optimizer) -> dict[str, Any]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    zero, adamw = _zero_optimizer(optimizer)
+    params = trainable(model)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
+              for g in adamw.param_groups]  # fmt: skip
+    if len(groups) != 1:
+        raise RuntimeError(f"expected one optimizer parameter group under DeepSpeed, found {len(groups)}")
+    if not adamw.state:  # no step taken yet
+        return {"state": {}, "param_groups": groups}
+    step = next(iter(adamw.state.values()))["step"]  # every flat slice has taken the same steps
+    state = {
+        i: {"step": step.clone().cpu(), **{k: safe_get_full_optimizer_state(p, k).cpu() for k in ADAM_MOMENTS}}
+        for i, (_, p) in enumerate(params)
+    }
+    return {"state": state, "param_groups": groups}
+
+
+def _deepspeed_set_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+
+    zero, adamw = _zero_optimizer(optimizer)
+    adamw.param_groups[0].update({k: v for k, v in state["param_groups"][0].items() if k != "params"})
+    if not state["state"]:
+        return
+    # DeepSpeed creates AdamW's state at its first step and links each parameter's slice of it then;
+    # to restore a state before that, create it as torch's AdamW would and have DeepSpeed link it now.
+    step = next(iter(state["state"].values()))["step"]
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        adamw.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+        lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, adamw.state)
+    for i, (_, p) in enumerate(trainable(model)):
+        for k in ADAM_MOMENTS:
+            safe_set_full_optimizer_state(p, state["state"][i][k].to(p.device), k)

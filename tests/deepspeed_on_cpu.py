@@ -1,0 +1,30 @@
+"""`train.py` under DeepSpeed on CPU processes, for tests/test_distributed.py.
+
+accelerate turns DeepSpeed on only when it is not told to use the CPU, and then picks its process-group
+backend from an accelerator device; DeepSpeed itself runs on CPU (its CPU accelerator, gloo). So this script
+builds the Accelerator with cpu=False and the gloo backend and runs the real train.py entry point: the engine,
+ZeRO's partitioning and the checkpoints are DeepSpeed's and accelerate's. Run it as `accelerate launch
+--config_file configs/deepspeed_zero2.yaml --num_processes 2 --mixed_precision no tests/deepspeed_on_cpu.py
+<train.py arguments>`.
+"""
+
+import accelerate
+from accelerate.utils import InitProcessGroupKwargs
+
+import qlora_ft.loop
+from qlora_ft.cli import train_main
+
+
+def deepspeed_accelerator(out_dir, precision):
+    return accelerate.Accelerator(
+        cpu=False,
+        mixed_precision=precision,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+        log_with="tensorboard",
+        project_dir=str(out_dir),
+    )
+
+
+if __name__ == "__main__":
+    qlora_ft.loop.make_accelerator = deepspeed_accelerator
+    train_main()
