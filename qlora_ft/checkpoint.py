@@ -97,7 +97,7 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `<check_dir>/<name>/` atomically (temp folder, fsync, rename) and then point `latest` at it.
-    `state_dict`: the model's full weights where `model` holds only a shard of them (FSDP)."""
+    `state_dict`: the weights to save where `model`'s own are not them (FSDP: a shard; DeepSpeed: 16-bit copies)."""
     check_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(check_dir)
     final = check_dir / name

@@ -23,7 +23,7 @@ FSDP_CONFIG, DEEPSPEED_CONFIG = "configs/fsdp_qlora.yaml", "configs/deepspeed_ze
 
 
 def check_engine(accelerator, cfg: TrainConfig) -> str | None:
-    """ "fsdp", "deepspeed", or None (one process, DDP); a clear error for a setup this loop does not drive."""
+    """The engine: FSDP, DEEPSPEED or None (one process, DDP); a clear error for a setup this loop does not drive."""
     from accelerate.utils import DistributedType
 
     engine = accelerator.distributed_type
@@ -70,7 +70,7 @@ def configure_deepspeed(plugin, cfg: TrainConfig, world: int) -> None:
     )
 
 
-def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+def trained_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of what the optimizer updates, in the optimizer's order (checkpoints index by it)."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -94,12 +94,14 @@ def gathered_optimizer_state(engine: str | None, model, optimizer) -> dict[str, 
     return optimizer.state_dict()
 
 
-def restore_optimizer(engine: str, model, optimizer, state: dict[str, Any]) -> None:
+def restore_optimizer(engine: str | None, model, optimizer, state: dict[str, Any]) -> None:
     """The inverse of `gathered_optimizer_state`, after `accelerator.prepare`: each process keeps its shard."""
     if engine == FSDP:
         _fsdp_set_optimizer_state(model, optimizer, state)
     elif engine == DEEPSPEED:
         _deepspeed_set_optimizer_state(model, optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
 
 
 # --- FSDP 2 ---------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def _fsdp_optimizer_state(model, optimizer) -> dict[str, Any]:
     by_name = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
     if not by_name:  # the full state goes to the main process only
         return {}
-    index = {name: i for i, (name, _) in enumerate(trainable(model))}
+    index = {name: i for i, (name, _) in enumerate(trained_parameters(model))}
     return {
         "state": {index[name]: state for name, state in by_name["state"].items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
@@ -122,7 +124,7 @@ def _fsdp_optimizer_state(model, optimizer) -> dict[str, Any]:
 def _fsdp_set_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = [n for n, _ in trainable(model)]
+    names = [n for n, _ in trained_parameters(model)]
     by_name = {
         "state": {names[i]: s for i, s in state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
@@ -141,13 +143,13 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 def fp32_masters(model) -> list[torch.Tensor]:
     """Copies of the trainable weights before DeepSpeed casts the model to 16 bits (restored as its float32
     masters by `set_fp32_masters`, so a run starts, or resumes, from exactly these values)."""
-    return [p.detach().to("cpu", torch.float32, copy=True) for _, p in trainable(model)]  # kept off the GPU
+    return [p.detach().to("cpu", torch.float32, copy=True) for _, p in trained_parameters(model)]  # kept off the GPU
 
 
 def set_fp32_masters(model, masters: list[torch.Tensor]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
 
-    for (_, p), value in zip(trainable(model), masters, strict=True):
+    for (_, p), value in zip(trained_parameters(model), masters, strict=True):
         safe_set_full_fp32_param(p, value.to(p.device))
 
 
@@ -156,7 +158,7 @@ def _deepspeed_weights(module) -> dict[str, torch.Tensor]:
 
     # frozen weights as they are, trainable ones from the float32 masters; by identity, so that tied names
     # (GPT-2's lm_head and wte) keep sharing one tensor and are saved once
-    masters = {id(p): safe_get_full_fp32_param(p).cpu() for _, p in trainable(module)}
+    masters = {id(p): safe_get_full_fp32_param(p).cpu() for _, p in trained_parameters(module)}
     return {name: masters.get(id(v), v.detach()) for name, v in module.state_dict(keep_vars=True).items()}
 
 
@@ -169,8 +171,8 @@ def _zero_optimizer(optimizer):
 def _deepspeed_optimizer_state(model, optimizer) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    zero, adamw = _zero_optimizer(optimizer)
-    params = trainable(model)
+    _, adamw = _zero_optimizer(optimizer)
+    params = trained_parameters(model)
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
               for g in adamw.param_groups]  # fmt: skip
     if len(groups) != 1:
@@ -198,6 +200,6 @@ def _deepspeed_set_optimizer_state(model, optimizer, state: dict[str, Any]) -> N
     for i, flat in enumerate(zero.single_partition_of_fp32_groups):
         adamw.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, adamw.state)
-    for i, (_, p) in enumerate(trainable(model)):
+    for i, (_, p) in enumerate(trained_parameters(model)):
         for k in ADAM_MOMENTS:
             safe_set_full_optimizer_state(p, state["state"][i][k].to(p.device), k)

@@ -41,6 +41,7 @@ from qlora_ft.engines import (
     gathered_weights,
     restore_optimizer,
     set_fp32_masters,
+    trained_parameters,
 )
 from qlora_ft.errors import Interrupted, UserError
 from qlora_ft.generate import sample
@@ -337,7 +338,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, method_name(cfg))  # fmt: skip
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trained_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
     # --- the plan: micro-batches per epoch, a pure function of (seed, epoch) -----------------------------
@@ -361,9 +362,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     initial_val_loss = None
     if resume:
         path, meta, tensors, _ = resume
-        checkpoint.load_model_weights(model, path)
-        if engine is None:  # FSDP, DeepSpeed: after `prepare`, into each process's shard
-            optimizer.load_state_dict(tensors["optimizer"])
+        checkpoint.load_model_weights(model, path)  # (the optimizer state after `prepare`, below)
         # one row per process (older checkpoints: a single state); cloned, as set_rng_state reads a row's
         # storage from its start, ignoring the view's offset (rank 1 would get an invalid state)
         rng_cpu = tensors["rng_cpu"]
@@ -380,14 +379,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", path, step, epoch + 1, position)
     masters = fp32_masters(model) if engine == DEEPSPEED else None  # before it casts the model to 16 bits
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
+    params = [p for _, p in trained_parameters(model)]  # FSDP replaces them with sharded ones
     if fsdp:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         register_fsdp_forward_method(model, "generate")  # gathers the outer weights (embeddings) for samples
     if masters:
         set_fp32_masters(model, masters)
-    if engine and resume:
+    if resume:  # under FSDP and DeepSpeed, into each process's shard
         restore_optimizer(engine, model, optimizer, resume[2]["optimizer"])
     accelerator.init_trackers("tb", config=_flat(cfg))
     if accelerator.is_main_process:
@@ -564,7 +563,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def make_accelerator(out_dir: Path, precision: str):
-    """The Accelerator: its engine (DDP, FSDP) comes from `accelerate launch --config_file`; cpu=True without
+    """The Accelerator: its engine (DDP, FSDP, DeepSpeed) comes from `accelerate launch --config_file`; cpu=True without
     CUDA, so that several CPU processes (torchrun) train data-parallel over gloo."""
     from accelerate import Accelerator
 
