@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,6 +95,26 @@ def clean_paragraph(text: str) -> str:
     Runs of whitespace inside a paragraph become one space; NUL bytes are dropped.
     """
     return " ".join(text.replace("\x00", "").split())
+
+
+_HEADING = re.compile(
+    r"^(?:(?:chapter|volume|book|part|vol\.|chap\.)\s+(?:[ivxlcdm]+|\d+|[a-z-]+)\.?"  # CHAPTER I, Volume 2
+    r"|=(?:\s*=)*\s.*\s=(?:\s*=)*"  # WikiText: = Title =, = = Section = =
+    r"|[ivxlcdm]+\.?|\d+\.?)$",  # a bare chapter number: IV, 12.
+    re.IGNORECASE,
+)
+
+
+def is_heading(paragraph: str) -> bool:
+    """Whether a cleaned paragraph is only a heading (dropped from training text unless --keep-headings).
+
+    >>> [is_heading(p) for p in ["CHAPTER I", "Chapter 12.", "VOLUME II", "= = Early life = =", "IV", "I said so."]]
+    [True, True, True, True, True, False]
+    >>> is_heading("Chapter and verse were quoted at him by the curate.")
+    False
+    """
+    text = paragraph.strip()
+    return len(text.split()) <= 8 and _HEADING.match(text) is not None
 
 
 def split_text(text: str) -> list[str]:
