@@ -21,8 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_ft.config import ModelArgs  # noqa: E402
 from qlora_ft.data import load_corpus, pack, tokenize, windows_for  # noqa: E402
-from qlora_ft.loop import accumulate_gradients, make_batch, output_layer  # noqa: E402
+from qlora_ft.engines import Engine  # noqa: E402
+from qlora_ft.loss import accumulate_gradients, output_layer  # noqa: E402
 from qlora_ft.model import add_lora, keep_training_layout, load_base, load_tokenizer  # noqa: E402
+from qlora_ft.training.plan import make_batch  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -62,11 +64,11 @@ def main():
     model = add_lora(base, ModelArgs(rank_lora=64, lora_dropout=args.lora_dropout))
     model.config.use_cache = False
     head = output_layer(model)
-    accelerator = Accelerator(cpu=True)
+    engine = Engine(Accelerator(cpu=True))
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
 
     def step(batch):
-        accumulate_gradients(model, [batch], accelerator, head, args.loss_chunk)
+        accumulate_gradients(model, [batch], engine, head, args.loss_chunk)
         opt.step()
         opt.zero_grad()
 

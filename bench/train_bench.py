@@ -36,8 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_ft.config import TrainConfig, parse_config  # noqa: E402
 from qlora_ft.data import Corpus, load_corpus, split_corpus, windows_for  # noqa: E402
-from qlora_ft.loop import evaluate, make_batch, output_layer, train  # noqa: E402
+from qlora_ft.loop import train  # noqa: E402
+from qlora_ft.loss import output_layer  # noqa: E402
 from qlora_ft.model import bnb_config, compute_dtype, keep_training_layout, load_tokenizer  # noqa: E402
+from qlora_ft.training.plan import make_batch  # noqa: E402
+from qlora_ft.training.validate import validation_loss  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 RANDOM_CONFIGS = {"gpt2": {}, "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16}}
@@ -304,7 +307,7 @@ def main(argv=None):
             model, tokens, seconds, mem, steps = ARMS[name](ctx, overrides)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
-            val_loss, _ = evaluate(model, val_batches, ctx.device, output_layer(model), 1024)
+            val_loss, _ = validation_loss(model, val_batches, head=output_layer(model), chunk=1024, device=ctx.device)
             r = results.setdefault(spec, {"tokens_per_second": [], "peak_memory_bytes": [], "val_loss": []})
             r["tokens_per_second"].append(tokens / seconds)
             r["peak_memory_bytes"].append(mem)

@@ -1,14 +1,18 @@
-"""What the sharding engines need beyond `accelerate`: FSDP 2 and DeepSpeed ZeRO-1/2.
+"""The engines a run trains under — one process, DDP, FSDP 2, DeepSpeed ZeRO-1/2 — behind one interface.
 
-accelerate wraps the model and optimizer; this module checks that the engine from `accelerate launch
---config_file` is one this loop drives correctly, fills the DeepSpeed settings that the loop's own flags
-decide, and converts between each engine's sharded state and the one checkpoint layout (full adapter, optimizer
-state by parameter position), so that a checkpoint resumes under any engine and process count.
+accelerate wraps the model and optimizer for each of them; what still differs between them is here, in `Engine`
+(one process and DDP, accelerate's own paths) and its subclasses `FsdpEngine` and `DeepSpeedEngine`, so that the
+training loop never asks which engine it runs on. This module also checks that the engine from `accelerate launch
+--config_file` is one the loop drives correctly, fills the DeepSpeed settings that the loop's own flags decide, and
+converts between each engine's sharded state and the one checkpoint layout (full adapter, optimizer state by
+parameter position), so that a checkpoint resumes under any engine and process count.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +24,23 @@ log = logging.getLogger(__name__)
 
 FSDP, DEEPSPEED = "fsdp", "deepspeed"
 FSDP_CONFIG, DEEPSPEED_CONFIG = "configs/fsdp_qlora.yaml", "configs/deepspeed_zero2.yaml"
+
+
+def make_accelerator(out_dir: Path, precision: str):
+    """The Accelerator: its engine (DDP, FSDP, DeepSpeed) comes from `accelerate launch --config_file`; cpu=True without
+    CUDA, so that several CPU processes (torchrun) train data-parallel over gloo. (Tests replace this function to
+    run FSDP and DeepSpeed on CPU processes: tests/fsdp_on_cpu.py, tests/deepspeed_on_cpu.py.)"""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
+    )
+
+
+def make_engine(accelerator, cfg: TrainConfig) -> Engine:
+    """The engine driving `accelerator`'s setup (checked, and DeepSpeed's config filled, by `check_engine`)."""
+    kind = check_engine(accelerator, cfg)
+    return {FSDP: FsdpEngine, DEEPSPEED: DeepSpeedEngine}.get(kind, Engine)(accelerator)
 
 
 def check_engine(accelerator, cfg: TrainConfig) -> str | None:
@@ -75,33 +96,159 @@ def trained_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def gathered_weights(engine: str | None, accelerator, model) -> dict[str, torch.Tensor] | None:
-    """The full weights to save, or None where the model's own are full (trainable ones in float32 under
-    DeepSpeed, from its masters). Collective under FSDP and DeepSpeed: every process must call it."""
-    if engine == FSDP:
-        return accelerator.get_state_dict(model)
-    if engine == DEEPSPEED:
-        return _deepspeed_weights(accelerator.unwrap_model(model))
-    return None
+class Engine:
+    """One process or DDP, on accelerate's own paths; the base that the sharding engines override.
+
+    The training loop does everything that differs between engines through these methods. After `prepare`,
+    `model` and `optimizer` are the wrapped ones. The methods that gather or reduce are collective: with several
+    processes, every process must call them, in the same order.
+    """
+
+    name = "one process / DDP"
+    lockstep = False  # whether every forward is collective, so that all processes must run the same number
+    chunked_loss = True  # whether the chunked loss may read the output layer's weight outside the forward
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.model: Any = None
+        self.optimizer: Any = None
+        self.params: list[torch.nn.Parameter] = []  # the trained parameters of the wrapped model
+
+    @property
+    def world(self) -> int:
+        """The number of processes (the one source of it)."""
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and logs progress (the first one)."""
+        return self.accelerator.is_main_process
+
+    def quantized_storage(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype that the packed 4-bit weights are stored in (bitsandbytes' default: bytes)."""
+        return torch.uint8
+
+    def prepare(self, model, optimizer):
+        """Wrap the model and optimizer for this engine; returns the wrapped pair."""
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.params = [p for _, p in trained_parameters(self.model)]  # FSDP replaces them with sharded ones
+        return self.model, self.optimizer
+
+    def unwrap(self):
+        """The model without the engine's wrapper (a PeftModel for LoRA runs)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def no_sync(self, model) -> AbstractContextManager:
+        """Context for a backward that only accumulates: DDP and FSDP skip their gradient all-reduce in it."""
+        return self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor, last_in_step: bool) -> None:
+        """Backward of one micro-batch's loss; `last_in_step` marks the optimizer step's last micro-batch."""
+        self.accelerator.backward(loss)
+
+    def clip(self, max_norm: float) -> None:
+        """Clip the gradients' global norm to `max_norm` (0: no clipping)."""
+        if max_norm > 0:
+            self.accelerator.clip_grad_norm_(self.params, max_norm)
+
+    def gathered_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full weights to save, or None where the model's own are full (collective)."""
+        return None
+
+    def gathered_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state in a single process's layout, parameters by position (collective)."""
+        return self.optimizer.state_dict()
+
+    def restore_optimizer(self, state: dict[str, Any]) -> None:
+        """The inverse of `gathered_optimizer_state`, after `prepare`: each process keeps its shard."""
+        self.optimizer.load_state_dict(state)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """A small float64 tensor summed over processes (gloo on CPU, nccl on GPU); returned on the CPU."""
+        if self.world == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.device), reduction="sum").cpu()
+
+    def gather_rows(self, state: torch.Tensor) -> torch.Tensor:
+        """(processes, n) from each process's 1-D tensor of a fixed size (RNG states)."""
+        if self.world == 1:
+            return state[None]
+        return self.accelerator.gather(state[None].to(self.device)).cpu()
+
+    def finish(self) -> None:
+        """Close the trackers and, with several processes, the process group (else gloo aborts at exit)."""
+        self.accelerator.end_training()
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
-def gathered_optimizer_state(engine: str | None, model, optimizer) -> dict[str, Any]:
-    """The optimizer state in a single process's layout (parameters by position). Collective, as above."""
-    if engine == FSDP:
-        return _fsdp_optimizer_state(model, optimizer)
-    if engine == DEEPSPEED:
-        return _deepspeed_optimizer_state(model, optimizer)
-    return optimizer.state_dict()
+class FsdpEngine(Engine):
+    """FSDP 2: every process holds a shard of each weight, gathered inside each forward (a collective)."""
+
+    name = "FSDP"
+    lockstep = True
+    chunked_loss = False  # outside the forward, the output layer's weight is only this process's shard
+
+    def quantized_storage(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # FSDP shards only floating tensors of one dtype: the packed 4-bit bytes go in the compute dtype
+
+    def prepare(self, model, optimizer):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        super().prepare(model, optimizer)
+        register_fsdp_forward_method(self.model, "generate")  # gathers the outer weights (embeddings) for samples
+        return self.model, self.optimizer
+
+    def gathered_weights(self) -> dict[str, torch.Tensor] | None:
+        return self.accelerator.get_state_dict(self.model)
+
+    def gathered_optimizer_state(self) -> dict[str, Any]:
+        return _fsdp_optimizer_state(self.model, self.optimizer)
+
+    def restore_optimizer(self, state: dict[str, Any]) -> None:
+        _fsdp_set_optimizer_state(self.model, self.optimizer, state)
 
 
-def restore_optimizer(engine: str | None, model, optimizer, state: dict[str, Any]) -> None:
-    """The inverse of `gathered_optimizer_state`, after `accelerator.prepare`: each process keeps its shard."""
-    if engine == FSDP:
-        _fsdp_set_optimizer_state(model, optimizer, state)
-    elif engine == DEEPSPEED:
-        _deepspeed_set_optimizer_state(model, optimizer, state)
-    else:
-        optimizer.load_state_dict(state)
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-1/2: float32 masters and AdamW moments split over the processes; the engine takes the
+    optimizer step (clipping, update, zeroing) at the end of the step's last backward."""
+
+    name = "DeepSpeed"
+
+    def prepare(self, model, optimizer):
+        masters = fp32_masters(model)  # before DeepSpeed casts the model to 16 bits
+        super().prepare(model, optimizer)
+        set_fp32_masters(self.model, masters)
+        return self.model, self.optimizer
+
+    def no_sync(self, model) -> AbstractContextManager:
+        return nullcontext()  # DeepSpeed is told which backward ends the step instead
+
+    def backward(self, loss: torch.Tensor, last_in_step: bool) -> None:
+        self.accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last_in_step)
+
+    def clip(self, max_norm: float) -> None:
+        pass  # DeepSpeed clips in its own step, by the same rule (gradient_clipping, set by configure_deepspeed)
+
+    def gathered_weights(self) -> dict[str, torch.Tensor] | None:
+        return _deepspeed_weights(self.unwrap())  # trainable weights in float32, from the masters
+
+    def gathered_optimizer_state(self) -> dict[str, Any]:
+        return _deepspeed_optimizer_state(self.model, self.optimizer)
+
+    def restore_optimizer(self, state: dict[str, Any]) -> None:
+        _deepspeed_set_optimizer_state(self.model, self.optimizer, state)
 
 
 # --- FSDP 2 ---------------------------------------------------------------------------------------------

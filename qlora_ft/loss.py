@@ -12,6 +12,8 @@ cross-entropy is Triton (CUDA) only, and torch has no fused linear + cross-entro
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +91,82 @@ def linear_cross_entropy(
         logits = _logits_t(hidden[start : start + chunk], weight)  # (V, C)
         total += F.cross_entropy(logits.t(), targets[start : start + chunk], reduction="sum")
     return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loss of a causal LM: from a batch (input_ids, labels with -100 where nothing is trained) to the
+# summed next-token loss, through the chunked output layer where the model allows it.
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy, number of target tokens); positions labelled -100 do not count.
+
+    logits (B, T, V), labels (B, T): position t predicts labels[t + 1].
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    loss_sum = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )  # fp32 under autocast
+    return loss_sum, (targets != -100).sum()
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], head, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, target tokens) of one batch. With `head` and `chunk` > 0 the model stops at
+    its final hidden states (`logits_to_keep` empty) and `linear_cross_entropy` applies the output layer a
+    chunk at a time, only at positions that predict a real token; otherwise the full logits are made."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if head is None or chunk == 0:
+        return token_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+    keep_none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=keep_none)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    valid = targets != -100
+    hidden = out.hidden_states[-1][:, :-1][valid]  # (N, d), N = real targets
+    return linear_cross_entropy(hidden, head.weight, targets[valid], chunk), valid.sum()
+
+
+@torch.no_grad()
+def output_layer(model, device=None):
+    """The output projection when the chunked loss can stand in for it, else None (full logits are made).
+
+    It must be a bias-free Linear fed by the model's last hidden state, with nothing after it (some models
+    scale or soft-cap their logits): a two-row probe compares the chunked loss with the plain one.
+    """
+    from qlora_ft.data import collate
+
+    head = model.get_output_embeddings()
+    if not (isinstance(head, torch.nn.Linear) and head.bias is None):
+        return None
+    device = device or head.weight.device
+    was_training = model.training
+    model.eval()
+    probe = {k: v.to(device) for k, v in collate([[[1, 2, 3, 4]], [[5, 6, 7]]], pad_id=0).items()}
+    plain, _ = forward_loss(model, probe, None, 0)
+    chunked, _ = forward_loss(model, probe, head, 2)
+    model.train(was_training)
+    return head if torch.allclose(plain.float(), chunked.float(), rtol=1e-3, atol=1e-3) else None
+
+
+def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], engine, head=None, chunk: int = 0):
+    """Forward and backward over the micro-batches of one optimizer step, on `engine` (qlora_ft.engines.Engine).
+
+    Each micro-batch's summed token loss is divided by the target tokens of the *whole step* on all
+    processes, so the accumulated (and, with several processes, all-reduced) gradient equals that of one
+    batch holding all of them (padding never counts). Returns (summed loss, target tokens, real input
+    tokens), summed over processes. Under DeepSpeed the engine also takes the optimizer step (clipping,
+    update, zeroing) at the end of the last backward, which this function marks as the step's boundary.
+    """
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    n_targets = int(engine.all_sum(torch.tensor([n_local], dtype=torch.float64))[0])
+    total, n_tokens = 0.0, 0
+    for k, batch in enumerate(micro):
+        is_accumulating = k < len(micro) - 1  # DDP, FSDP: all-reduce gradients only on the last micro-batch
+        batch = {key: v.to(engine.device) for key, v in batch.items()}
+        with engine.no_sync(model) if is_accumulating else nullcontext():
+            loss_sum, _ = forward_loss(model, batch, head, chunk)
+            scaled = loss_sum * engine.world / max(n_targets, 1)  # DDP and DeepSpeed average over processes
+            engine.backward(scaled, last_in_step=not is_accumulating)
+        total += float(loss_sum.detach())
+        n_tokens += int(batch["n_tokens"])
+    total, n_tokens = engine.all_sum(torch.tensor([total, n_tokens], dtype=torch.float64)).tolist()
+    return total, n_targets, int(n_tokens)

@@ -11,7 +11,7 @@ ZeRO's partitioning and the checkpoints are DeepSpeed's and accelerate's. Run it
 import accelerate
 from accelerate.utils import InitProcessGroupKwargs
 
-import qlora_ft.loop
+import qlora_ft.engines
 from qlora_ft.cli import train_main
 
 
@@ -26,5 +26,5 @@ def deepspeed_accelerator(out_dir, precision):
 
 
 if __name__ == "__main__":
-    qlora_ft.loop.make_accelerator = deepspeed_accelerator
+    qlora_ft.engines.make_accelerator = deepspeed_accelerator
     train_main()

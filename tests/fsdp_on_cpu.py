@@ -13,7 +13,7 @@ from accelerate import FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
-import qlora_ft.loop
+import qlora_ft.engines
 from qlora_ft.cli import train_main
 
 
@@ -29,5 +29,5 @@ def fsdp_accelerator(out_dir, precision):
 
 
 if __name__ == "__main__":
-    qlora_ft.loop.make_accelerator = fsdp_accelerator
+    qlora_ft.engines.make_accelerator = fsdp_accelerator
     train_main()

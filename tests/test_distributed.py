@@ -11,7 +11,7 @@ from conftest import ROOT
 from qlora_ft.checkpoint import load_checkpoint
 from qlora_ft.config import TrainConfig, parse_config
 from qlora_ft.errors import UserError
-from qlora_ft.loop import _check_compatible
+from qlora_ft.training.resume import check_compatible
 
 # the shipped config of each engine, and the script that runs train.py under it on CPU processes
 ENGINES = {"fsdp": ("configs/fsdp_qlora.yaml", "tests/fsdp_on_cpu.py"),
@@ -81,9 +81,9 @@ def test_two_processes_equal_one_with_the_double_batch(tmp_path, data_pkl, tiny_
 def test_resume_refuses_a_different_global_batch(tmp_path):
     cfg = parse_config(TrainConfig, ["--data", "x.pkl", "--batch-size", "2"], "train.py")
     same = parse_config(TrainConfig, ["--data", "x.pkl", "--batch-size", "4"], "train.py")
-    _check_compatible(cfg, same, tmp_path, saved_world=2, world=1)  # 2 x 2 == 4 x 1
+    check_compatible(cfg, same, tmp_path, saved_world=2, world=1)  # 2 x 2 == 4 x 1
     with pytest.raises(UserError, match=r"--batch-size 2 on 2 process\(es\) \(this run: 2 on 1\)"):
-        _check_compatible(cfg, cfg, tmp_path, saved_world=2, world=1)
+        check_compatible(cfg, cfg, tmp_path, saved_world=2, world=1)
 
 
 @pytest.mark.slow

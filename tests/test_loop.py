@@ -7,17 +7,12 @@ from safetensors.torch import load_file
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.config import TrainConfig, parse_config
 from qlora_ft.data import collate
+from qlora_ft.engines import Engine
 from qlora_ft.errors import UserError
-from qlora_ft.loop import (
-    accumulate_gradients,
-    forward_loss,
-    lr_at,
-    make_batch,
-    output_layer,
-    packing_is_isolated,
-    token_loss,
-    train,
-)
+from qlora_ft.loop import train
+from qlora_ft.loss import accumulate_gradients, forward_loss, output_layer, token_loss
+from qlora_ft.training.plan import lr_at, make_batch
+from qlora_ft.training.setup import packing_is_isolated
 
 
 def config(tmp_path, data, model_dir, *argv: str, run: str = "run") -> TrainConfig:
@@ -154,11 +149,11 @@ def test_gradient_accumulation_matches_the_bigger_batch(tiny_model_dir):
             torch.nn.init.normal_(p, std=0.02)  # as after some training, so every LoRA weight gets a gradient
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
-    accelerator = Accelerator(cpu=True)
+    engine = Engine(Accelerator(cpu=True))
 
     def grads(micro):
         model.zero_grad()
-        loss, n_targets, n_tokens = accumulate_gradients(model, micro, accelerator)
+        loss, n_targets, n_tokens = accumulate_gradients(model, micro, engine)
         return loss, n_targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_big, n_big, big = grads([make_batch([[i] for i in range(8)], windows, 0)])

@@ -1,0 +1,98 @@
+"""The end of a run: final validation and checkpoint, then the adapter (or model), tokenizer, run config,
+summary and report in the output folder. Or, stopped by a signal: a checkpoint, and `Interrupted`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+
+from qlora_ft import checkpoint
+from qlora_ft.errors import Interrupted
+from qlora_ft.report import write_report
+from qlora_ft.training.fit import Session, save, validate
+from qlora_ft.training.setup import Run, method_name
+from qlora_ft.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained model (a PeftModel for LoRA runs), unwrapped from the engine
+    summary: dict[str, Any]  # also written to <output_dir>/train_summary.json (empty on other processes)
+
+
+def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
+    """Validate (unless this launch has since the base model's validation) and checkpoint the last step (unless
+    just saved), then write the outputs."""
+    if not session.validated:
+        state.record_validation(validate(run, state))
+    if session.last_saved_step != state.step:
+        save(run, state, session, f"step-{state.step:06d}")
+    weights = run.engine.gathered_weights()  # collective
+    summary = write_outputs(run, state, session, weights) if run.engine.is_main else {}
+    run.engine.finish()
+    return TrainResult(run.engine.unwrap(), summary)
+
+
+def stop_early(run: Run, state: TrainState, session: Session) -> NoReturn:
+    """After a signal: save the step reached (unless just saved) and raise `Interrupted` (exit 128 + signal)."""
+    if session.last_saved_step != state.step:
+        path = save(run, state, session, f"step-{state.step:06d}")
+    else:
+        path = checkpoint.resolve_checkpoint(run.check_dir, "latest")
+    run.engine.finish()
+    name = signal.Signals(session.signum).name
+    raise Interrupted(f"stopped by {name} after step {state.step}; checkpoint {path} saved; "
+                      "resume with the same command plus --load-checkpoint True", 128 + session.signum)  # fmt: skip
+
+
+def write_outputs(run: Run, state: TrainState, session: Session, weights) -> dict[str, Any]:
+    """The adapter (full fine-tuning: the model), tokenizer, run_config.json, train_summary.json and report.md;
+    returns the summary. Main process only."""
+    cfg, out_dir = run.cfg, run.out_dir
+    run.engine.unwrap().save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
+    run.tokenizer.save_pretrained(out_dir)
+    checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
+    summary = train_summary(run, state, session)
+    checkpoint.write_json(out_dir / "train_summary.json", summary)
+    try:
+        write_report(out_dir, out_dir)
+    except Exception as e:  # plotting must not cost a finished run its exit status; the adapter is saved
+        log.warning("could not write report.md: %s", e)
+    log.info("done: %d steps, validation loss %.4f, perplexity %.2f; %s in %s", state.step, state.val_loss,
+             summary["final_val_perplexity"], "adapter" if cfg.model.lora else "model", out_dir)  # fmt: skip
+    return summary
+
+
+def train_summary(run: Run, state: TrainState, session: Session) -> dict[str, Any]:
+    device = run.engine.device
+    tokens = state.tokens - session.tokens_at_start  # trained on in this launch
+    return {
+        "method": method_name(run.cfg),
+        "train_tokens": tokens,
+        "train_tokens_total": state.tokens,
+        "train_seconds": session.seconds,
+        "tokens_per_second": tokens / max(session.seconds, 1e-9),
+        "initial_val_loss": state.initial_val_loss,
+        "final_val_loss": state.val_loss,
+        "final_val_perplexity": math.exp(min(state.val_loss, 50.0)),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": state.step,
+        "epochs": state.epoch + state.position / max(1, len(run.plan.batches(state.epoch))),
+        "trainable_parameters": run.parameters[0],
+        "total_parameters": run.parameters[1],
+    }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,176 @@
+"""The training loop, top to bottom:
+
+    validate the base model (a fresh run)
+    for each epoch, from where the state stands:
+        for each optimizer step (`--grad-accum-steps` micro-batches of the epoch plan):
+            forward and backward over its micro-batches, clip, update
+            log, validate, sample, save at their intervals
+        at the epoch's end: validate, save Epoch_N
+
+Everything that differs between engines (one process, DDP, FSDP, DeepSpeed) is behind `run.engine`, and every
+number a checkpoint must hold is in the `TrainState`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from qlora_ft import checkpoint
+from qlora_ft.errors import UserError
+from qlora_ft.generate import sample
+from qlora_ft.loss import accumulate_gradients
+from qlora_ft.training.outputs import append_jsonl, log_metrics
+from qlora_ft.training.plan import Rows, lr_at
+from qlora_ft.training.setup import Run
+from qlora_ft.training.state import TrainState
+from qlora_ft.training.stop import StopRequest
+from qlora_ft.training.validate import validation_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """What this launch of `fit` tracks beside the TrainState; not saved, as a resumed run starts it anew."""
+
+    tokens_at_start: int
+    last_saved_step: int
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # training time, once `fit` returns
+    validated: bool = False  # validated since the start (the base model's validation aside); else the end does
+    window_loss: float = 0.0  # summed loss and target tokens since the last log line
+    window_targets: int = 0
+    signum: int | None = None  # the signal that stopped it early
+    bar: Any = None
+
+
+def fit(run: Run, state: TrainState) -> Session:
+    """Train from `state` to `run.total_steps` (or a SIGINT/SIGTERM: then `Session.signum`), updating `state`."""
+    cfg, engine = run.cfg, run.engine
+    run.model.train()
+    if run.resume is None:  # the base model's loss on the same split: what fine-tuning improves on
+        state.initial_val_loss = validate(run, state)
+    session = Session(tokens_at_start=state.tokens, last_saved_step=state.step)
+    session.bar = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step",
+                       disable=not engine.is_main, dynamic_ncols=True)  # fmt: skip
+    with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, then stop (the caller saves)
+        while state.step < run.total_steps and not stop.requested(engine):
+            batches = run.plan.batches(state.epoch)
+            while state.position < len(batches) and state.step < run.total_steps and not stop.requested(engine):
+                # --- one optimizer step over the next micro-batches ------------------------------------------
+                group = batches[state.position : state.position + cfg.optim.grad_accum_steps]
+                lr = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, run.total_steps)
+                loss_sum, n_targets, n_tokens = optimizer_step(run, group, lr, state.step)
+                state.advance(len(group), n_tokens)
+                session.window_loss += loss_sum
+                session.window_targets += n_targets
+
+                # --- log, validate, sample, save ---------------------------------------------------------------
+                if state.step % cfg.ckpt.log_every == 0 or state.step == run.total_steps:
+                    log_progress(run, state, session, lr)
+                session.bar.update(1)
+                if due(state.step, cfg.ckpt.eval_every):
+                    state.record_validation(validate(run, state))
+                    session.validated = True
+                if due(state.step, cfg.sample.sample_every):
+                    write_samples(run, state.step)
+                if due(state.step, cfg.ckpt.save_every_steps):
+                    save(run, state, session, f"step-{state.step:06d}")
+
+            # --- the end of an epoch: validate (unless just done), save Epoch_N, on to the next ---------------
+            if state.position >= len(batches):
+                if not due(state.step, cfg.ckpt.eval_every):
+                    state.record_validation(validate(run, state))
+                    session.validated = True
+                if due(state.epoch + 1, cfg.ckpt.save_interval):
+                    save(run, state, session, f"Epoch_{state.epoch + 1}")
+                state.next_epoch()
+    session.bar.close()
+    session.seconds, session.signum = time.perf_counter() - session.started, stop.signum
+    return session
+
+
+def due(count: int, every: int) -> bool:
+    """Whether something done every `every` steps (or epochs; 0: never) is due at `count`."""
+    return bool(every) and count % every == 0
+
+
+def optimizer_step(run: Run, group: list[Rows], lr: float, step: int) -> tuple[float, int, int]:
+    """Forward and backward over the micro-batches `group`, then clip and update at learning rate `lr`.
+    Returns (summed loss, target tokens, real input tokens), all processes together."""
+    cfg, engine = run.cfg, run.engine
+    micro = [run.micro_batch(rows) for rows in group]
+    for param_group in run.optimizer.param_groups:  # set first: DeepSpeed steps inside the last backward
+        param_group["lr"] = lr
+    loss_sum, n_targets, n_tokens = accumulate_gradients(run.model, micro, engine, run.head, cfg.model.loss_chunk)
+    if not math.isfinite(loss_sum):  # stop before saving: the last checkpoint stays the last good one
+        raise UserError(f"the loss became non-finite at step {step + 1}; try a lower --lr (now {cfg.optim.lr})")
+    engine.clip(cfg.optim.max_grad_norm)
+    run.optimizer.step()  # (DeepSpeed: accelerate makes this and zero_grad no-ops)
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, n_targets, n_tokens
+
+
+def log_progress(run: Run, state: TrainState, session: Session, lr: float) -> None:
+    """A metrics row of the mean loss since the last one, and the progress bar's numbers."""
+    tokens_per_second = (state.tokens - session.tokens_at_start) / max(time.perf_counter() - session.started, 1e-9)
+    loss = session.window_loss / max(1, session.window_targets)
+    log_metrics(run, {"step": state.step, "epoch": state.epoch + 1, "loss": loss, "lr": lr, "tokens": state.tokens,
+                      "tokens_per_second": tokens_per_second})  # fmt: skip
+    session.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+    session.window_loss, session.window_targets = 0.0, 0
+
+
+def validate(run: Run, state: TrainState) -> float:
+    """The validation loss now (logged as a metrics row); the caller decides which loss of the state it is."""
+    loss, perplexity = validation_loss(run.model, run.val_batches, run.engine, run.head, run.cfg.model.loss_chunk)
+    log_metrics(run, {"step": state.step, "epoch": state.epoch + 1, "val_loss": loss, "val_perplexity": perplexity})
+    log.info("step %d | validation loss %.4f | perplexity %.2f", state.step, loss, perplexity)
+    return loss
+
+
+def write_samples(run: Run, step: int) -> None:
+    """Generate from each sample prompt (seeded by the step, leaving the training RNG as it was) into samples.jsonl."""
+    engine, cfg = run.engine, run.cfg
+    if not (engine.is_main or engine.lockstep):  # FSDP: all generate the same texts, in lockstep
+        return
+    prompts = cfg.sample.sample_prompts
+    with engine.accelerator.autocast():
+        texts = sample(engine.unwrap(), run.tokenizer, prompts, cfg.sample, cfg.sample.max_output_length,
+                       seed=cfg.data.seed + step)  # fmt: skip
+    if not engine.is_main:
+        return
+    rows = [{"step": step, "prompt": prompt, "text": text} for prompt, (text,) in zip(prompts, texts, strict=True)]
+    append_jsonl(run.out_dir / "samples.jsonl", rows)
+    for row in rows:
+        tqdm.write(f"[sample @ step {step}] {row['text']}")
+
+
+def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
+    """Checkpoint `name`: weights, optimizer state and the TrainState, gathered whole from every process (so it
+    resumes under any engine and process count); pruned to --keep-checkpoints. Collective."""
+    engine = run.engine
+    session.last_saved_step = state.step
+    state.capture_rng(engine)  # every process's RNG, for dropout
+    weights = engine.gathered_weights()
+    optimizer_state = engine.gathered_optimizer_state()
+    engine.barrier()
+    if not engine.is_main:
+        return run.check_dir / name
+    meta = {**state.to_meta(), "world_size": engine.world, "total_steps": run.total_steps,
+            "batches_in_epoch": len(run.plan.batches(state.epoch))}  # fmt: skip
+    tensors = {"optimizer": optimizer_state, **state.to_tensors()}
+    path = checkpoint.save_checkpoint(run.check_dir, name, engine.unwrap(), meta, tensors, run.cfg.to_dict(),
+                                      run.split.to_json(), state_dict=weights)  # fmt: skip
+    log.info("saved checkpoint %s", path)
+    if run.cfg.ckpt.keep_checkpoints:
+        for old in checkpoint.prune_step_checkpoints(run.check_dir, run.cfg.ckpt.keep_checkpoints):
+            log.info("deleted checkpoint %s (--keep-checkpoints %d)", old, run.cfg.ckpt.keep_checkpoints)
+    return path

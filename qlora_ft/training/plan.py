@@ -1,0 +1,78 @@
+"""What each optimizer step trains on, and at which learning rate: pure functions of the step and the epoch.
+
+The epoch plan is computed from the windows' lengths alone, so that a resumed run, given the same seed, finds
+the very batches it stopped at; the schedule is a function of the step, so it resumes without state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qlora_ft.data import collate, epoch_batches, epoch_rows
+
+Rows = list[list[int]]  # rows of a batch, each a list of window indices (several when packed)
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `peak`, then linear decay to 0.
+
+    >>> [round(lr_at(s, 1.0, 2, 6), 2) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def make_batch(rows: Rows, windows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch.
+
+    >>> make_batch([[0, 1], [2]], [[9, 5], [9, 6, 7], [9, 8]], pad_id=0)["n_tokens"].item()
+    7
+    """
+    batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+    batch["n_tokens"] = torch.tensor(sum(len(windows[i]) for row in rows for i in row))
+    return batch
+
+
+@dataclass
+class EpochPlan:
+    """The global batches of each epoch, a pure function of (seed, epoch).
+
+    A global batch holds `batch_size` x `world` rows; process r trains on rows r, r + world, ... of it (so a
+    checkpoint's position means the same data under any process count with the same global batch). An
+    optimizer step takes `grad_accum_steps` global batches (micro-batches); the last step of an epoch may
+    take fewer.
+    """
+
+    lengths: Sequence[int]  # tokens of each training window
+    block_len: int  # --max-input-length: the packed row length
+    packing: bool
+    batch_size: int  # rows per process and micro-batch
+    world: int
+    grad_accum_steps: int
+    seed: int
+    _cache: dict[int, list[Rows]] = field(default_factory=dict, repr=False)
+
+    def batches(self, epoch: int) -> list[Rows]:
+        """The epoch's micro-batches, in training order (the two most recent epochs are kept)."""
+        if epoch not in self._cache:
+            rows = epoch_rows(self.lengths, self.block_len, self.packing, self.seed, epoch)
+            batches = epoch_batches(rows, self.lengths, self.batch_size * self.world, not self.packing, self.seed,
+                                    epoch)  # fmt: skip
+            if len(self._cache) == 2:
+                del self._cache[min(self._cache)]
+            self._cache[epoch] = [b for b in batches if len(b) >= self.world]  # every process needs a row
+        return self._cache[epoch]
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps in `epoch`."""
+        return math.ceil(len(self.batches(epoch)) / self.grad_accum_steps)
+
+    def total_steps(self, epochs: int, max_steps: int | None) -> int:
+        """The run's length in optimizer steps: `max_steps` if given, else the steps of `epochs` epochs."""
+        return max_steps or sum(self.steps_in(e) for e in range(epochs))

@@ -1,0 +1,86 @@
+"""Resuming: read a checkpoint before anything is built, check it fits this run, restore its `TrainState`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlora_ft import checkpoint
+from qlora_ft.config import TrainConfig, train_config_from_dict
+from qlora_ft.errors import UserError
+from qlora_ft.training.state import TrainState
+
+if TYPE_CHECKING:
+    from qlora_ft.training.setup import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resume:
+    """A checkpoint to continue from, as read from disk."""
+
+    path: Path
+    meta: dict[str, Any]  # trainer_state.json
+    tensors: dict[str, Any]  # trainer_state.pt: optimizer and RNG states
+    config: TrainConfig  # the settings it was trained with (run_config.json)
+    split: dict[str, Any]  # split.json
+
+    @property
+    def world(self) -> int:
+        """The number of processes it was trained on (its position counts global batches)."""
+        return self.meta.get("world_size", 1)
+
+
+def read_resume(cfg: TrainConfig, check_dir: Path) -> Resume | None:
+    """The checkpoint `--restore-file` names, read whole (bad input fails here, before anything is built); None for
+    a fresh run."""
+    if not cfg.ckpt.restore_file:
+        return None
+    path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
+    meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
+    return Resume(path, meta, tensors, train_config_from_dict(saved_cfg), saved_split)
+
+
+def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
+    """Refuse to resume a checkpoint into a differently shaped model, or onto a different data plan.
+
+    The saved position counts global batches (`--batch-size` x processes); a different process count is
+    fine when the global batch is the same (2 x 4 -> 1 x 8), as the position then means the same data."""
+    fields = {
+        "model": (saved.model.model, cfg.model.model),
+        "qlora": (saved.model.qlora, cfg.model.qlora),
+        "lora": (saved.model.lora, cfg.model.lora),
+        "rank_lora": (saved.model.rank_lora, cfg.model.rank_lora),
+        "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
+        "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
+        "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
+        "packing": (saved.data.packing, cfg.data.packing),
+        "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
+    }
+    diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
+    if saved.data.batch_size * saved_world != cfg.data.batch_size * world:
+        diff.append(f"--batch-size {saved.data.batch_size} on {saved_world} process(es) "
+                    f"(this run: {cfg.data.batch_size} on {world})")  # fmt: skip
+    if diff:
+        raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
+
+
+def restore(run: Run) -> TrainState:
+    """The state to start from: a fresh one, or the checkpoint's, whose RNG states (this process's row) and
+    optimizer state (each process its shard) are put back. The model's weights are loaded by `set_up`."""
+    if run.resume is None:
+        return TrainState()
+    resume, engine = run.resume, run.engine
+    state = TrainState.from_checkpoint(resume.meta, resume.tensors)
+    state.restore_rng(engine.rank, engine.device)
+    engine.restore_optimizer(resume.tensors["optimizer"])
+    if state.position >= len(run.plan.batches(state.epoch)):  # saved at the end of an epoch
+        state.next_epoch()
+    if resume.meta.get("total_steps") != run.total_steps:
+        log.warning("schedule length changed from %s to %d steps", resume.meta.get("total_steps"), run.total_steps)
+    log.info("resumed from %s: step %d, epoch %d, micro-batch %d", resume.path, state.step, state.epoch + 1,
+             state.position)  # fmt: skip
+    return state

@@ -1,0 +1,175 @@
+"""Set-up: everything a run is built from its config, into one `Run`.
+
+The order matters in places: a checkpoint to resume is read first (bad input fails before anything is built);
+the seeds are set around the model's construction so that every process starts from the same adapter and
+draws its own dropout masks; the start-up probes may switch packing and the chunked loss off, recording that
+in the run's own copy of the config (saved with every checkpoint and as run_config.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_ft import checkpoint, engines
+from qlora_ft.config import TrainConfig
+from qlora_ft.data import Split, collate, eval_batches, load_corpus, split_corpus, split_from_json, windows_for
+from qlora_ft.engines import Engine, trained_parameters
+from qlora_ft.errors import UserError
+from qlora_ft.loss import output_layer
+from qlora_ft.model import (
+    add_lora,
+    compute_dtype,
+    count_parameters,
+    default_device,
+    keep_training_layout,
+    load_base,
+    load_tokenizer,
+    resolve_base_name,
+)
+from qlora_ft.training.plan import EpochPlan, Rows, make_batch
+from qlora_ft.training.resume import Resume, check_compatible, read_resume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A run, set up: what `fit` trains and the folders it writes to."""
+
+    cfg: TrainConfig  # the run's own copy, with the settings in effect after the start-up probes
+    engine: Engine  # one process, DDP, FSDP or DeepSpeed; it holds the accelerator
+    tokenizer: Any
+    split: Split  # which paragraphs train and which validate (saved with every checkpoint)
+    train_windows: list[list[int]]  # token ids of each training window; the plan's rows index them
+    pad_id: int
+    plan: EpochPlan  # the micro-batches of each epoch
+    total_steps: int  # optimizer steps of the whole run
+    val_batches: list[dict[str, torch.Tensor]]  # the validation split, all processes' batches
+    model: Any  # wrapped by the engine
+    optimizer: torch.optim.Optimizer  # wrapped by the engine
+    head: torch.nn.Linear | None  # the output layer, when the chunked loss stands in for it
+    parameters: tuple[int, int]  # trainable, total
+    out_dir: Path
+    check_dir: Path
+    resume: Resume | None  # the checkpoint this run continues, if any
+
+    def micro_batch(self, rows: Rows) -> dict[str, torch.Tensor]:
+        """This process's share of a global micro-batch: its rows rank, rank + world, ..."""
+        return make_batch(rows[self.engine.rank :: self.engine.world], self.train_windows, self.pad_id)
+
+
+def set_up(cfg: TrainConfig) -> Run:
+    """Build the run from `cfg` (which is not changed): the checkpoint to resume, engine, data, model, optimizer."""
+    cfg = copy.deepcopy(cfg)  # the probes below may switch settings off; the caller's config stays as given
+    if cfg.data.data is None:
+        raise UserError("--data is required")
+    cfg.model.model = resolve_base_name(cfg.model.model)
+    out_dir, check_dir = Path(cfg.ckpt.output_dir), Path(cfg.ckpt.check_dir)
+    resume = read_resume(cfg, check_dir)
+
+    # --- engine: accelerate's Accelerator, set up by `accelerate launch --config_file` (else one process / DDP)
+    dtype = compute_dtype(cfg.model.compute_dtype, default_device())
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    engine = engines.make_engine(engines.make_accelerator(out_dir, precision), cfg)
+    if resume:
+        check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
+
+    # --- data, model, optimizer ------------------------------------------------------------------------
+    tokenizer, split, train_windows, val_windows = load_data(cfg, resume.split if resume else None)
+    model = build_model(cfg, engine, dtype)
+    head = probe_shortcuts(cfg, model, engine)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, method_name(cfg))  # fmt: skip
+    params = [p for _, p in trained_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+
+    # --- the plan: micro-batches per epoch, a pure function of (seed, epoch) ----------------------------
+    plan = EpochPlan([len(w) for w in train_windows], cfg.data.max_input_length, cfg.data.packing,
+                     cfg.data.batch_size, engine.world, cfg.optim.grad_accum_steps, cfg.data.seed)  # fmt: skip
+    val_rows = eval_batches([len(w) for w in val_windows], cfg.data.max_input_length, cfg.data.packing,
+                            cfg.data.batch_size * 2)  # fmt: skip
+    val_batches = [make_batch(rows, val_windows, tokenizer.pad_token_id) for rows in val_rows]
+
+    if resume:  # the checkpoint's weights before `prepare` shards them (its optimizer state after: `restore`)
+        checkpoint.load_model_weights(model, resume.path)
+    model, optimizer = engine.prepare(model, optimizer)
+    return Run(cfg, engine, tokenizer, split, train_windows, tokenizer.pad_token_id, plan,
+               plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps), val_batches, model, optimizer, head,
+               (trainable, total), out_dir, check_dir, resume)  # fmt: skip
+
+
+def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None):
+    """(tokenizer, split, training windows, validation windows): paragraphs -> split -> windows of token ids.
+    `saved_split`: a checkpoint's split, which a resumed run keeps."""
+    corpus = load_corpus(cfg.data.data, cfg.data.text_column)
+    split = split_corpus(corpus, cfg.data.train_size, cfg.data.seed)
+    if saved_split is not None:
+        split = split_from_json(split, saved_split)
+    tokenizer = load_tokenizer(cfg.model.model)
+    train_windows = windows_for(tokenizer, split.train, cfg.data.max_input_length)
+    val_windows = windows_for(tokenizer, split.validation, cfg.data.max_input_length)
+    log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens",
+             len(split.train_idx), len(split.val_idx), len(train_windows), len(val_windows),
+             cfg.data.max_input_length)  # fmt: skip
+    return tokenizer, split, train_windows, val_windows
+
+
+def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
+    """The base model (4-bit NF4 for QLoRA), with LoRA adapters unless fully fine-tuned."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.data.seed)  # the same initial adapter on every process (FSDP keeps each one's own shard of it)
+    model = load_base(cfg.model.model, cfg.model.qlora, dtype, engine.device, engine.quantized_storage(dtype))
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.qlora:
+        keep_training_layout(model)
+    if cfg.model.lora:
+        model = add_lora(model, cfg.model)
+    set_seed(cfg.data.seed, device_specific=True)  # seed + rank: each process its own dropout masks
+    return model
+
+
+def probe_shortcuts(cfg: TrainConfig, model, engine: Engine) -> torch.nn.Linear | None:
+    """Check the two shortcuts the loop takes on this model and engine, switching off in `cfg` what does not
+    hold: packing (windows must not attend to each other) and the chunked loss (returns its output layer)."""
+    if cfg.data.packing and not packing_is_isolated(model, engine.device):
+        log.warning("this model attends across packed paragraphs; training with padded batches instead")
+        cfg.data.packing = False
+    if cfg.model.loss_chunk and not engine.chunked_loss:
+        log.info("%s: computing full logits (--loss-chunk off)", engine.name)
+        cfg.model.loss_chunk = 0
+    head = output_layer(model, engine.device) if cfg.model.loss_chunk else None
+    if cfg.model.loss_chunk and head is None:
+        log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
+        cfg.model.loss_chunk = 0
+    return head
+
+
+@torch.no_grad()
+def packing_is_isolated(model, device) -> bool:
+    """Whether this model keeps packed windows apart: the logits of window B must not depend on the window
+    packed before it. transformers builds the block-diagonal mask from restarting `position_ids`; a model
+    whose attention ignores them would silently attend across paragraphs."""
+    was_training = model.training
+    model.eval()
+    b = collate([[[1, 2, 3], [4, 5, 6]], [[7, 8, 9], [4, 5, 6]]], pad_id=0)
+    logits = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                   use_cache=False).logits.float()  # fmt: skip
+    model.train(was_training)
+    return torch.allclose(logits[0, 3:], logits[1, 3:], atol=1e-3, rtol=1e-3)
+
+
+def method_name(cfg: TrainConfig) -> str:
+    if cfg.model.qlora:
+        return "QLoRA (4-bit NF4 base + LoRA)"
+    precision = "16-bit" if compute_dtype(cfg.model.compute_dtype, default_device()) != torch.float32 else "32-bit"
+    return f"{precision} LoRA" if cfg.model.lora else f"full fine-tuning ({precision})"
