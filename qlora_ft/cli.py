@@ -88,7 +88,7 @@ def run_generate(cfg: GenerateConfig) -> None:
         return TextStreamer(tokenizer, skip_special_tokens=True)
 
     results = sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed,
-                     streamer_factory=streamer if args.stream else None)  # fmt: skip
+                     streamer_factory=streamer if args.stream else None, truncate=args.truncate_prompt)  # fmt: skip
     if args.stream:
         return
     number = 1
@@ -118,6 +118,10 @@ def run_export(cfg: ExportConfig) -> None:
     if args.model_path is None or args.out is None:
         raise UserError("--model_path and --out are required")
     model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"), args.merge_into)
+    # the folder is a plain transformers model: its generation config names the tokens `pipeline` stops and pads with
+    generation = model.generation_config
+    generation.eos_token_id = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+    generation.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     log.info("merged model and tokenizer written to %s", args.out)

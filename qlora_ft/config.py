@@ -211,6 +211,7 @@ class GenerateArgs(SamplingArgs):
     stream: bool = arg(False, "print tokens as they are generated")
     qlora: bool = arg(False, "keep the base in 4-bit with the adapter unmerged (least memory)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
+    truncate_prompt: bool = arg(False, "keep a too-long prompt's last tokens that fit the context (else an error)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -274,6 +275,7 @@ class CompareArgs(SamplingArgs):
     seed: int = arg(42, "sampling seed (the same for both models)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
     out: str | None = arg(None, "the Markdown file to write (default: MODEL_PATH/compare.md)")
+    truncate_prompt: bool = arg(False, "keep a too-long prompt's last tokens that fit the context (else an error)")
 
     def __post_init__(self):
         super().__post_init__()

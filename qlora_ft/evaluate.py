@@ -255,8 +255,9 @@ def run_compare(cfg: CompareConfig) -> Path:
     prompts = args.prompt or [""]
     fine_tuned, tokenizer = load_for_inference(str(run), base_name, False, device, args.merge_into)
     base = load_base(resolve_base_name(base_name), False, fine_tuned.dtype, device).eval()
+    truncate = args.truncate_prompt
     results = {
-        name: sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed)
+        name: sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed, truncate=truncate)
         for name, model in (("base", base), ("fine_tuned", fine_tuned))
     }
     target = merge_target(run, args.merge_into)

@@ -48,6 +48,7 @@ from qlora_ft.generate import sample
 from qlora_ft.loss import linear_cross_entropy
 from qlora_ft.model import (
     add_lora,
+    check_training_context,
     compute_dtype,
     count_parameters,
     default_device,
@@ -299,6 +300,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume:
         split = split_from_json(split, resume[3])
     tokenizer = load_tokenizer(cfg.model.model)
+    # the model's context, from its config (no weights yet): sequences or samples past it fail now, not mid-run
+    check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
+                           cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
     pad_id = tokenizer.pad_token_id
     train_windows = windows_for(tokenizer, split.train, cfg.data.max_input_length)
     val_windows = windows_for(tokenizer, split.validation, cfg.data.max_input_length)

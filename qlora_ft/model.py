@@ -233,11 +233,58 @@ def merge_target(path: Path, merge_into: str) -> str:
 
 
 def load_dequantized_base(name: str, dtype: torch.dtype, device: torch.device):
-    """The base as a QLoRA adapter saw it: loaded in NF4, then dequantised to `dtype` (transformers'
-    `dequantize()` turns each Linear4bit back into an nn.Linear)."""
-    model = load_base(name, True, dtype, device).dequantize()
-    model.is_loaded_in_4bit = False  # stale after dequantize(); peft would treat the model as 4-bit
-    return model.to(dtype)
+    """The base as a QLoRA adapter saw it, in the base's own architecture: each weight that 4-bit loading
+    quantises holds its NF4-dequantised values in `dtype`; every other tensor is the base's own.
+
+    transformers' `dequantize()` leaves an nn.Linear where the base had a GPT-2 `Conv1D` (weight stored
+    (in, out), the transpose of a Linear's). Saving that model writes weights that transformers cannot load
+    as GPT-2 (or, for a square layer, loads transposed), so the dequantised values are copied back into
+    the base loaded in full precision, transposed for each Conv1D.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    dequantized = load_base(name, True, dtype, device).dequantize().state_dict()
+    model = load_base(name, False, dtype, device)
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    fixed = {k: (v.t() if k in conv1d else v).to(dtype) for k, v in dequantized.items()}
+    model.load_state_dict(fixed, strict=True)  # copies into the model's own tensors; any mismatch is a bug
+    return model
+
+
+def context_length(config) -> int | None:
+    """Tokens the model attends over (GPT-2's `n_positions`, others' `max_position_embeddings`), or None when
+    the config states no limit."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_config(name: str):
+    """The model's config alone (no weights): `AutoConfig` from a local dir, the cache or the Hub."""
+    from transformers import AutoConfig
+
+    return _pretrained(AutoConfig, name, "model config")
+
+
+def check_training_context(name: str, max_input_length: int, tokenizer=None, prompts=(), max_new: int = 0) -> None:
+    """Raise UserError when `--max-input-length`, or an in-training sample (`<eos>` + prompt + `max_new` new
+    tokens; checked when `tokenizer` is given), runs past the context of model `name`: read from its config
+    before any weights load, so the run fails at start instead of in an IndexError mid-way."""
+    limit = context_length(load_config(name))
+    if limit is None:
+        return
+    if max_input_length > limit:
+        raise UserError(f"--max-input-length {max_input_length} is past the model's context of {limit} tokens")
+    for prompt in prompts if tokenizer is not None else ():
+        needed = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + max_new
+        if needed > limit:
+            raise UserError(
+                f"sample prompt {prompt!r} (+ <eos>) with --max-output-length {max_new} needs {needed} tokens, "
+                f"past the model's context of {limit} tokens"
+            )
 
 
 def load_for_inference(
