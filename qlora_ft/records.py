@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +62,18 @@ class Chat:
 
 
 Record = Instruction | Chat
+
+
+def record_key(record: Record | str) -> str:
+    """A record as one canonical string, for deduplication and data fingerprints (`data.Split.fingerprint`
+    hashes strings): the text itself for a paragraph, else sorted-key JSON of the fields.
+
+    >>> record_key(Instruction("Add 2 and 3.", "5"))
+    '{"input": "", "instruction": "Add 2 and 3.", "output": "5"}'
+    """
+    if isinstance(record, str):
+        return record
+    return json.dumps(asdict(record), ensure_ascii=False, sort_keys=True)
 
 
 @dataclass

@@ -247,6 +247,11 @@ def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
     """
     texts = [text for text, _ in segments]
     pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    return _assemble(tokenizer, segments, pieces)
+
+
+def _assemble(tokenizer, segments: Sequence[Segment], pieces: Sequence[list[int]]) -> Encoded:
+    """`encode` from the segments' token ids (tokenized elsewhere, in one batch)."""
     ids: list[int] = []
     mask: list[int] = []
     for piece, (_, trained) in zip(pieces, segments, strict=True):
@@ -259,10 +264,20 @@ def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
 
 
 def encode_records(
-    tokenizer, records: Sequence[Record], template: Template, train_on_prompt: bool = False
+    tokenizer, records: Sequence[Record], template: Template, train_on_prompt: bool = False, batch: int = 1000
 ) -> list[Encoded]:
-    """`encode(render(record))` for each record, in order."""
-    return [encode(tokenizer, render(r, template, tokenizer, train_on_prompt)) for r in records]
+    """`encode(tokenizer, render(record, ...))` for each record, in order; the segments of `batch` records
+    go to the tokenizer in one call (a fast tokenizer then works on them in parallel)."""
+    out: list[Encoded] = []
+    for start in range(0, len(records), batch):
+        rendered = [render(r, template, tokenizer, train_on_prompt) for r in records[start : start + batch]]
+        texts = [text for segments in rendered for text, _ in segments]
+        pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        at = 0
+        for segments in rendered:
+            out.append(_assemble(tokenizer, segments, pieces[at : at + len(segments)]))
+            at += len(segments)
+    return out
 
 
 def fit(encoded: Sequence[Encoded], max_len: int) -> tuple[list[Encoded], int]:

@@ -8,7 +8,7 @@ import pytest
 from conftest import shared_or_skip
 from qlora_ft.data import load_corpus
 from qlora_ft.errors import UserError
-from qlora_ft.records import Chat, Instruction, Records, load_records
+from qlora_ft.records import Chat, Instruction, Records, load_records, record_key
 
 ROWS = [
     {"instruction": "Name a colour.", "input": "", "output": "Red."},
@@ -215,3 +215,10 @@ def test_shared_instruction_data():
     first = Instruction("Edit the following sentence for grammar.", "He goes to the park every day.",
                         input="He go to the park every day.")  # fmt: skip
     assert records.train[0] == first
+
+
+def test_record_keys_tell_records_apart():
+    keys = {record_key(r) for r in [*INSTRUCTIONS, *CHAT_RECORDS, Instruction("Name a colour.", "Red.", "x"), "Red."]}
+    assert len(keys) == 6
+    chat = Chat((("user", "Hi"), ("assistant", "Hé")))
+    assert record_key(chat) == '{"messages": [["user", "Hi"], ["assistant", "Hé"]]}'

@@ -112,6 +112,12 @@ def test_labels_with_and_without_packing(tok, packing):
             assert (batch["labels"][r, n:] == -100).all()
 
 
+def test_encoding_in_batches_equals_one_by_one(tok):
+    records = [NO_INPUT, CHAT, WITH_INPUT, Instruction("Say it.", "Yes."), CHAT]
+    one_by_one = [encode(tok, render(r, ALPACA, tok)) for r in records]
+    assert encode_records(tok, records, ALPACA, batch=2) == encode_records(tok, records, ALPACA) == one_by_one
+
+
 def test_all_ones_masks_collate_like_plain_text():
     windows = [[0, 5, 6, 0], [0, 7, 0], [0, 8]]
     for rows in ([[w] for w in windows], [windows[:2], windows[2:]]):
