@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 
 from qlora_ft.data import collate
-from qlora_ft.errors import UserError
+from qlora_ft.errors import UserError, first_line
 from qlora_ft.records import Chat, Instruction, Record
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,11 @@ def _check_prompts(prompt_input: Any, prompt_no_input: Any, where: str) -> None:
             raise UserError(f"{where}: {key!r} is {type(text).__name__}, not text")
         got = _fields(text, f"{where}: {key!r}")
         if got != want:
-            braced = lambda names: ", ".join("{" + n + "}" for n in sorted(names)) or "none"  # noqa: E731
-            raise UserError(f"{where}: {key!r} must hold the placeholders {braced(want)} (found {braced(got)})")
+            raise UserError(f"{where}: {key!r} must hold the placeholders {_braced(want)} (found {_braced(got)})")
+
+
+def _braced(names: set[str]) -> str:
+    return ", ".join("{" + n + "}" for n in sorted(names)) or "none"
 
 
 @dataclass(frozen=True)
@@ -205,9 +209,12 @@ def render_chat(record: Chat, tokenizer, chat_template: str) -> list[Segment]:
         steps = [(messages[:i], True, False)] if role == "assistant" else []  # the assistant header
         steps.append((messages[: i + 1], False, role == "assistant"))
         for history, generation_prompt, trained in steps:
-            text = tokenizer.apply_chat_template(
-                history, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    history, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+                )
+            except (jinja2.TemplateError, ValueError, TypeError) as e:  # a broken template, or one that refuses
+                raise UserError(f"the chat template fails on turn {i} ({role}): {first_line(e)}") from None
             if not text.startswith(done):
                 raise UserError(f"the chat template rewrites earlier turns when turn {i} ({role}) is added, so "
                                 "the trained turns cannot be told apart; use a template that only appends")  # fmt: skip
@@ -263,6 +270,13 @@ def _assemble(tokenizer, segments: Sequence[Segment], pieces: Sequence[list[int]
     return ids, mask
 
 
+def _render_at(i: int, record: Record, template: Template, tokenizer, train_on_prompt: bool) -> list[Segment]:
+    try:
+        return render(record, template, tokenizer, train_on_prompt)
+    except UserError as e:
+        raise UserError(f"record {i}: {e}") from None
+
+
 def encode_records(
     tokenizer, records: Sequence[Record], template: Template, train_on_prompt: bool = False, batch: int = 1000
 ) -> list[Encoded]:
@@ -270,7 +284,8 @@ def encode_records(
     go to the tokenizer in one call (a fast tokenizer then works on them in parallel)."""
     out: list[Encoded] = []
     for start in range(0, len(records), batch):
-        rendered = [render(r, template, tokenizer, train_on_prompt) for r in records[start : start + batch]]
+        rendered = [_render_at(i, records[i], template, tokenizer, train_on_prompt)
+                    for i in range(start, min(start + batch, len(records)))]  # fmt: skip
         texts = [text for segments in rendered for text, _ in segments]
         pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         at = 0
@@ -316,6 +331,21 @@ def collate_masked(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, 
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation and evaluation
+
+
+def generation_prompt(record: Record, template: Template, tokenizer) -> tuple[str, str]:
+    """(prompt, reference): the text a model continues to answer `record`, and the answer the data gives.
+
+    For an instruction, its prompt and output; for a chat, the conversation before its last assistant turn
+    plus that turn's header, and the turn's content. Training saw exactly this prompt before the response
+    (after the leading EOS, which `generate.encode_prompt` adds too).
+    """
+    if isinstance(record, Instruction):
+        return template.prompt(record), record.output
+    last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
+    chat_template = template.for_tokenizer(tokenizer).chat_template
+    segments = render_chat(Chat(record.messages[: last + 1]), tokenizer, chat_template)
+    return "".join(text for text, _ in segments[:-1]), record.messages[last][1]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -19,6 +19,7 @@ from qlora_ft.templates import (
     encode,
     encode_records,
     fit,
+    generation_prompt,
     get_template,
     render,
     rouge_l,
@@ -231,10 +232,21 @@ def test_tokenizer_chat_template_is_used_when_present(tok):
     assert ALPACA.for_tokenizer(own).chat_template == chatml
 
 
-def test_template_that_rewrites_earlier_turns_is_refused(tok):
-    last_only = Template("x", "{instruction}{input}", "{instruction}", chat_template="{{ messages[-1]['content'] }}")
-    with pytest.raises(UserError, match="rewrites earlier turns"):
-        render(Chat((("user", "Hi"), ("assistant", "Hello"))), last_only, tok)
+@pytest.mark.parametrize(
+    "chat_template, message",
+    [
+        ("{{ messages[-1]['content'] }}", "record 1: the chat template rewrites earlier turns when turn 1 (assistant)"),
+        ("{% for m in messages %}{{ m['content'] }", "record 1: the chat template fails on turn 0 (user): "),
+        ("{{ raise_exception('roles must alternate') }}", "record 1: the chat template fails on turn 0 (user): "
+                                                          "roles must alternate"),
+    ],
+    ids=["rewrites-turns", "syntax-error", "refuses"],
+)  # fmt: skip
+def test_unusable_chat_template_names_the_record(tok, chat_template, message):
+    template = Template("x", "{instruction}{input}", "{instruction}", chat_template=chat_template)
+    with pytest.raises(UserError) as e:
+        encode_records(tok, [NO_INPUT, Chat((("user", "Hi"), ("assistant", "Hello")))], template)
+    assert str(e.value).startswith(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,6 +289,15 @@ def test_batch_loss_equals_hand_computed_response_loss(tiny_model_dir, tok):
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation and evaluation helpers
+
+
+@pytest.mark.parametrize("record", [NO_INPUT, WITH_INPUT, CHAT], ids=["no-input", "with-input", "chat"])
+def test_generation_prompt_is_what_training_saw_before_the_last_response(tok, record):
+    prompt, reference = generation_prompt(record, ALPACA, tok)
+    ids, mask = encode(tok, render(record, ALPACA, tok))
+    last = max(i for i, m in enumerate(mask) if not m) + 1  # where the last trained run starts
+    assert tok.decode(ids[:last]) == EOS + prompt
+    assert tok.decode(ids[last:]) == reference + EOS
 
 
 def test_stop_strings_and_format_checks():
