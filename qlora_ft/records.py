@@ -223,9 +223,14 @@ def _rows_of(obj: Any, source: str) -> tuple[list, list | None]:
 
 
 def _load_json(path: Path) -> Any:
+    """A JSON document; a .json file holding one record per line (JSON Lines, a common naming slip) is
+    read as JSON Lines."""
+    text = read_text_file(path)
     try:
-        return json.loads(read_text_file(path))
+        return json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _load_jsonl(path)
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 

@@ -110,6 +110,12 @@ def test_split_sources_keep_their_split(tmp_path):
         load_records(str(path))
 
 
+def test_json_lines_in_a_json_file(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS))
+    assert load_records(str(path)).train == INSTRUCTIONS
+
+
 def test_column_dict_json(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"instruction": ["Name a colour."], "output": ["Red."]}))
