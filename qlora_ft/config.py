@@ -82,8 +82,8 @@ class ModelArgs:
     qlora: bool = arg(True, "load the base in 4-bit NF4 and train LoRA adapters on it; False: full precision base")
     lora: bool | None = arg(
         None,
-        "train LoRA adapters (default: the --qlora value; --qlora False --lora True: 16/32-bit LoRA, "
-        "--qlora False alone: full fine-tuning)",
+        "train LoRA adapters (default: the --qlora value, or True with LoRA options; --qlora False --lora True: "
+        "16/32-bit LoRA, --qlora False alone: full fine-tuning)",
     )
     rank_lora: int = arg(64, "LoRA rank r")
     alpha_lora: float = arg(16, "LoRA alpha (the update is scaled by alpha / r)")
@@ -511,7 +511,7 @@ def warn_ineffective(cfg: TrainConfig, given: set[str]) -> list[str]:
     plain_text = cfg.data.data is not None and is_plain_text(cfg.data.data)
     if "text_column" in given and cfg.data.text_column is not None and plain_text:
         notes.append(f"--text-column: no effect on plain text ({cfg.data.data} is read as paragraphs)")
-    if "keep_headings" in given and cfg.data.data is not None and not plain_text:
+    if "keep_headings" in given and cfg.data.keep_headings and cfg.data.data is not None and not plain_text:
         notes.append(f"--keep-headings: no effect, {cfg.data.data} is not plain text (.txt or a folder of .txt)")
     for note in notes:
         log.warning(note)

@@ -103,18 +103,28 @@ _HEADING = re.compile(
     r"|[ivxlcdm]+\.?|\d+\.?)$",  # a bare chapter number: IV, 12.
     re.IGNORECASE,
 )
+# A numbered heading with a title: "CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl"
+_TITLED = re.compile(r"^(?:chapter|volume|book|part)\s+(?:[ivxlcdm]+|\d+|[a-z]+)(\s*[.:\u2014-]\s*|\s+)(.+)$", re.I)
 
 
 def is_heading(paragraph: str) -> bool:
     """Whether a cleaned paragraph is only a heading (dropped from training text unless --keep-headings).
+    A heading with a title counts when the title is in capitals or follows a colon.
 
     >>> [is_heading(p) for p in ["CHAPTER I", "Chapter 12.", "VOLUME II", "= = Early life = =", "IV", "I said so."]]
     [True, True, True, True, True, False]
-    >>> is_heading("Chapter and verse were quoted at him by the curate.")
-    False
+    >>> [is_heading(p) for p in ["CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl"]]
+    [True, True, True]
+    >>> [is_heading(p) for p in ["Chapter and verse were quoted at him by the curate.", "Part of it was true."]]
+    [False, False]
     """
     text = paragraph.strip()
-    return len(text.split()) <= 8 and _HEADING.match(text) is not None
+    if len(text.split()) > 8:
+        return False
+    titled = _TITLED.match(text)
+    return _HEADING.match(text) is not None or (
+        titled is not None and (titled.group(2).upper() == titled.group(2) or ":" in titled.group(1))
+    )
 
 
 def split_text(text: str) -> list[str]:

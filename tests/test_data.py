@@ -84,9 +84,11 @@ def test_txt_file_and_folder(tmp_path):
 def test_headings_are_dropped_from_text_only(tmp_path, caplog):
     """Only plain text loses headings: a table or pickle row that is a heading was put there on purpose."""
     caplog.set_level("INFO", logger="qlora_ft")
-    (tmp_path / "b.txt").write_text("CHAPTER I\n\nIV\n\nI said so.\n\nChapter and verse were quoted.")
-    assert load_corpus(str(tmp_path / "b.txt")).train == ["I said so.", "Chapter and verse were quoted."]
-    assert "b.txt: dropped 2 heading-only paragraphs" in caplog.text
+    (tmp_path / "b.txt").write_text("CHAPTER I\n\nIV\n\nI said so.\n\nCHAPTER 2. I OBSERVE\n\nBook I: Boy and Girl"
+                                    "\n\nChapter and verse were quoted.\n\nPart of it was true.")  # fmt: skip
+    assert load_corpus(str(tmp_path / "b.txt")).train == ["I said so.", "Chapter and verse were quoted.",
+                                                         "Part of it was true."]  # fmt: skip
+    assert "b.txt: dropped 4 heading-only paragraphs" in caplog.text
     assert load_corpus(write_pickle(tmp_path / "d.pkl", ["CHAPTER I", "Text."])).train == ["CHAPTER I", "Text."]
 
 
@@ -102,6 +104,14 @@ def test_austen_chapter_headings_are_gone_and_paragraphs_stay():
     assert "CHAPTER I" in everything and "CHAPTER I" not in kept
     assert any(p.startswith("It is a truth universally acknowledged") for p in kept)
     assert kept == [p for p in everything if p in kept_set]  # every other paragraph stays, in order
+
+
+def test_titled_chapter_headings_are_gone_too():
+    from conftest import shared_or_skip
+
+    drood = load_corpus(str(shared_or_skip("data", "corpora", "dickens", "edwin_drood.txt"))).train
+    assert not [p for p in drood if p.startswith("CHAPTER")]  # "CHAPTER I—THE DAWN", ...
+    assert len(drood) > 1000
 
 
 def test_tables(tmp_path):

@@ -101,11 +101,11 @@ def test_help_shows_each_default_once():
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings and a.dest != "help"}
     helps.pop("--config")
     assert all(text.count("(default:") == 1 for text in helps.values()), helps
-    assert "(default: None)" not in helps["--lora"] and "(default: the --qlora value;" in helps["--lora"]
+    assert "(default: None)" not in helps["--lora"] and "(default: the --qlora value," in helps["--lora"]
     assert helps["--rank-lora"].endswith("(default: 64)")
     assert "(default: None)" not in parser.format_help().split("--lora ")[1].split("--rank-lora")[0]
     row = next(line for line in options_markdown(TrainConfig).splitlines() if line.startswith("| `--lora`"))
-    assert row.split(" | ")[1] == "the --qlora value"  # the table's default column says what --help says
+    assert row.split(" | ")[1] == "the --qlora value, or True with LoRA options"  # what --help says
 
 
 # ----------------------------------------------------------------------------------------------------------
