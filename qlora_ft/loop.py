@@ -27,6 +27,7 @@ from qlora_ft.data import (
     epoch_batches,
     epoch_rows,
     eval_batches,
+    follow_umask,
     load_corpus,
     split_corpus,
     split_from_json,
@@ -295,7 +296,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         resume = (path, meta, tensors, saved_split)
 
     # --- data: paragraphs -> split -> windows ---------------------------------------------------------
-    corpus = load_corpus(cfg.data.data, cfg.data.text_column)
+    corpus = load_corpus(cfg.data.data, cfg.data.text_column, cfg.data.keep_headings)
     split = split_corpus(corpus, cfg.data.train_size, cfg.data.seed)
     if resume:
         split = split_from_json(split, resume[3])
@@ -333,6 +334,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.data.packing and not packing_is_isolated(model, device):
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
         cfg.data.packing = False
+    scaling = "dynamic (fp16 GradScaler)" if getattr(accelerator, "scaler", None) is not None else "none"
+    packing = "on" if cfg.data.packing else "off"
+    log.info("setup: device %s, compute dtype %s, loss scaling %s, %s, packing %s", device,
+             str(dtype).removeprefix("torch."), scaling, method_name(cfg), packing)  # fmt: skip
     if fsdp and cfg.model.loss_chunk:  # the chunked loss reads the output layer's weight outside the forward,
         log.info("FSDP: computing full logits (--loss-chunk off)")  # where FSDP holds only this process's shard
         cfg.model.loss_chunk = 0
@@ -359,6 +364,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         return math.ceil(len(plan(epoch)) / cfg.optim.grad_accum_steps)
 
     total_steps = cfg.optim.max_steps or sum(steps_in(e) for e in range(cfg.optim.epochs))
+    if cfg.optim.warmup_steps >= total_steps:  # lr_at then never reaches its decay
+        last_lr, peak = lr_at(total_steps - 1, cfg.optim.lr, cfg.optim.warmup_steps, total_steps), cfg.optim.lr
+        log.warning("--warmup-steps %d >= the run's %d steps: the learning rate only warms up, to %.3g of %.3g at "
+                    "the last step, and never decays", cfg.optim.warmup_steps, total_steps, last_lr, peak)  # fmt: skip
     val_batches = [make_batch(rows, val_windows, pad_id) for rows in
                    eval_batches([len(w) for w in val_windows], cfg.data.max_input_length, cfg.data.packing,
                                 cfg.data.batch_size * 2)]  # fmt: skip
@@ -528,6 +537,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                           "resume with the same command plus --load-checkpoint True", 128 + stop.signum)  # fmt: skip
 
     # --- the end: final validation, checkpoint, adapter, summary -------------------------------------
+    if cfg.sample.sample_every and step % cfg.sample.sample_every:  # a run shorter than --sample-every shows samples
+        write_samples()
     if math.isnan(val_loss):
         val_loss, val_ppl = validate()
     if last_saved_step != step:
@@ -538,6 +549,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(out_dir)
+        follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
         checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
         summary = {
             "method": method_name(cfg),

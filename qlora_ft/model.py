@@ -47,11 +47,21 @@ def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") 
         ) from None
 
 
+# The files that make a folder a model (a tokenizer may come without config.json). Checked first: otherwise
+# transformers fails deep inside with a page-long message whose first line names neither folder nor cause.
+_DIR_FILES = {"model": ("config.json",), "tokenizer": ("config.json", "tokenizer.json", "tokenizer_config.json")}
+_AS_GIVEN: dict[str, str] = {}  # resolved local path -> the path as the user typed it, for error messages
+
+
 def _pretrained(loader, name: str, what: str = "model", **kwargs):
-    """`loader.from_pretrained(name)` for a local dir, a cached hub name, or (when reachable) the Hub."""
+    """`loader.from_pretrained(name)` for a local dir, a cached hub name, or (when reachable) the Hub.
+    Errors name the path as the user gave it (see `resolve_base_name`)."""
     path = Path(name).expanduser()
+    shown = _AS_GIVEN.get(name, name)
     try:
         if path.is_dir():
+            if not any((path / f).is_file() for f in _DIR_FILES[what]):
+                raise UserError(f"{shown} is not a model directory (no {' or '.join(_DIR_FILES[what])} in it)")
             return loader.from_pretrained(str(path), **kwargs)
         if name.startswith((".", "/", "~")) or path.suffix:
             raise UserError(f"model directory not found: {name}")
@@ -63,13 +73,18 @@ def _pretrained(loader, name: str, what: str = "model", **kwargs):
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {what} {name!r}: {first_line(e)}") from None
+        raise UserError(f"cannot load {what} {shown!r}: {first_line(e).replace(name, shown)}") from None
 
 
 def resolve_base_name(name: str) -> str:
-    """Local directories are recorded as absolute paths (so adapter configs work from any cwd); hub names as is."""
+    """Local directories are recorded as absolute paths (so adapter configs work from any cwd); hub names as is.
+    Loading errors still name the path as given."""
     path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
+    if not path.is_dir():
+        return name
+    resolved = str(path.resolve())
+    _AS_GIVEN.setdefault(resolved, name)
+    return resolved
 
 
 def default_device() -> torch.device:
@@ -184,9 +199,21 @@ def add_lora(model, args: ModelArgs):
         lora_dropout=args.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
-        fan_in_fan_out=False,  # peft detects GPT-2 Conv1D and sets it per layer
+        fan_in_fan_out=_stores_transposed(model, targets),  # else peft corrects it per layer, with a warning
     )
     return get_peft_model(model, config)
+
+
+def _stores_transposed(model, targets: list[str] | str) -> bool:
+    """Whether the targeted layers are GPT-2 `Conv1D`s, which store their weight as (in, out): peft's
+    `fan_in_fan_out`. A 4-bit base has none (bitsandbytes turns them into Linear4bit)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()  # never a target of all-linear
+    layers = [m for n, m in model.named_modules()
+              if m is not head and (targets == "all-linear" or n.rsplit(".", 1)[-1] in targets)]  # fmt: skip
+    conv = [m for m in layers if isinstance(m, Conv1D)]
+    return bool(conv) and len(conv) == sum(isinstance(m, (Conv1D, torch.nn.Linear)) for m in layers)
 
 
 def count_parameters(model) -> tuple[int, int]:

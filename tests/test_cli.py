@@ -67,7 +67,7 @@ def test_console_command_prepare_and_generate(tmp_path, trained):
     book.write_text("Chapter 1\n\nIt is a truth\nuniversally acknowledged.\n\nAnother paragraph.\n")
     done = subprocess.run([exe, "prepare", book, "--out", tmp_path / "book.pkl"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert pickle.loads((tmp_path / "book.pkl").read_bytes())[1] == {
+    assert pickle.loads((tmp_path / "book.pkl").read_bytes())[0] == {  # the heading "Chapter 1" is dropped
         "sentence": "It is a truth universally acknowledged."
     }
 

@@ -28,8 +28,8 @@ def austen_subset(tmp_path_factory):
 
 
 def test_all_austen_books_load(tmp_path):
-    corpus = load_corpus(str(shared_or_skip("data", "corpora", "austen")))
-    assert len(corpus.train) == 9261  # the paragraph count ../shared/README.md gives
+    corpus = load_corpus(str(shared_or_skip("data", "corpora", "austen")), keep_headings=True)
+    assert len(corpus.train) == 9261  # the paragraph count ../shared/README.md gives (headings included)
 
 
 def test_gpt2_tokenizer_files():

@@ -20,11 +20,12 @@ from qlora_ft.loop import (
 )
 
 
-def config(tmp_path, data, model_dir, *argv: str, run: str = "run") -> TrainConfig:
+def config(tmp_path, data, model_dir, *argv: str, run: str = "run", lora: bool = True) -> TrainConfig:
+    """`lora=False`: without the LoRA options (with --qlora False they would turn LoRA on)."""
     base = ["--data", str(data), "--model", str(model_dir), "--batch-size", "4", "--max-input-length", "24",
-            "--rank-lora", "4", "--alpha-lora", "8", "--lr", "1e-2", "--warmup-steps", "2", "--sample-every", "0",
-            "--max-output-length", "8", "--log-every", "1", "--check-dir", str(tmp_path / "ckpt"),
-            "--output-dir", str(tmp_path / run)]  # fmt: skip
+            *(["--rank-lora", "4", "--alpha-lora", "8"] if lora else []), "--lr", "1e-2", "--warmup-steps", "2",
+            "--sample-every", "0", "--max-output-length", "8", "--log-every", "1",
+            "--check-dir", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / run)]  # fmt: skip
     return parse_config(TrainConfig, base + list(argv), "train.py")
 
 
@@ -180,13 +181,14 @@ def test_resume_refuses_a_different_lora_shape_and_lists_checkpoints(tmp_path, d
 
 
 def test_full_fine_tuning_with_qlora_false(tmp_path, data_pkl, tiny_model_dir):
-    result = train(config(tmp_path, data_pkl, tiny_model_dir, "--qlora", "False", "--max-steps", "2", "--lr", "1e-3"))
+    full = ("--qlora", "False", "--lr", "1e-3")
+    result = train(config(tmp_path, data_pkl, tiny_model_dir, *full, "--max-steps", "2", lora=False))
     assert all(p.requires_grad for p in result.model.parameters())
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "adapter_config.json").exists()
     # resume works for full fine-tuning too
-    train(config(tmp_path, data_pkl, tiny_model_dir, "--qlora", "False", "--max-steps", "3", "--lr", "1e-3",
-                 "--load-checkpoint", "True", run="run2"))  # fmt: skip
+    train(config(tmp_path, data_pkl, tiny_model_dir, *full, "--max-steps", "3", "--load-checkpoint", "True",
+                 run="run2", lora=False))  # fmt: skip
     assert json.loads((tmp_path / "run2" / "train_summary.json").read_text())["steps"] == 3
 
 
