@@ -117,8 +117,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ref_cfg = read_run(Path(args.lora_reference)) if args.lora_reference else None
     # --- data: the run's split, the held-out paragraphs -----------------------------------------------
     data_source = _find_data(train_cfg, run)
-    split = split_corpus(load_corpus(data_source, train_cfg.data.text_column), train_cfg.data.train_size,
-                         train_cfg.data.seed)  # fmt: skip
+    corpus = load_corpus(data_source, train_cfg.data.text_column, train_cfg.data.keep_headings)
+    split = split_corpus(corpus, train_cfg.data.train_size, train_cfg.data.seed)
     held_out = paragraphs(args.data) if args.data else split.validation
     held_out_name = args.data or f"validation split of {train_cfg.data.data}"
     batches = held_out_batches(tokenizer, held_out, train_cfg.data.max_input_length, args.batch_size)
