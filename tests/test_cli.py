@@ -37,7 +37,7 @@ def trained(tmp_path, tiny_model_dir, data_pkl):
     return argv
 
 
-def test_the_issue_command_lines_end_to_end(tmp_path, tiny_model_dir, data_pkl):
+def test_train_resume_and_generate_through_the_scripts(tmp_path, tiny_model_dir, data_pkl):
     shutil.copy(data_pkl, tmp_path / "austen_dataset.pkl")
     common = ["--qlora", "True", "--model", tiny_model_dir, "--data", "austen_dataset.pkl", *SMALL]
     first = run("train.py", *common, "--epochs", "2", cwd=tmp_path)

@@ -68,11 +68,11 @@ def test_eval_writes_every_metric_and_picks_the_exact_merge(run_dir, tmp_path, c
           "--max-length", "12", "--out-dir", str(out)])  # fmt: skip
     result = json.loads((out / "eval.json").read_text())
     ppl = result["perplexity"]
-    assert (
-        ppl["base"] > 0
-        and ppl["fine_tuned"] > 0
-        and ppl["reduction"] == pytest.approx(1 - ppl["fine_tuned"] / ppl["base"])
-    )
+    # The unmerged adapter is the model training validated last, on the same split: the training loop's
+    # validation and eval's scorer, two separate code paths, must agree on its perplexity.
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert ppl["trained"] == pytest.approx(summary["final_val_perplexity"], rel=1e-4)
+    assert 0 < ppl["fine_tuned"] < ppl["base"]  # 6 steps at a high learning rate lower it
     parity = result["merge_parity"]["variants"]
     # Merging into the dequantised NF4 weights reproduces the trained model; the original weights do not.
     assert parity["merged_dequantized"]["kl_from_trained"] < 1e-6

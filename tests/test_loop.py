@@ -210,21 +210,21 @@ def test_packed_batch_gives_the_same_per_paragraph_loss_as_one_by_one(tiny_model
     assert output_layer(model) is model.get_output_embeddings()  # the chunked-loss probe passes for GPT-2
     g = torch.Generator().manual_seed(1)
     windows = [[399, *torch.randint(1, 300, (n,), generator=g).tolist(), 399] for n in (5, 17, 2, 30, 9)]
-    packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 32 tokens
+    packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 43 tokens
     assert "position_ids" in packed
     with torch.no_grad():
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
         per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), packed["labels"][:, 1:], ignore_index=-100, reduction="none"
         )  # (B, T-1)
-        starts = {0: [0, 7, 26], 1: [0, 32]}
         for (row, at), index in zip([(0, 0), (0, 7), (0, 26), (1, 0), (1, 32)], range(5), strict=True):
             n = len(windows[index])
+            assert packed["input_ids"][row, at : at + n].tolist() == windows[index]  # laid out in order
+            assert packed["position_ids"][row, at : at + n].tolist() == list(range(n))  # restarts at each window
             alone = make_batch([[index]], windows, pad_id=399)
             expected, _ = token_loss(model(input_ids=alone["input_ids"], use_cache=False).logits, alone["labels"])
             got = per_token[row, at : at + n - 1].sum()
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
-            assert starts[row]
 
 
 def test_chunked_loss_equals_the_plain_loss_with_gradients(tiny_model_dir):
