@@ -54,6 +54,7 @@ def argv(tmp_path, data, model_dir, *extra, run="run"):
             "--check-dir", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / run), *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_resume_merge_generate(arch_dir, tmp_path, data_pkl, capsys):
     kind, model_dir = arch_dir
     # the shortcuts the loop takes are checked per model at start-up; these families support both
