@@ -151,6 +151,7 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
     assert tree_digest(tmp_path) == before  # no checkpoint, output or data file was touched
 
 
+@pytest.mark.slow
 def test_subprocess_errors_have_no_traceback(tmp_path, tiny_model_dir):
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(b"cos\nsystem\n(S'touch PWNED'\ntR.")  # a classic pickle payload calling os.system

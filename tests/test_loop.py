@@ -105,6 +105,7 @@ def test_qlora_trains_only_lora_weights_and_writes_outputs(tmp_path, data_pkl, t
     assert list_checkpoints(tmp_path / "ckpt") == ["step-000004"]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     """N steps == N/2 steps, then a new run resumed from the checkpoint for N/2 more: same adapter, same losses.
     With dropout, gradient accumulation, sampling and an epoch boundary in between."""
@@ -120,6 +121,7 @@ def test_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     assert all(full[s] == resumed[s] for s in resumed)
 
 
+@pytest.mark.slow
 def test_resume_across_epoch_boundary_with_latest(tmp_path, data_pkl, tiny_model_dir):
     # 54 train paragraphs / batch 8 -> a few windows over 7 batches per epoch: 3 epochs, resume after epoch 1
     args = ("--epochs", "3", "--batch-size", "8", "--save-interval", "1")
@@ -133,6 +135,7 @@ def test_resume_across_epoch_boundary_with_latest(tmp_path, data_pkl, tiny_model
     assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
 
 
+@pytest.mark.slow
 def test_sampling_does_not_change_the_trajectory(tmp_path, data_pkl, tiny_model_dir):
     args = ("--max-steps", "4", "--lora-dropout", "0.2")
     train(config(tmp_path, data_pkl, tiny_model_dir, *args, run="quiet"))
@@ -179,6 +182,7 @@ def test_resume_refuses_a_different_lora_shape_and_lists_checkpoints(tmp_path, d
         train(config(tmp_path, data_pkl, tiny_model_dir, "--restore-file", "Epoch_9"))
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_with_qlora_false(tmp_path, data_pkl, tiny_model_dir):
     result = train(config(tmp_path, data_pkl, tiny_model_dir, "--qlora", "False", "--max-steps", "2", "--lr", "1e-3"))
     assert all(p.requires_grad for p in result.model.parameters())
