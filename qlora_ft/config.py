@@ -545,7 +545,7 @@ def options_markdown(cfg_cls: type) -> str:
 
 
 def options_reference() -> str:
-    """Every command's option table, as README.md shows them (`python -m qlora_ft.config` prints it)."""
+    """Every command's option table, in Markdown (the body of docs/options.md)."""
     parts = [
         ("train.py, qlora-ft train", TrainConfig),
         ("inference.py, qlora-ft generate", GenerateConfig),
@@ -553,8 +553,27 @@ def options_reference() -> str:
         ("qlora-ft eval", EvalConfig),
         ("qlora-ft compare", CompareConfig),
     ]
-    return "\n\n".join(f"#### {title}\n\n{options_markdown(cls)}" for title, cls in parts) + "\n"
+    return "\n\n".join(f"## {title}\n\n{options_markdown(cls)}" for title, cls in parts) + "\n"
+
+
+OPTIONS_INTRO = """# Options reference
+
+Every option of every command, generated from the code: `python -m qlora_ft.config > docs/options.md`
+writes this file, and `tests/test_readme.py` fails when it is stale. The README's
+[common options](../README.md#common-options) table picks out the most used.
+
+Every option has a `--x-y` and an `--x_y` spelling. Booleans take `True/False/true/false/1/0/yes/no`, and a
+bare flag means True. `--config FILE` reads options from JSON or YAML, flat (`{"lr": 1e-4}`) or grouped
+by concern (`{"optim": {"lr": 1e-4}}`; the training groups are `data`, `model`, `optim`, `sample`, `ckpt`);
+flags on the command line win over the file.
+
+"""
+
+
+def options_document() -> str:
+    """docs/options.md: a short introduction, then `options_reference()`."""
+    return OPTIONS_INTRO + options_reference()
 
 
 if __name__ == "__main__":
-    print(options_reference(), end="")
+    print(options_document(), end="")
