@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from qlora_ft.config import (
     CompareConfig,
+    DataArgs,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -17,6 +19,7 @@ from qlora_ft.config import (
     _Parser,
     build_parser,
     config_from_flat,
+    parse_bool,
     parse_config,
 )
 from qlora_ft.errors import UserError, exits_cleanly
@@ -60,8 +63,8 @@ def run_train(cfg: TrainConfig) -> None:
 
 @exits_cleanly("train.py")
 def train_main(argv: list[str] | None = None) -> None:
+    setup_logging()  # first: parsing the options logs what it infers from them
     cfg = parse_config(TrainConfig, argv, "train.py", "QLoRA fine-tuning of a GPT-2-family model on paragraphs.")
-    setup_logging()
     run_train(cfg)
 
 
@@ -88,7 +91,7 @@ def run_generate(cfg: GenerateConfig) -> None:
         return TextStreamer(tokenizer, skip_special_tokens=True)
 
     results = sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed,
-                     streamer_factory=streamer if args.stream else None)  # fmt: skip
+                     streamer_factory=streamer if args.stream else None, truncate=args.truncate_prompt)  # fmt: skip
     if args.stream:
         return
     number = 1
@@ -112,23 +115,29 @@ def inference_main(argv: list[str] | None = None) -> None:
 def run_export(cfg: ExportConfig) -> None:
     import torch
 
+    from qlora_ft.data import follow_umask
     from qlora_ft.model import load_for_inference
 
     args = cfg.export
     if args.model_path is None or args.out is None:
         raise UserError("--model_path and --out are required")
     model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"), args.merge_into)
+    # the folder is a plain transformers model: its generation config names the tokens `pipeline` stops and pads with
+    generation = model.generation_config
+    generation.eos_token_id = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+    generation.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    follow_umask(Path(args.out).glob("*.safetensors"))  # safetensors writes 0600
     log.info("merged model and tokenizer written to %s", args.out)
 
 
-def run_prepare(inputs: list[str], out: str, text_column: str | None) -> None:
+def run_prepare(inputs: list[str], out: str, text_column: str | None, keep_headings: bool = False) -> None:
     from qlora_ft.data import load_corpus, write_pickle_dataset
 
     texts: list[str] = []
     for source in inputs:
-        corpus = load_corpus(source, text_column)
+        corpus = load_corpus(source, text_column, keep_headings)
         texts += corpus.train + (corpus.validation or [])
     write_pickle_dataset(texts, out)
     log.info("wrote %d paragraphs from %d source(s) to %s", len(texts), len(inputs), out)
@@ -139,6 +148,9 @@ def _prepare_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the pickle to write: a list of {'sentence': paragraph}")
     parser.add_argument("--text-column", "--text_column", dest="text_column", default=None,
                         help="column or key holding the text, for table sources")  # fmt: skip
+    keep_help = DataArgs.__dataclass_fields__["keep_headings"].metadata["help"]  # the same flag as train's
+    parser.add_argument("--keep-headings", "--keep_headings", dest="keep_headings", type=parse_bool, nargs="?",
+                        const=True, default=False, metavar="BOOL", help=keep_help)  # fmt: skip
 
 
 COMMANDS = {
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("choose a command")
     setup_logging()
     if command == "prepare":
-        run_prepare(args["inputs"], args["out"], args["text_column"])
+        run_prepare(args["inputs"], args["out"], args["text_column"], args["keep_headings"])
         return
     cfg = config_from_flat(COMMANDS[command][0], args)
     runners = {"train": run_train, "generate": run_generate, "export": run_export, "eval": run_eval,

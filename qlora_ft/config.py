@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qlora_ft.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -59,6 +63,9 @@ class DataArgs:
     batch_size: int = arg(8, "sequences per micro-batch")
     packing: bool = arg(True, "pack paragraphs into full sequences (no attention across them); False: pad")
     seed: int = arg(42, "seed for the split, the data order, LoRA init and dropout")
+    keep_headings: bool = arg(
+        False, "keep heading-only paragraphs of plain text (CHAPTER I, VOLUME II); by default they are dropped"
+    )
 
     def __post_init__(self):
         if not 0.0 < self.train_size < 1.0:
@@ -75,8 +82,8 @@ class ModelArgs:
     qlora: bool = arg(True, "load the base in 4-bit NF4 and train LoRA adapters on it; False: full precision base")
     lora: bool | None = arg(
         None,
-        "train LoRA adapters (default: the --qlora value; --qlora False --lora True: 16/32-bit LoRA, "
-        "--qlora False alone: full fine-tuning)",
+        "train LoRA adapters (default: the --qlora value, or True with LoRA options; --qlora False --lora True: "
+        "16/32-bit LoRA, --qlora False alone: full fine-tuning)",
     )
     rank_lora: int = arg(64, "LoRA rank r")
     alpha_lora: float = arg(16, "LoRA alpha (the update is scaled by alpha / r)")
@@ -211,6 +218,7 @@ class GenerateArgs(SamplingArgs):
     stream: bool = arg(False, "print tokens as they are generated")
     qlora: bool = arg(False, "keep the base in 4-bit with the adapter unmerged (least memory)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
+    truncate_prompt: bool = arg(False, "keep a too-long prompt's last tokens that fit the context (else an error)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -274,6 +282,7 @@ class CompareArgs(SamplingArgs):
     seed: int = arg(42, "sampling seed (the same for both models)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
     out: str | None = arg(None, "the Markdown file to write (default: MODEL_PATH/compare.md)")
+    truncate_prompt: bool = arg(False, "keep a too-long prompt's last tokens that fit the context (else an error)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -330,6 +339,13 @@ def _converter(tp: Any):
     return convert
 
 
+def _named_default(help_text: str) -> str | None:
+    """The default a help line names itself, shown instead of the field's value:
+    `"base model (default: the one named in the adapter's config)"` -> `"the one named in the adapter's config"`."""
+    found = re.search(r"\(default: ([^;)]+)", help_text)
+    return found.group(1).strip() if found else None
+
+
 def build_parser(cfg_cls: type, prog: str, description: str, parser: argparse.ArgumentParser | None = None):
     """An argparse parser with one flag per field of each concern in `cfg_cls` (defaults suppressed so the
     merge in `parse_config` can tell a given flag from a default)."""
@@ -348,7 +364,8 @@ def build_parser(cfg_cls: type, prog: str, description: str, parser: argparse.Ar
                 flags.append(f"--{f.name}")
             kw: dict[str, Any] = {"dest": f"{group_name}.{f.name}", "type": _converter(tp)}
             kw["metavar"] = {int: "N", float: "X"}.get(base, "TEXT")
-            kw["help"] = f"{f.metadata.get('help', '')} (default: {default!r})"
+            help_text = f.metadata.get("help", "")
+            kw["help"] = help_text if _named_default(help_text) else f"{help_text} (default: {default!r})"
             if base is bool:
                 kw.update(nargs="?", const=True, metavar="BOOL")
             elif typing.get_origin(base) is list:
@@ -430,7 +447,11 @@ def parse_config(cfg_cls: type, argv: list[str] | None, prog: str, description: 
     return config_from_flat(cfg_cls, given)
 
 
-def config_from_flat(cfg_cls: type, given: dict[str, Any]):
+def config_from_flat(cfg_cls: type, given: dict[str, Any], check_given: bool = True):
+    """A `cfg_cls` from `group.field` values the user gave (flags, plus a `--config` file): the rest default.
+
+    `check_given`: apply the rules about options the user set (`_lora_from_flags`, `warn_ineffective`); off
+    for a saved run_config.json, which names every option."""
     given = dict(given)
     values: dict[str, Any] = {}
     config_file = given.pop("config", None)
@@ -440,16 +461,68 @@ def config_from_flat(cfg_cls: type, given: dict[str, Any]):
             tp = typing.get_type_hints(_groups(cfg_cls)[group_name])[name]
             values[key] = _coerce(tp, value, name)
     values.update(given)
+    if check_given and cfg_cls is TrainConfig:
+        _lora_from_flags(values)
     groups = {}
     for group_name, group_cls in _groups(cfg_cls).items():
         kwargs = {k.split(".", 1)[1]: v for k, v in values.items() if k.split(".", 1)[0] == group_name}
         groups[group_name] = group_cls(**kwargs)
-    return cfg_cls(**groups)
+    cfg = cfg_cls(**groups)
+    if check_given and isinstance(cfg, TrainConfig):
+        warn_ineffective(cfg, {k.split(".", 1)[1] for k in values})
+    return cfg
+
+
+LORA_FLAGS = ("rank_lora", "alpha_lora", "targets_lora", "lora_dropout")
+SAMPLE_FLAGS = ("sample_prompts", "max_output_length", "top_k", "top_p", "temperature")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _lora_from_flags(values: dict[str, Any]) -> None:
+    """LoRA flags mean LoRA: with `--qlora False` and no `--lora`, they turn LoRA on (16/32-bit LoRA); with an
+    explicit `--lora False` (full fine-tuning) they would do nothing, which is an error."""
+    given = [_flag(k) for k in LORA_FLAGS if f"model.{k}" in values]
+    if not given or values.get("model.qlora", ModelArgs.qlora):  # QLoRA always trains LoRA
+        return
+    if values.get("model.lora") is False:
+        raise UserError(f"{' '.join(given)}: LoRA options have no effect in full fine-tuning (--lora False); "
+                        "drop them, or drop --lora False to train LoRA adapters")  # fmt: skip
+    if values.get("model.lora") is None:
+        values["model.lora"] = True
+        log.info("%s given with --qlora False: training LoRA adapters on the full-precision base (--lora True)",
+                 " ".join(given))  # fmt: skip
+
+
+def warn_ineffective(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """Warn, one line each, about options in `given` (field names the user set) that do nothing in the mode
+    `cfg` chose; returns the warnings. (LoRA options in full fine-tuning are an error: `_lora_from_flags`.)"""
+    from qlora_ft.data import is_plain_text  # (imports torch: only once a training config is built)
+
+    notes = []
+    sampling = [_flag(k) for k in SAMPLE_FLAGS if k in given]
+    if sampling and cfg.sample.sample_every == 0:
+        notes.append(f"{' '.join(sampling)}: no effect with --sample-every 0 (no samples are generated)")
+    if "epochs" in given and cfg.optim.max_steps is not None:
+        notes.append(f"--epochs: no effect, --max-steps {cfg.optim.max_steps} sets the length of the run")
+    if "keep_checkpoints" in given and cfg.ckpt.keep_checkpoints and not cfg.ckpt.save_every_steps:
+        notes.append("--keep-checkpoints: no effect without --save-every-steps (it prunes only step-NNNNNN "
+                     "checkpoints; Epoch_N ones are kept)")  # fmt: skip
+    plain_text = cfg.data.data is not None and is_plain_text(cfg.data.data)
+    if "text_column" in given and cfg.data.text_column is not None and plain_text:
+        notes.append(f"--text-column: no effect on plain text ({cfg.data.data} is read as paragraphs)")
+    if "keep_headings" in given and cfg.data.keep_headings and cfg.data.data is not None and not plain_text:
+        notes.append(f"--keep-headings: no effect, {cfg.data.data} is not plain text (.txt or a folder of .txt)")
+    for note in notes:
+        log.warning(note)
+    return notes
 
 
 def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from `to_dict()` output (a checkpoint's run_config.json)."""
-    return config_from_flat(TrainConfig, _flatten(d, TrainConfig, "run_config.json"))
+    return config_from_flat(TrainConfig, _flatten(d, TrainConfig, "run_config.json"), check_given=False)
 
 
 def options_markdown(cfg_cls: type) -> str:
@@ -465,13 +538,14 @@ def options_markdown(cfg_cls: type) -> str:
         for f in dataclasses.fields(group_cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             flags = f"`--{f.name.replace('_', '-')}`" + (f" `--{f.name}`" if "_" in f.name else "")
-            help_text = f.metadata.get("help", "").replace("|", "\\|")
-            rows.append(f"| {flags} | {show(default)} | {help_text} |")
+            help_text = f.metadata.get("help", "")
+            meaning = help_text.replace("|", "\\|")
+            rows.append(f"| {flags} | {_named_default(help_text) or show(default)} | {meaning} |")
     return "\n".join(rows)
 
 
 def options_reference() -> str:
-    """Every command's option table, as README.md shows them (`python -m qlora_ft.config` prints it)."""
+    """Every command's option table, in Markdown (the body of docs/options.md)."""
     parts = [
         ("train.py, qlora-ft train", TrainConfig),
         ("inference.py, qlora-ft generate", GenerateConfig),
@@ -479,8 +553,27 @@ def options_reference() -> str:
         ("qlora-ft eval", EvalConfig),
         ("qlora-ft compare", CompareConfig),
     ]
-    return "\n\n".join(f"#### {title}\n\n{options_markdown(cls)}" for title, cls in parts) + "\n"
+    return "\n\n".join(f"## {title}\n\n{options_markdown(cls)}" for title, cls in parts) + "\n"
+
+
+OPTIONS_INTRO = """# Options reference
+
+Every option of every command, generated from the code: `python -m qlora_ft.config > docs/options.md`
+writes this file, and `tests/test_readme.py` fails when it is stale. The README's
+[common options](../README.md#common-options) table picks out the most used.
+
+Every option has a `--x-y` and an `--x_y` spelling. Booleans take `True/False/true/false/1/0/yes/no`, and a
+bare flag means True. `--config FILE` reads options from JSON or YAML, flat (`{"lr": 1e-4}`) or grouped
+by concern (`{"optim": {"lr": 1e-4}}`; the training groups are `data`, `model`, `optim`, `sample`, `ckpt`);
+flags on the command line win over the file.
+
+"""
+
+
+def options_document() -> str:
+    """docs/options.md: a short introduction, then `options_reference()`."""
+    return OPTIONS_INTRO + options_reference()
 
 
 if __name__ == "__main__":
-    print(options_reference(), end="")
+    print(options_document(), end="")

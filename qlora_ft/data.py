@@ -103,18 +103,28 @@ _HEADING = re.compile(
     r"|[ivxlcdm]+\.?|\d+\.?)$",  # a bare chapter number: IV, 12.
     re.IGNORECASE,
 )
+# A numbered heading with a title: "CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl"
+_TITLED = re.compile(r"^(?:chapter|volume|book|part)\s+(?:[ivxlcdm]+|\d+|[a-z]+)(\s*[.:\u2014-]\s*|\s+)(.+)$", re.I)
 
 
 def is_heading(paragraph: str) -> bool:
     """Whether a cleaned paragraph is only a heading (dropped from training text unless --keep-headings).
+    A heading with a title counts when the title is in capitals or follows a colon.
 
     >>> [is_heading(p) for p in ["CHAPTER I", "Chapter 12.", "VOLUME II", "= = Early life = =", "IV", "I said so."]]
     [True, True, True, True, True, False]
-    >>> is_heading("Chapter and verse were quoted at him by the curate.")
-    False
+    >>> [is_heading(p) for p in ["CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl"]]
+    [True, True, True]
+    >>> [is_heading(p) for p in ["Chapter and verse were quoted at him by the curate.", "Part of it was true."]]
+    [False, False]
     """
     text = paragraph.strip()
-    return len(text.split()) <= 8 and _HEADING.match(text) is not None
+    if len(text.split()) > 8:
+        return False
+    titled = _TITLED.match(text)
+    return _HEADING.match(text) is not None or (
+        titled is not None and (titled.group(2).upper() == titled.group(2) or ":" in titled.group(1))
+    )
 
 
 def split_text(text: str) -> list[str]:
@@ -225,25 +235,49 @@ def _load_datasets(source: str, text_column: str | None) -> Corpus:
     return Corpus(_texts(ds.to_pandas(), text_column, source))
 
 
-def load_corpus(source: str, text_column: str | None = None) -> Corpus:
-    """Read paragraphs from any supported source (see `DataArgs.data`). Raises UserError on bad input."""
+def _is_saved_dataset(path: Path) -> bool:
+    return any(path.glob("*.arrow")) or (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def is_plain_text(source: str) -> bool:
+    """Whether `load_corpus` reads `source` as plain text: a .txt file, or a folder that is not a saved dataset."""
+    path = Path(source)
+    return not _is_saved_dataset(path) if path.is_dir() else path.suffix.lower() == ".txt"
+
+
+def text_paragraphs(files: list[Path], source: str, keep_headings: bool = False) -> list[str]:
+    """The paragraphs of plain-text books, heading-only ones (`is_heading`) dropped unless `keep_headings`."""
+    paragraphs = [p for f in files for p in split_text(read_text_file(f))]
+    if keep_headings:
+        return paragraphs
+    kept = [p for p in paragraphs if not is_heading(p)]
+    if len(kept) < len(paragraphs):
+        log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)",
+                 source, len(paragraphs) - len(kept))  # fmt: skip
+    return kept
+
+
+def load_corpus(source: str, text_column: str | None = None, keep_headings: bool = False) -> Corpus:
+    """Read paragraphs from any supported source (see `DataArgs.data`). Raises UserError on bad input.
+
+    Plain text (.txt, a folder of .txt) loses its heading-only paragraphs unless `keep_headings`."""
     import pandas as pd
 
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_dir():
-        if any(path.glob("*.arrow")) or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if _is_saved_dataset(path):
             corpus = _load_datasets(source, text_column)
         else:
             files = sorted(path.glob("*.txt"))
             if not files:
                 raise UserError(f"{source}: folder has no .txt files and is not a saved dataset")
-            corpus = Corpus([p for f in files for p in split_text(read_text_file(f))])
+            corpus = Corpus(text_paragraphs(files, source, keep_headings))
     elif path.is_file():
         if suffix in PICKLE_SUFFIXES:
             corpus = _from_object(safe_unpickle(_read_bytes(path), str(path)), text_column, str(path))
         elif suffix == ".txt":
-            corpus = Corpus(split_text(read_text_file(path)))
+            corpus = Corpus(text_paragraphs([path], source, keep_headings))
         elif suffix in TABLE_SUFFIXES:
             try:
                 if suffix == ".csv":
@@ -485,12 +519,24 @@ def eval_batches(lengths: Sequence[int], block_len: int, packing: bool, batch_si
 # `qlora-ft prepare`
 
 
+def follow_umask(paths) -> None:
+    """Give files the mode a plain `open()` would (0666 less the umask, usually 0644). Files written through a
+    private temp file (`tempfile.mkstemp`, safetensors' `save_file`) are 0600, unreadable to the rest of a
+    team, while their neighbours are 0644."""
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def write_pickle_dataset(texts: list[str], out: str) -> None:
-    """Write the original format (a list of `{"sentence": paragraph}`) atomically: temp file, then rename."""
+    """Write the original format (a list of `{"sentence": paragraph}`) atomically: temp file, then rename.
+    The file gets the usual mode (`follow_umask`), not the temp file's 0600."""
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     try:
+        follow_umask([tmp])
         with os.fdopen(fd, "wb") as f:
             pickle.dump([{"sentence": t} for t in texts], f, protocol=4)
             f.flush()

@@ -117,8 +117,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ref_cfg = read_run(Path(args.lora_reference)) if args.lora_reference else None
     # --- data: the run's split, the held-out paragraphs -----------------------------------------------
     data_source = _find_data(train_cfg, run)
-    split = split_corpus(load_corpus(data_source, train_cfg.data.text_column), train_cfg.data.train_size,
-                         train_cfg.data.seed)  # fmt: skip
+    corpus = load_corpus(data_source, train_cfg.data.text_column, train_cfg.data.keep_headings)
+    split = split_corpus(corpus, train_cfg.data.train_size, train_cfg.data.seed)
     held_out = paragraphs(args.data) if args.data else split.validation
     held_out_name = args.data or f"validation split of {train_cfg.data.data}"
     batches = held_out_batches(tokenizer, held_out, train_cfg.data.max_input_length, args.batch_size)
@@ -255,8 +255,9 @@ def run_compare(cfg: CompareConfig) -> Path:
     prompts = args.prompt or [""]
     fine_tuned, tokenizer = load_for_inference(str(run), base_name, False, device, args.merge_into)
     base = load_base(resolve_base_name(base_name), False, fine_tuned.dtype, device).eval()
+    truncate = args.truncate_prompt
     results = {
-        name: sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed)
+        name: sample(model, tokenizer, prompts, args, args.max_length, args.n_return_seqs, args.seed, truncate=truncate)
         for name, model in (("base", base), ("fine_tuned", fine_tuned))
     }
     target = merge_target(run, args.merge_into)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from qlora_ft.config import SamplingArgs
+from qlora_ft.errors import UserError
+from qlora_ft.model import context_length
+
+log = logging.getLogger(__name__)
 
 
 def encode_prompt(tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
@@ -14,6 +19,28 @@ def encode_prompt(tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
     and the empty prompt samples a whole paragraph from `<eos>` alone. Shape (1, T)."""
     ids = [tokenizer.eos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def fit_context(input_ids: torch.Tensor, limit: int | None, max_new_tokens: int, truncate: bool, number: int):
+    """`input_ids` (1, T) when T + `max_new_tokens` fits the model's context of `limit` tokens (None: no limit).
+
+    Past it: with `truncate`, the prompt's last tokens that fit, with one warning; else a UserError (GPT-2
+    would otherwise fail in an IndexError on its position table). `number` is the prompt's 1-based index.
+    """
+    length = input_ids.shape[1]
+    if limit is None or length + max_new_tokens <= limit:
+        return input_ids
+    room = limit - max_new_tokens
+    if room < 1:
+        raise UserError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's context of {limit}")
+    if not truncate:
+        raise UserError(
+            f"prompt {number} is {length} tokens (with the leading <eos>) + {max_new_tokens} new tokens, past the "
+            f"model's context of {limit} tokens: shorten it, ask for fewer new tokens, or pass --truncate-prompt"
+        )
+    log.warning("prompt %d: kept its last %d of %d tokens to fit the model's context of %d with %d new tokens",
+                number, room, length, limit, max_new_tokens)  # fmt: skip
+    return input_ids[:, -room:]
 
 
 @torch.no_grad()
@@ -26,22 +53,27 @@ def sample(
     num_return_sequences: int = 1,
     seed: int = 0,
     streamer_factory=None,
+    truncate: bool = False,
 ) -> list[list[str]]:
     """For each prompt, `num_return_sequences` texts (prompt included), sampled with top-k/top-p/temperature.
 
     Runs under `torch.random.fork_rng`, seeded with `seed`: the caller's RNG streams (e.g. the training
     loop's dropout) are left exactly as they were, and the same seed gives the same texts. Stops at `<eos>`.
+    A prompt whose tokens + `max_new_tokens` exceed the model's context raises UserError before anything is
+    generated, or with `truncate` is cut to its last tokens that fit (see `fit_context`).
     """
+    limit = context_length(model.config)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[list[str]] = []
     devices = [device.index or 0] if device.type == "cuda" else []
+    encoded = [fit_context(encode_prompt(tokenizer, prompt, device), limit, max_new_tokens, truncate, number)
+               for number, prompt in enumerate(prompts, 1)]  # fmt: skip
     try:
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
             torch.manual_seed(seed)
-            for prompt in prompts:
-                input_ids = encode_prompt(tokenizer, prompt, device)
+            for input_ids in encoded:
                 texts = []
                 # one sequence per call when streaming (streamers take batch size 1), else all at once
                 n_calls, per_call = (num_return_sequences, 1) if streamer_factory else (1, num_return_sequences)

@@ -47,11 +47,21 @@ def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") 
         ) from None
 
 
+# The files that make a folder a model (a tokenizer may come without config.json). Checked first: otherwise
+# transformers fails deep inside with a page-long message whose first line names neither folder nor cause.
+_DIR_FILES = {"model": ("config.json",), "tokenizer": ("config.json", "tokenizer.json", "tokenizer_config.json")}
+_AS_GIVEN: dict[str, str] = {}  # resolved local path -> the path as the user typed it, for error messages
+
+
 def _pretrained(loader, name: str, what: str = "model", **kwargs):
-    """`loader.from_pretrained(name)` for a local dir, a cached hub name, or (when reachable) the Hub."""
+    """`loader.from_pretrained(name)` for a local dir, a cached hub name, or (when reachable) the Hub.
+    Errors name the path as the user gave it (see `resolve_base_name`)."""
     path = Path(name).expanduser()
+    shown = _AS_GIVEN.get(name, name)
     try:
         if path.is_dir():
+            if not any((path / f).is_file() for f in _DIR_FILES[what]):
+                raise UserError(f"{shown} is not a model directory (no {' or '.join(_DIR_FILES[what])} in it)")
             return loader.from_pretrained(str(path), **kwargs)
         if name.startswith((".", "/", "~")) or path.suffix:
             raise UserError(f"model directory not found: {name}")
@@ -63,13 +73,18 @@ def _pretrained(loader, name: str, what: str = "model", **kwargs):
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {what} {name!r}: {first_line(e)}") from None
+        raise UserError(f"cannot load {what} {shown!r}: {first_line(e).replace(name, shown)}") from None
 
 
 def resolve_base_name(name: str) -> str:
-    """Local directories are recorded as absolute paths (so adapter configs work from any cwd); hub names as is."""
+    """Local directories are recorded as absolute paths (so adapter configs work from any cwd); hub names as is.
+    Loading errors still name the path as given."""
     path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
+    if not path.is_dir():
+        return name
+    resolved = str(path.resolve())
+    _AS_GIVEN.setdefault(resolved, name)
+    return resolved
 
 
 def default_device() -> torch.device:
@@ -184,9 +199,21 @@ def add_lora(model, args: ModelArgs):
         lora_dropout=args.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
-        fan_in_fan_out=False,  # peft detects GPT-2 Conv1D and sets it per layer
+        fan_in_fan_out=_stores_transposed(model, targets),  # else peft corrects it per layer, with a warning
     )
     return get_peft_model(model, config)
+
+
+def _stores_transposed(model, targets: list[str] | str) -> bool:
+    """Whether the targeted layers are GPT-2 `Conv1D`s, which store their weight as (in, out): peft's
+    `fan_in_fan_out`. A 4-bit base has none (bitsandbytes turns them into Linear4bit)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()  # never a target of all-linear
+    layers = [m for n, m in model.named_modules()
+              if m is not head and (targets == "all-linear" or n.rsplit(".", 1)[-1] in targets)]  # fmt: skip
+    conv = [m for m in layers if isinstance(m, Conv1D)]
+    return bool(conv) and len(conv) == sum(isinstance(m, (Conv1D, torch.nn.Linear)) for m in layers)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -233,11 +260,58 @@ def merge_target(path: Path, merge_into: str) -> str:
 
 
 def load_dequantized_base(name: str, dtype: torch.dtype, device: torch.device):
-    """The base as a QLoRA adapter saw it: loaded in NF4, then dequantised to `dtype` (transformers'
-    `dequantize()` turns each Linear4bit back into an nn.Linear)."""
-    model = load_base(name, True, dtype, device).dequantize()
-    model.is_loaded_in_4bit = False  # stale after dequantize(); peft would treat the model as 4-bit
-    return model.to(dtype)
+    """The base as a QLoRA adapter saw it, in the base's own architecture: each weight that 4-bit loading
+    quantises holds its NF4-dequantised values in `dtype`; every other tensor is the base's own.
+
+    transformers' `dequantize()` leaves an nn.Linear where the base had a GPT-2 `Conv1D` (weight stored
+    (in, out), the transpose of a Linear's). Saving that model writes weights that transformers cannot load
+    as GPT-2 (or, for a square layer, loads transposed), so the dequantised values are copied back into
+    the base loaded in full precision, transposed for each Conv1D.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    dequantized = load_base(name, True, dtype, device).dequantize().state_dict()
+    model = load_base(name, False, dtype, device)
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    fixed = {k: (v.t() if k in conv1d else v).to(dtype) for k, v in dequantized.items()}
+    model.load_state_dict(fixed, strict=True)  # copies into the model's own tensors; any mismatch is a bug
+    return model
+
+
+def context_length(config) -> int | None:
+    """Tokens the model attends over (GPT-2's `n_positions`, others' `max_position_embeddings`), or None when
+    the config states no limit."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_config(name: str):
+    """The model's config alone (no weights): `AutoConfig` from a local dir, the cache or the Hub."""
+    from transformers import AutoConfig
+
+    return _pretrained(AutoConfig, name, "model config")
+
+
+def check_training_context(name: str, max_input_length: int, tokenizer=None, prompts=(), max_new: int = 0) -> None:
+    """Raise UserError when `--max-input-length`, or an in-training sample (`<eos>` + prompt + `max_new` new
+    tokens; checked when `tokenizer` is given), runs past the context of model `name`: read from its config
+    before any weights load, so the run fails at start instead of in an IndexError mid-way."""
+    limit = context_length(load_config(name))
+    if limit is None:
+        return
+    if max_input_length > limit:
+        raise UserError(f"--max-input-length {max_input_length} is past the model's context of {limit} tokens")
+    for prompt in prompts if tokenizer is not None else ():
+        needed = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + max_new
+        if needed > limit:
+            raise UserError(
+                f"sample prompt {prompt!r} (+ <eos>) with --max-output-length {max_new} needs {needed} tokens, "
+                f"past the model's context of {limit} tokens"
+            )
 
 
 def load_for_inference(

@@ -90,6 +90,7 @@ def test_a_pickled_object_in_trainer_state_is_refused(tmp_path, data_pkl, tiny_m
         train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "4", "--load-checkpoint", "True"))
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path, data_pkl, tiny_model_dir):
     train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "10", "--save-every-steps", "2",
                  "--eval-every", "2", "--keep-checkpoints", "2"))  # fmt: skip
@@ -102,6 +103,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path, data_pkl, tiny
     assert f"step-{best[1]:06d}" in names and losses[f"step-{best[1]:06d}"] == best[0]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, data_pkl, tiny_model_dir):
     train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "2"))
     good = load_file(tmp_path / "ckpt" / "step-000002" / "adapter_model.safetensors")
@@ -113,6 +115,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(t
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrupted_one_does(
     tmp_path, data_pkl, tiny_model_dir
 ):
@@ -139,6 +142,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_where_an_uninterrup
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130(tmp_path, data_pkl, tiny_model_dir):
     args = ["--data", data_pkl, "--model", tiny_model_dir, "--batch-size", "2", "--max-input-length", "24",
             "--rank-lora", "4", "--sample-every", "0", "--max-steps", "100000", "--log-every", "1"]  # fmt: skip

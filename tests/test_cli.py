@@ -26,18 +26,28 @@ def tree_digest(path):
             if p.is_file()}  # fmt: skip
 
 
-@pytest.fixture
-def trained(tmp_path, tiny_model_dir, data_pkl):
-    """A finished run in tmp_path: Checkpoints/Epoch_1, Epoch_2 and GPT2_fine_tuned_Austen/ (in-process)."""
-    shutil.copy(data_pkl, tmp_path / "austen_dataset.pkl")
-    argv = ["--qlora", "True", "--model", str(tiny_model_dir), "--data", str(tmp_path / "austen_dataset.pkl"),
-            "--epochs", "2", "--check-dir", str(tmp_path / "Checkpoints"),
-            "--output-dir", str(tmp_path / "GPT2_fine_tuned_Austen"), *SMALL]  # fmt: skip
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, tiny_model_dir, paragraphs):
+    """One finished run for the module (in-process): Checkpoints/Epoch_1, Epoch_2, GPT2_fine_tuned_Austen/."""
+    work = tmp_path_factory.mktemp("trained")
+    (work / "austen_dataset.pkl").write_bytes(pickle.dumps([{"sentence": p} for p in paragraphs]))
+    argv = ["--qlora", "True", "--model", str(tiny_model_dir), "--data", str(work / "austen_dataset.pkl"),
+            "--epochs", "2", "--check-dir", str(work / "Checkpoints"),
+            "--output-dir", str(work / "GPT2_fine_tuned_Austen"), *SMALL]  # fmt: skip
     train_main(argv)
-    return argv
+    return work, argv
 
 
-def test_the_issue_command_lines_end_to_end(tmp_path, tiny_model_dir, data_pkl):
+@pytest.fixture
+def trained(tmp_path, trained_once):
+    """A copy of that run in tmp_path, so a test may change it; returns its train.py arguments."""
+    work, argv = trained_once
+    shutil.copytree(work, tmp_path, dirs_exist_ok=True)
+    return [arg.replace(str(work), str(tmp_path)) for arg in argv]
+
+
+@pytest.mark.slow
+def test_train_resume_and_generate_through_the_scripts(tmp_path, tiny_model_dir, data_pkl):
     shutil.copy(data_pkl, tmp_path / "austen_dataset.pkl")
     common = ["--qlora", "True", "--model", tiny_model_dir, "--data", "austen_dataset.pkl", *SMALL]
     first = run("train.py", *common, "--epochs", "2", cwd=tmp_path)
@@ -59,7 +69,7 @@ def test_the_issue_command_lines_end_to_end(tmp_path, tiny_model_dir, data_pkl):
     assert all(line[4:].startswith(prompt) for line in numbered)
 
 
-def test_console_command_prepare_and_generate(tmp_path, trained):
+def test_console_command_prepare(tmp_path):
     exe = shutil.which("qlora-ft")
     if exe is None:
         pytest.skip("the qlora-ft console script is not installed (pip install -e .)")
@@ -67,7 +77,7 @@ def test_console_command_prepare_and_generate(tmp_path, trained):
     book.write_text("Chapter 1\n\nIt is a truth\nuniversally acknowledged.\n\nAnother paragraph.\n")
     done = subprocess.run([exe, "prepare", book, "--out", tmp_path / "book.pkl"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert pickle.loads((tmp_path / "book.pkl").read_bytes())[1] == {
+    assert pickle.loads((tmp_path / "book.pkl").read_bytes())[0] == {  # the heading "Chapter 1" is dropped
         "sentence": "It is a truth universally acknowledged."
     }
 
@@ -141,6 +151,7 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
     assert tree_digest(tmp_path) == before  # no checkpoint, output or data file was touched
 
 
+@pytest.mark.slow
 def test_subprocess_errors_have_no_traceback(tmp_path, tiny_model_dir):
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(b"cos\nsystem\n(S'touch PWNED'\ntR.")  # a classic pickle payload calling os.system

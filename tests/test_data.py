@@ -2,6 +2,7 @@ import json
 import os
 import pickle
 import random
+import re
 
 import pandas as pd
 import pytest
@@ -69,13 +70,48 @@ def test_text_column_flag(tmp_path):
 def test_txt_file_and_folder(tmp_path):
     book = "Chapter 1\n\nIt is a truth\nuniversally acknowledged.\n\n\n  Second para.  \r\n"
     (tmp_path / "b.txt").write_text(book)
-    assert load_corpus(str(tmp_path / "b.txt")).train == ["Chapter 1", "It is a truth universally acknowledged.",
-                                                         "Second para."]  # fmt: skip
+    assert load_corpus(str(tmp_path / "b.txt")).train == ["It is a truth universally acknowledged.", "Second para."]
+    assert load_corpus(str(tmp_path / "b.txt"), keep_headings=True).train == [
+        "Chapter 1", "It is a truth universally acknowledged.", "Second para."]  # fmt: skip
     folder = tmp_path / "books"
     folder.mkdir()
-    (folder / "1.txt").write_text("A one.\n\nA two.")
-    (folder / "2.txt").write_text("B one.")
+    (folder / "1.txt").write_text("VOLUME I\n\nCHAPTER I\n\nA one.\n\nA two.")
+    (folder / "2.txt").write_text("CHAPTER II.\n\nB one.")
     assert load_corpus(str(folder)).train == ["A one.", "A two.", "B one."]
+    assert len(load_corpus(str(folder), keep_headings=True).train) == 6
+
+
+def test_headings_are_dropped_from_text_only(tmp_path, caplog):
+    """Only plain text loses headings: a table or pickle row that is a heading was put there on purpose."""
+    caplog.set_level("INFO", logger="qlora_ft")
+    (tmp_path / "b.txt").write_text("CHAPTER I\n\nIV\n\nI said so.\n\nCHAPTER 2. I OBSERVE\n\nBook I: Boy and Girl"
+                                    "\n\nChapter and verse were quoted.\n\nPart of it was true.")  # fmt: skip
+    assert load_corpus(str(tmp_path / "b.txt")).train == ["I said so.", "Chapter and verse were quoted.",
+                                                         "Part of it was true."]  # fmt: skip
+    assert "b.txt: dropped 4 heading-only paragraphs" in caplog.text
+    assert load_corpus(write_pickle(tmp_path / "d.pkl", ["CHAPTER I", "Text."])).train == ["CHAPTER I", "Text."]
+
+
+def test_austen_chapter_headings_are_gone_and_paragraphs_stay():
+    from conftest import shared_or_skip
+
+    austen = str(shared_or_skip("data", "corpora", "austen"))
+    kept, everything = load_corpus(austen).train, load_corpus(austen, keep_headings=True).train
+    kept_set = set(kept)
+    dropped = [p for p in everything if p not in kept_set]
+    assert {p.split()[0] for p in dropped} == {"CHAPTER", "Chapter", "VOLUME"} and len(dropped) > 200
+    assert not [p for p in kept if re.fullmatch(r"(?i)(chapter|volume)\s+\w+\.?", p)]
+    assert "CHAPTER I" in everything and "CHAPTER I" not in kept
+    assert any(p.startswith("It is a truth universally acknowledged") for p in kept)
+    assert kept == [p for p in everything if p in kept_set]  # every other paragraph stays, in order
+
+
+def test_titled_chapter_headings_are_gone_too():
+    from conftest import shared_or_skip
+
+    drood = load_corpus(str(shared_or_skip("data", "corpora", "dickens", "edwin_drood.txt"))).train
+    assert not [p for p in drood if p.startswith("CHAPTER")]  # "CHAPTER I—THE DAWN", ...
+    assert len(drood) > 1000
 
 
 def test_tables(tmp_path):

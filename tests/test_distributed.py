@@ -20,8 +20,10 @@ ENGINES = {"fsdp": ("configs/fsdp_qlora.yaml", "tests/fsdp_on_cpu.py"),
 
 def launch(n_proc: int, tmp_path, data, model_dir, run: str, *extra: str, engine: str | None = None,
            launcher: tuple[str, ...] = ()):  # fmt: skip
-    args = ["--data", str(data), "--model", str(model_dir), "--max-input-length", "24", "--rank-lora", "4",
-            "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--sample-every", "2", "--lora-dropout", "0",
+    full = "--lora" in extra and extra[extra.index("--lora") + 1] == "False"  # LoRA options are an error there
+    lora = [] if full else ["--rank-lora", "4", "--lora-dropout", "0"]
+    args = ["--data", str(data), "--model", str(model_dir), "--max-input-length", "24", *lora,
+            "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--sample-every", "2",
             "--max-output-length", "4", "--log-every", "1", "--check-dir", str(tmp_path / f"ckpt-{run}"),
             "--output-dir", str(tmp_path / run), *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_proc}",

@@ -44,6 +44,7 @@ def contrast_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_training_writes_curves_report_and_tensorboard_events(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,17 +63,18 @@ def test_training_writes_curves_report_and_tensorboard_events(run_dir):
     assert acc.Scalars("loss")[0].value == pytest.approx(first_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_writes_every_metric_and_picks_the_exact_merge(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     main(["eval", "--model_path", str(run_dir), "--contrast", str(contrast_file(tmp_path)), "--n-generations", "8",
           "--max-length", "12", "--out-dir", str(out)])  # fmt: skip
     result = json.loads((out / "eval.json").read_text())
     ppl = result["perplexity"]
-    assert (
-        ppl["base"] > 0
-        and ppl["fine_tuned"] > 0
-        and ppl["reduction"] == pytest.approx(1 - ppl["fine_tuned"] / ppl["base"])
-    )
+    # The unmerged adapter is the model training validated last, on the same split: the training loop's
+    # validation and eval's scorer, two separate code paths, must agree on its perplexity.
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert ppl["trained"] == pytest.approx(summary["final_val_perplexity"], rel=1e-4)
+    assert 0 < ppl["fine_tuned"] < ppl["base"]  # 6 steps at a high learning rate lower it
     parity = result["merge_parity"]["variants"]
     # Merging into the dequantised NF4 weights reproduces the trained model; the original weights do not.
     assert parity["merged_dequantized"]["kl_from_trained"] < 1e-6
@@ -93,6 +95,7 @@ def test_eval_writes_every_metric_and_picks_the_exact_merge(run_dir, tmp_path, c
     assert "![evaluation](eval.png)" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_inference_default_merge_matches_the_trained_model(run_dir):
     from peft import PeftModel
 
@@ -110,6 +113,7 @@ def test_inference_default_merge_matches_the_trained_model(run_dir):
     assert (other - want).abs().max() > 10 * (got - want).abs().max()
 
 
+@pytest.mark.slow
 def test_compare_writes_markdown_with_both_models(run_dir, tmp_path):
     out = tmp_path / "cmp.md"
     main(["compare", "--model_path", str(run_dir), "--prompt", "She was", "--prompt", "", "--n_return_seqs", "2",
@@ -120,6 +124,7 @@ def test_compare_writes_markdown_with_both_models(run_dir, tmp_path):
     assert text.count("> She was") == 4  # two per model for the first prompt
 
 
+@pytest.mark.slow
 def test_eval_bad_inputs_exit_2_in_one_line(tmp_path, tiny_model_dir, run_dir, capsys):
     cases = [
         (["eval", "--model_path", str(tiny_model_dir)], "is not a qlora-ft run's output dir"),

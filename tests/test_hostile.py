@@ -80,6 +80,7 @@ def test_nul_bytes_and_invalid_utf8(tmp_path):
         load_corpus(str(tmp_path / "bad.txt"))
 
 
+@pytest.mark.slow
 def test_a_10_mb_paragraph_is_cut_into_windows(tmp_path, tiny_model_dir):
     from qlora_ft.data import windows_for
     from qlora_ft.model import load_tokenizer

@@ -28,8 +28,8 @@ def austen_subset(tmp_path_factory):
 
 
 def test_all_austen_books_load(tmp_path):
-    corpus = load_corpus(str(shared_or_skip("data", "corpora", "austen")))
-    assert len(corpus.train) == 9261  # the paragraph count ../shared/README.md gives
+    corpus = load_corpus(str(shared_or_skip("data", "corpora", "austen")), keep_headings=True)
+    assert len(corpus.train) == 9261  # the paragraph count ../shared/README.md gives (headings included)
 
 
 def test_gpt2_tokenizer_files():
@@ -39,6 +39,7 @@ def test_gpt2_tokenizer_files():
     assert len(tok) == 50257 and tok.eos_token_id == 50256 and tok.pad_token_id == 50256
 
 
+@pytest.mark.slow
 def test_mini_gpt2_learns_austen_and_generates(austen_subset):
     model = shared_or_skip("models", "mini-gpt2-fiction")
     common = ["--qlora", "True", "--model", str(model), "--data", "austen_dataset.pkl", "--max-steps", "24",

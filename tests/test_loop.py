@@ -15,11 +15,12 @@ from qlora_ft.training.plan import lr_at, make_batch
 from qlora_ft.training.setup import packing_is_isolated
 
 
-def config(tmp_path, data, model_dir, *argv: str, run: str = "run") -> TrainConfig:
+def config(tmp_path, data, model_dir, *argv: str, run: str = "run", lora: bool = True) -> TrainConfig:
+    """`lora=False`: without the LoRA options (with --qlora False they would turn LoRA on)."""
     base = ["--data", str(data), "--model", str(model_dir), "--batch-size", "4", "--max-input-length", "24",
-            "--rank-lora", "4", "--alpha-lora", "8", "--lr", "1e-2", "--warmup-steps", "2", "--sample-every", "0",
-            "--max-output-length", "8", "--log-every", "1", "--check-dir", str(tmp_path / "ckpt"),
-            "--output-dir", str(tmp_path / run)]  # fmt: skip
+            *(["--rank-lora", "4", "--alpha-lora", "8"] if lora else []), "--lr", "1e-2", "--warmup-steps", "2",
+            "--sample-every", "0", "--max-output-length", "8", "--log-every", "1",
+            "--check-dir", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / run)]  # fmt: skip
     return parse_config(TrainConfig, base + list(argv), "train.py")
 
 
@@ -100,6 +101,7 @@ def test_qlora_trains_only_lora_weights_and_writes_outputs(tmp_path, data_pkl, t
     assert list_checkpoints(tmp_path / "ckpt") == ["step-000004"]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     """N steps == N/2 steps, then a new run resumed from the checkpoint for N/2 more: same adapter, same losses.
     With dropout, gradient accumulation, sampling and an epoch boundary in between."""
@@ -115,6 +117,7 @@ def test_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     assert all(full[s] == resumed[s] for s in resumed)
 
 
+@pytest.mark.slow
 def test_resume_across_epoch_boundary_with_latest(tmp_path, data_pkl, tiny_model_dir):
     # 54 train paragraphs / batch 8 -> a few windows over 7 batches per epoch: 3 epochs, resume after epoch 1
     args = ("--epochs", "3", "--batch-size", "8", "--save-interval", "1")
@@ -128,6 +131,7 @@ def test_resume_across_epoch_boundary_with_latest(tmp_path, data_pkl, tiny_model
     assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
 
 
+@pytest.mark.slow
 def test_sampling_does_not_change_the_trajectory(tmp_path, data_pkl, tiny_model_dir):
     args = ("--max-steps", "4", "--lora-dropout", "0.2")
     train(config(tmp_path, data_pkl, tiny_model_dir, *args, run="quiet"))
@@ -174,14 +178,16 @@ def test_resume_refuses_a_different_lora_shape_and_lists_checkpoints(tmp_path, d
         train(config(tmp_path, data_pkl, tiny_model_dir, "--restore-file", "Epoch_9"))
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_with_qlora_false(tmp_path, data_pkl, tiny_model_dir):
-    result = train(config(tmp_path, data_pkl, tiny_model_dir, "--qlora", "False", "--max-steps", "2", "--lr", "1e-3"))
+    full = ("--qlora", "False", "--lr", "1e-3")
+    result = train(config(tmp_path, data_pkl, tiny_model_dir, *full, "--max-steps", "2", lora=False))
     assert all(p.requires_grad for p in result.model.parameters())
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "adapter_config.json").exists()
     # resume works for full fine-tuning too
-    train(config(tmp_path, data_pkl, tiny_model_dir, "--qlora", "False", "--max-steps", "3", "--lr", "1e-3",
-                 "--load-checkpoint", "True", run="run2"))  # fmt: skip
+    train(config(tmp_path, data_pkl, tiny_model_dir, *full, "--max-steps", "3", "--load-checkpoint", "True",
+                 run="run2", lora=False))  # fmt: skip
     assert json.loads((tmp_path / "run2" / "train_summary.json").read_text())["steps"] == 3
 
 
@@ -205,21 +211,21 @@ def test_packed_batch_gives_the_same_per_paragraph_loss_as_one_by_one(tiny_model
     assert output_layer(model) is model.get_output_embeddings()  # the chunked-loss probe passes for GPT-2
     g = torch.Generator().manual_seed(1)
     windows = [[399, *torch.randint(1, 300, (n,), generator=g).tolist(), 399] for n in (5, 17, 2, 30, 9)]
-    packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 32 tokens
+    packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 43 tokens
     assert "position_ids" in packed
     with torch.no_grad():
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
         per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), packed["labels"][:, 1:], ignore_index=-100, reduction="none"
         )  # (B, T-1)
-        starts = {0: [0, 7, 26], 1: [0, 32]}
         for (row, at), index in zip([(0, 0), (0, 7), (0, 26), (1, 0), (1, 32)], range(5), strict=True):
             n = len(windows[index])
+            assert packed["input_ids"][row, at : at + n].tolist() == windows[index]  # laid out in order
+            assert packed["position_ids"][row, at : at + n].tolist() == list(range(n))  # restarts at each window
             alone = make_batch([[index]], windows, pad_id=399)
             expected, _ = token_loss(model(input_ids=alone["input_ids"], use_cache=False).logits, alone["labels"])
             got = per_token[row, at : at + n - 1].sum()
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
-            assert starts[row]
 
 
 def test_chunked_loss_equals_the_plain_loss_with_gradients(tiny_model_dir):

@@ -75,23 +75,6 @@ def test_merged_model_matches_the_adapter_model_on_the_same_base(tiny_model_dir,
     assert any("lora_A" in n for n, _ in kept.named_parameters())  # --qlora True: 4-bit base, adapter unmerged
 
 
-def test_export_round_trip(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, pipeline
-
-    from qlora_ft.cli import main
-
-    lora_model(tiny_model_dir).save_pretrained(tmp_path / "adapter")
-    main(["export", "--model_path", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    merged, _ = load_for_inference(str(tmp_path / "adapter"), None, quantize=False, device=CPU)
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits)
-    out = pipeline("text-generation", model=str(tmp_path / "merged"), device="cpu")("She was", max_new_tokens=3)
-    assert out[0]["generated_text"].startswith("She was")
-
-
 def test_hub_name_offline_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot load model 'gpt2-medium'.*local model directory"):

@@ -13,9 +13,10 @@ from typing import Any, NoReturn
 import torch
 
 from qlora_ft import checkpoint
+from qlora_ft.data import follow_umask
 from qlora_ft.errors import Interrupted
 from qlora_ft.report import write_report
-from qlora_ft.training.fit import Session, save, validate
+from qlora_ft.training.fit import Session, save, validate, write_samples
 from qlora_ft.training.setup import Run, method_name
 from qlora_ft.training.state import TrainState
 
@@ -29,8 +30,11 @@ class TrainResult:
 
 
 def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
-    """Validate (unless this launch has since the base model's validation) and checkpoint the last step (unless
-    just saved), then write the outputs."""
+    """Sample (unless just done: so a run shorter than --sample-every shows samples), validate (unless this launch
+    has since the base model's validation) and checkpoint the last step (unless just saved); write the outputs."""
+    every = run.cfg.sample.sample_every
+    if every and state.step % every:
+        write_samples(run, state.step)
     if not session.validated:
         state.record_validation(validate(run, state))
     if session.last_saved_step != state.step:
@@ -59,6 +63,7 @@ def write_outputs(run: Run, state: TrainState, session: Session, weights) -> dic
     cfg, out_dir = run.cfg, run.out_dir
     run.engine.unwrap().save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
     run.tokenizer.save_pretrained(out_dir)
+    follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
     checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
     summary = train_summary(run, state, session)
     checkpoint.write_json(out_dir / "train_summary.json", summary)

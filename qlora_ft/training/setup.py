@@ -24,6 +24,7 @@ from qlora_ft.errors import UserError
 from qlora_ft.loss import output_layer
 from qlora_ft.model import (
     add_lora,
+    check_training_context,
     compute_dtype,
     count_parameters,
     default_device,
@@ -32,7 +33,7 @@ from qlora_ft.model import (
     load_tokenizer,
     resolve_base_name,
 )
-from qlora_ft.training.plan import EpochPlan, Rows, make_batch
+from qlora_ft.training.plan import EpochPlan, Rows, lr_at, make_batch
 from qlora_ft.training.resume import Resume, check_compatible, read_resume
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,15 @@ def set_up(cfg: TrainConfig) -> Run:
     tokenizer, split, train_windows, val_windows = load_data(cfg, resume.split if resume else None)
     model = build_model(cfg, engine, dtype)
     head = probe_shortcuts(cfg, model, engine)
-    trainable, total = count_parameters(model)
-    log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total, method_name(cfg))  # fmt: skip
+    trainable, total = log_setup(cfg, engine, dtype, model)
     params = [p for _, p in trained_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
     # --- the plan: micro-batches per epoch, a pure function of (seed, epoch) ----------------------------
     plan = EpochPlan([len(w) for w in train_windows], cfg.data.max_input_length, cfg.data.packing,
                      cfg.data.batch_size, engine.world, cfg.optim.grad_accum_steps, cfg.data.seed)  # fmt: skip
+    total_steps = plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps)
+    warn_if_warmup_outlasts(cfg, total_steps)
     val_rows = eval_batches([len(w) for w in val_windows], cfg.data.max_input_length, cfg.data.packing,
                             cfg.data.batch_size * 2)  # fmt: skip
     val_batches = [make_batch(rows, val_windows, tokenizer.pad_token_id) for rows in val_rows]
@@ -100,19 +101,21 @@ def set_up(cfg: TrainConfig) -> Run:
     if resume:  # the checkpoint's weights before `prepare` shards them (its optimizer state after: `restore`)
         checkpoint.load_model_weights(model, resume.path)
     model, optimizer = engine.prepare(model, optimizer)
-    return Run(cfg, engine, tokenizer, split, train_windows, tokenizer.pad_token_id, plan,
-               plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps), val_batches, model, optimizer, head,
-               (trainable, total), out_dir, check_dir, resume)  # fmt: skip
+    return Run(cfg, engine, tokenizer, split, train_windows, tokenizer.pad_token_id, plan, total_steps, val_batches,
+               model, optimizer, head, (trainable, total), out_dir, check_dir, resume)  # fmt: skip
 
 
 def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None):
     """(tokenizer, split, training windows, validation windows): paragraphs -> split -> windows of token ids.
     `saved_split`: a checkpoint's split, which a resumed run keeps."""
-    corpus = load_corpus(cfg.data.data, cfg.data.text_column)
+    corpus = load_corpus(cfg.data.data, cfg.data.text_column, cfg.data.keep_headings)
     split = split_corpus(corpus, cfg.data.train_size, cfg.data.seed)
     if saved_split is not None:
         split = split_from_json(split, saved_split)
     tokenizer = load_tokenizer(cfg.model.model)
+    # the model's context, from its config (no weights yet): sequences or samples past it fail now, not mid-run
+    check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
+                           cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
     train_windows = windows_for(tokenizer, split.train, cfg.data.max_input_length)
     val_windows = windows_for(tokenizer, split.validation, cfg.data.max_input_length)
     log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens",
@@ -152,6 +155,26 @@ def probe_shortcuts(cfg: TrainConfig, model, engine: Engine) -> torch.nn.Linear 
         log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
         cfg.model.loss_chunk = 0
     return head
+
+
+def log_setup(cfg: TrainConfig, engine: Engine, dtype: torch.dtype, model) -> tuple[int, int]:
+    """Log how the run trains (after the probes); returns the (trainable, total) parameter counts."""
+    scaling = "dynamic (fp16 GradScaler)" if getattr(engine.accelerator, "scaler", None) is not None else "none"
+    packing = "on" if cfg.data.packing else "off"
+    log.info("setup: device %s, compute dtype %s, loss scaling %s, %s, packing %s", engine.device,
+             str(dtype).removeprefix("torch."), scaling, method_name(cfg), packing)  # fmt: skip
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, method_name(cfg))  # fmt: skip
+    return trainable, total
+
+
+def warn_if_warmup_outlasts(cfg: TrainConfig, total_steps: int) -> None:
+    """Warn when the run ends inside its warmup: the learning rate then never reaches its decay."""
+    if cfg.optim.warmup_steps >= total_steps:
+        last_lr, peak = lr_at(total_steps - 1, cfg.optim.lr, cfg.optim.warmup_steps, total_steps), cfg.optim.lr
+        log.warning("--warmup-steps %d >= the run's %d steps: the learning rate only warms up, to %.3g of %.3g at "
+                    "the last step, and never decays", cfg.optim.warmup_steps, total_steps, last_lr, peak)  # fmt: skip
 
 
 @torch.no_grad()

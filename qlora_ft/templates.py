@@ -1,0 +1,400 @@
+"""Templates: instruction and chat records -> text segments -> token ids with a per-token loss mask -> batches.
+
+The loss mask is data, not loop logic: a record renders to (text, trained) segments, `encode` turns them
+into ids and a 0/1 mask (1 = the token is a target), and `collate_masked` turns mask 0 into label -100. The
+rest of the road (lengths -> `data.epoch_rows` / `data.pack` -> `data.epoch_batches`) is unchanged:
+
+    Instruction("Say hi.", "Hi!")
+      --render-->  [("Below is ...\\n### Instruction:\\nSay hi.\\n\\n### Response:\\n", False), ("Hi!<eos>", True)]
+      --encode-->  ids  = [<eos>, p1, p2, ..., pn, r1, r2, <eos>]
+                   mask = [0,     0,  0,  ..., 0,  1,  1,  1]
+
+Instruction records use a named template (`alpaca`, `plain`) or one from a JSON file; chat records use the
+tokenizer's chat template, or `DEFAULT_CHAT_TEMPLATE` when it has none (GPT-2). A template is plain data
+(`to_dict` / `from_dict`), saved with the run so that generation and evaluation prompt the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import torch
+
+from qlora_ft.data import collate
+from qlora_ft.errors import UserError, first_line
+from qlora_ft.records import Chat, Instruction, Record
+
+log = logging.getLogger(__name__)
+
+Segment = tuple[str, bool]  # (text, trained on)
+Encoded = tuple[list[int], list[int]]  # (token ids, loss mask: 1 = trained on)
+
+# The Stanford Alpaca prompts (tatsu-lab/stanford_alpaca, as in tloen/alpaca-lora's templates/alpaca.json,
+# which end the prompt with a newline so the response starts on its own line).
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+HEADER_STOP = ("\n### Instruction:", "\n### Input:", "\n### Response:")
+
+# For tokenizers without a chat template (GPT-2). Every turn is `<|role|>\n` + content; a user or system turn
+# ends with a newline, an assistant turn with the EOS token, so generation stops there and the next header
+# follows the EOS directly (nothing after the EOS is trained on). Written into the tokenizer's
+# `chat_template` by export, so `apply_chat_template(..., add_generation_prompt=True)` prompts the same way.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+DEFAULT_CHAT_STOP = ("<|user|>", "<|system|>", "<|assistant|>")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Templates
+
+
+def _fields(text: str, where: str) -> set[str]:
+    """The `{placeholders}` of a prompt; UserError for a malformed one (a lone `{`; write `{{` for a brace)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as e:
+        raise UserError(f"{where}: {e} (write {{{{ and }}}} for literal braces)") from None
+
+
+def _check_prompts(prompt_input: Any, prompt_no_input: Any, where: str) -> None:
+    """UserError unless prompt_input holds exactly {instruction} and {input}, prompt_no_input {instruction}."""
+    for key, text, want in (("prompt_input", prompt_input, {"instruction", "input"}),
+                            ("prompt_no_input", prompt_no_input, {"instruction"})):  # fmt: skip
+        if not isinstance(text, str):
+            raise UserError(f"{where}: {key!r} is {type(text).__name__}, not text")
+        got = _fields(text, f"{where}: {key!r}")
+        if got != want:
+            raise UserError(f"{where}: {key!r} must hold the placeholders {_braced(want)} (found {_braced(got)})")
+
+
+def _braced(names: set[str]) -> str:
+    return ", ".join("{" + n + "}" for n in sorted(names)) or "none"
+
+
+@dataclass(frozen=True)
+class Template:
+    """How instruction and chat records become prompts.
+
+    prompt_input / prompt_no_input: the prompt for a record with / without `input`, holding `{instruction}`
+        (and `{input}`); the response follows the prompt directly, then EOS.
+    stop: strings that end a generated response (the template's next header).
+    chat_template: a Jinja chat template for chat records; None = the tokenizer's own, else the default.
+    chat_stop: strings that end a generated chat turn.
+    """
+
+    name: str
+    prompt_input: str
+    prompt_no_input: str
+    stop: tuple[str, ...] = ()
+    chat_template: str | None = None
+    chat_stop: tuple[str, ...] = DEFAULT_CHAT_STOP
+
+    def __post_init__(self):
+        _check_prompts(self.prompt_input, self.prompt_no_input, f"template {self.name!r}")
+
+    def prompt(self, record: Instruction) -> str:
+        """The prompt text of an instruction record: the with-input form when `input` is not blank."""
+        if record.input.strip():
+            return self.prompt_input.format(instruction=record.instruction, input=record.input)
+        return self.prompt_no_input.format(instruction=record.instruction)
+
+    def for_tokenizer(self, tokenizer) -> Template:
+        """This template with `chat_template` resolved (the given one, the tokenizer's, or the default): what
+        a run saves, so inference renders chats the same way even with a different tokenizer copy."""
+        chosen = self.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        return replace(self, chat_template=chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stop": list(self.stop), "chat_stop": list(self.chat_stop)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "template") -> Template:
+        """A template from `to_dict`'s output or a JSON template file (tloen/alpaca-lora's files work: their
+        `description` and `response_split` keys are accepted and ignored). UserError if malformed."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: a template is a JSON object, not {type(d).__name__}")
+        known = {"name", "prompt_input", "prompt_no_input", "stop", "chat_template", "chat_stop"}
+        unknown = set(d) - known - {"description", "response_split"}
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        for key in ("prompt_input", "prompt_no_input"):
+            if key not in d:
+                raise UserError(f"{where}: {key!r} is missing (a template needs prompt_input and prompt_no_input)")
+        for key in ("stop", "chat_stop"):
+            if key in d and not (isinstance(d[key], list) and all(isinstance(s, str) and s for s in d[key])):
+                raise UserError(f"{where}: {key!r} must be a list of non-empty strings")
+        if d.get("chat_template") is not None and not isinstance(d["chat_template"], str):
+            raise UserError(f"{where}: 'chat_template' must be a Jinja template string")
+        _check_prompts(d["prompt_input"], d["prompt_no_input"], where)  # first, to name the file in errors
+        fields = {k: tuple(v) if k in ("stop", "chat_stop") else v for k, v in d.items() if k in known}
+        return cls(**{**fields, "name": str(d.get("name", Path(where).stem))})
+
+
+TEMPLATES: dict[str, Template] = {
+    "alpaca": Template("alpaca", ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, HEADER_STOP),
+    "plain": Template(
+        "plain",
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+        HEADER_STOP,
+    ),
+}
+
+
+def get_template(name_or_path: str) -> Template:
+    """A registered template by name (`alpaca`, `plain`) or one read from a JSON file."""
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise UserError(f"unknown template {name_or_path!r}: neither a template name "
+                        f"({', '.join(TEMPLATES)}) nor a JSON file")  # fmt: skip
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {name_or_path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name_or_path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return Template.from_dict(d, name_or_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering: record -> (text, trained) segments
+
+
+def render_instruction(record: Instruction, template: Template, eos_token: str) -> list[Segment]:
+    """`[(prompt, False), (output + EOS, True)]`.
+
+    >>> render_instruction(Instruction("Add 2 and 3.", "5"), TEMPLATES["plain"], "<eos>")
+    [('### Instruction:\\nAdd 2 and 3.\\n\\n### Response:\\n', False), ('5<eos>', True)]
+    """
+    return [(template.prompt(record), False), (record.output + eos_token, True)]
+
+
+def render_chat(record: Chat, tokenizer, chat_template: str) -> list[Segment]:
+    """Segments of a conversation under a Jinja chat template: every assistant turn's content and closing
+    token(s) trained, everything else (system and user turns, each assistant header) not.
+
+    Rendered turn by turn: the text a turn adds is the difference between the conversation rendered up to
+    it and up to the turn before (with the generation prompt before an assistant turn, which splits off
+    its header). This needs a template that renders a conversation as a growing prefix; one that rewrites
+    earlier turns (some strip past reasoning) is refused.
+
+    >>> render_chat(Chat((("user", "Hi"), ("assistant", "Hello"))), tokenizer, DEFAULT_CHAT_TEMPLATE)  # doctest: +SKIP
+    [('<|user|>\\nHi\\n', False), ('<|assistant|>\\n', False), ('Hello<|endoftext|>', True)]
+    """
+    messages = [{"role": role, "content": content} for role, content in record.messages]
+    segments: list[Segment] = []
+    done = ""
+    for i, (role, _) in enumerate(record.messages):
+        steps = [(messages[:i], True, False)] if role == "assistant" else []  # the assistant header
+        steps.append((messages[: i + 1], False, role == "assistant"))
+        for history, generation_prompt, trained in steps:
+            try:
+                text = tokenizer.apply_chat_template(
+                    history, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+                )
+            except (jinja2.TemplateError, ValueError, TypeError) as e:  # a broken template, or one that refuses
+                raise UserError(f"the chat template fails on turn {i} ({role}): {first_line(e)}") from None
+            if not text.startswith(done):
+                raise UserError(f"the chat template rewrites earlier turns when turn {i} ({role}) is added, so "
+                                "the trained turns cannot be told apart; use a template that only appends")  # fmt: skip
+            segments.append((text[len(done) :], trained))
+            done = text
+    return [s for s in segments if s[0]]
+
+
+def render(record: Record, template: Template, tokenizer, train_on_prompt: bool = False) -> list[Segment]:
+    """The segments of any record; with `train_on_prompt` every segment is trained."""
+    if isinstance(record, Instruction):
+        segments = render_instruction(record, template, tokenizer.eos_token)
+    else:
+        segments = render_chat(record, tokenizer, template.for_tokenizer(tokenizer).chat_template)
+    return [(text, True) for text, _ in segments] if train_on_prompt else segments
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens: segments -> (ids, mask), length limit, batches
+
+
+def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
+    """Token ids and loss mask (1 = trained on) of a record's segments, after a leading EOS.
+
+    Each segment is tokenized on its own and the pieces concatenated. Tokenizing the joined text instead
+    would let BPE merge across a boundary (a prompt ending in ": " and a response starting with "Yes" can
+    become one " Yes" token), so a token would be half prompt, half response, and the prompt's tokens would
+    differ from those of the same prompt tokenized alone, as it is at generation. Special-token text (the
+    EOS after a response) becomes its one special id.
+
+    The leading EOS marks the record's start as it does a paragraph's in the text path (and as
+    `generate.encode_prompt` puts before a prompt); it is left out when the text already starts with the
+    BOS or EOS token (chat templates that write a BOS). It is never a target.
+
+    >>> encode(tokenizer, [("Q: 2+3?\\n", False), ("5<|endoftext|>", True)])  # doctest: +SKIP
+    ([50256, 48, 25, 362, 10, 18, 30, 198, 20, 50256], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    """
+    texts = [text for text, _ in segments]
+    pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    return _assemble(tokenizer, segments, pieces)
+
+
+def _assemble(tokenizer, segments: Sequence[Segment], pieces: Sequence[list[int]]) -> Encoded:
+    """`encode` from the segments' token ids (tokenized elsewhere, in one batch)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for piece, (_, trained) in zip(pieces, segments, strict=True):
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    if not ids or ids[0] not in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        ids.insert(0, tokenizer.eos_token_id)
+        mask.insert(0, 0)
+    return ids, mask
+
+
+def _render_at(i: int, record: Record, template: Template, tokenizer, train_on_prompt: bool) -> list[Segment]:
+    try:
+        return render(record, template, tokenizer, train_on_prompt)
+    except UserError as e:
+        raise UserError(f"record {i}: {e}") from None
+
+
+def encode_records(
+    tokenizer, records: Sequence[Record], template: Template, train_on_prompt: bool = False, batch: int = 1000
+) -> list[Encoded]:
+    """`encode(tokenizer, render(record, ...))` for each record, in order; the segments of `batch` records
+    go to the tokenizer in one call (a fast tokenizer then works on them in parallel)."""
+    out: list[Encoded] = []
+    for start in range(0, len(records), batch):
+        rendered = [_render_at(i, records[i], template, tokenizer, train_on_prompt)
+                    for i in range(start, min(start + batch, len(records)))]  # fmt: skip
+        texts = [text for segments in rendered for text, _ in segments]
+        pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        at = 0
+        for segments in rendered:
+            out.append(_assemble(tokenizer, segments, pieces[at : at + len(segments)]))
+            at += len(segments)
+    return out
+
+
+def fit(encoded: Sequence[Encoded], max_len: int) -> tuple[list[Encoded], int]:
+    """(the records of at most `max_len` tokens, how many were longer). Longer records are dropped, never
+    cut: a cut response would teach the model to stop mid-sentence without its EOS, and a cut prompt would
+    train answers to questions never asked.
+
+    >>> fit([([0, 1, 2], [0, 1, 1]), ([0, 1, 2, 3], [0, 0, 1, 1])], max_len=3)
+    ([([0, 1, 2], [0, 1, 1])], 1)
+    """
+    kept = [e for e in encoded if len(e[0]) <= max_len]
+    n_dropped = len(encoded) - len(kept)
+    if n_dropped:
+        log.warning("dropped %d of %d records longer than %d tokens", n_dropped, len(encoded), max_len)
+    return kept, n_dropped
+
+
+def collate_masked(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`data.collate` of rows of one or more (ids, mask) records, then label -100 where mask is 0.
+
+    So labels are -100 on padding, on each record's first token, and on every untrained token; packed rows
+    get `position_ids` restarting at each record, padded rows an `attention_mask`, exactly as `collate`.
+    With every mask all ones the batch equals `collate`'s of the ids alone (plain text).
+
+    >>> collate_masked([[([0, 5, 6, 0], [0, 0, 1, 1])], [([0, 7], [0, 1])]], pad_id=0)["labels"].tolist()
+    [[-100, -100, 6, 0], [-100, 7, -100, -100]]
+    """
+    batch = collate([[ids for ids, _ in row] for row in rows], pad_id)
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)  # (B, T), False on padding
+    for r, row in enumerate(rows):
+        flat = [m for _, mask in row for m in mask]
+        keep[r, : len(flat)] = torch.tensor(flat, dtype=torch.bool)
+    batch["labels"] = batch["labels"].masked_fill(~keep, -100)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+
+
+def generation_prompt(record: Record, template: Template, tokenizer) -> tuple[str, str]:
+    """(prompt, reference): the text a model continues to answer `record`, and the answer the data gives.
+
+    For an instruction, its prompt and output; for a chat, the conversation before its last assistant turn
+    plus that turn's header, and the turn's content. Training saw exactly this prompt before the response
+    (after the leading EOS, which `generate.encode_prompt` adds too).
+    """
+    if isinstance(record, Instruction):
+        return template.prompt(record), record.output
+    last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
+    chat_template = template.for_tokenizer(tokenizer).chat_template
+    segments = render_chat(Chat(record.messages[: last + 1]), tokenizer, chat_template)
+    return "".join(text for text, _ in segments[:-1]), record.messages[last][1]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first stop string (the template's next header), if any.
+
+    >>> cut_at_stop("Paris.\\n### Instruction:\\nAnd Spain?", HEADER_STOP)
+    'Paris.'
+    """
+    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:at]
+
+
+@dataclass(frozen=True)
+class FormatCheck:
+    """Whether a generated response kept the format: it ended with EOS within the token limit, and did not
+    go on to write a template header (a new instruction, say) before it."""
+
+    ended: bool
+    repeated_header: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.ended and not self.repeated_header
+
+
+def check_format(
+    new_ids: Sequence[int], response: str, eos_id: int, max_new_tokens: int, stop: Sequence[str]
+) -> FormatCheck:
+    """Format adherence of one generation: `new_ids` the generated ids (prompt excluded), `response` their
+    decoded text up to the EOS, `stop` the template's headers (`Template.stop` or `chat_stop`; a header
+    counts with or without the newline before it).
+
+    >>> check_format([5, 6, 0], "Paris.", eos_id=0, max_new_tokens=8, stop=HEADER_STOP).ok
+    True
+    >>> check_format([5, 6, 7], "Paris.\\n### Instruction:", eos_id=0, max_new_tokens=3, stop=HEADER_STOP)
+    FormatCheck(ended=False, repeated_header=True)
+    """
+    ended = eos_id in list(new_ids)[:max_new_tokens]
+    repeated = any(s.strip() and s.strip() in response for s in stop)
+    return FormatCheck(ended, repeated)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference, by Google's `rouge-score` (the scorer of
+    Self-Instruct and Super-NaturalInstructions). Its tokenizer lowercases and keeps only a-z and 0-9, so
+    texts in other scripts score 0; no stemming."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
