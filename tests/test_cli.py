@@ -42,7 +42,12 @@ def test_the_issue_command_lines_end_to_end(tmp_path, tiny_model_dir, data_pkl):
     common = ["--qlora", "True", "--model", tiny_model_dir, "--data", "austen_dataset.pkl", *SMALL]
     first = run("train.py", *common, "--epochs", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert sorted(p.name for p in (tmp_path / "Checkpoints").iterdir()) == ["Epoch_1", "Epoch_2", "latest"]
+    assert sorted(p.name for p in (tmp_path / "Checkpoints").iterdir()) == [
+        ".qlora-ft",  # the marker: a folder qlora-ft made
+        "Epoch_1",
+        "Epoch_2",
+        "latest",
+    ]
     resumed = run("train.py", *common, "--epochs", "3", "--restore-file", "Epoch_2", "--load-checkpoint", "True",
                   cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
