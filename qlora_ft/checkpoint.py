@@ -10,12 +10,16 @@
     run_config.json       the full TrainConfig
     split.json            which paragraphs are train / validation, and the data's fingerprint
   latest                  name of the newest complete checkpoint, written last
-  .qlora-ft               marker: this folder was made by qlora-ft (also in the output folder and its tb/)
+  .qlora-ft               marker: a qlora-ft run folder (also in the output folder and its tb/)
 ```
 
 Every checkpoint is written into a hidden temporary folder and renamed into place, so a listed checkpoint
 is always complete. accelerate's `save_state` is not used: it pickles RNG state (so it cannot be loaded
 with `weights_only=True`) and has a layout of its own; this format serves both resume and inference.
+
+A run owns its two folders: a fresh run starts only in empty ones (or with --overwrite, which removes what
+qlora-ft wrote there and nothing else); `--keep-checkpoints K` keeps the newest K checkpoints of either kind,
+the best by validation loss and the one `latest` names.
 """
 
 from __future__ import annotations
@@ -251,7 +255,7 @@ def clear_run_folder(folder: Path) -> list[str]:
 
 
 def make_run_folder(folder: Path) -> None:
-    """Create `folder` (and parents) if needed and mark it as made by qlora-ft."""
+    """Create `folder` (and parents) if needed and mark it as a qlora-ft run folder."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / MARKER
     if not marker.exists():

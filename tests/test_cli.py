@@ -104,6 +104,8 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
 
     def with_(**changes):
         argv = list(good)
+        if not {"restore_file", "load_checkpoint"} & changes.keys():  # a fresh run: into unused folders
+            changes = {"output_dir": str(tmp_path / "new-out"), "check_dir": str(tmp_path / "new-ckpt"), **changes}
         for flag, value in changes.items():
             flag = "--" + flag.replace("_", "-")
             if flag in argv:
@@ -134,6 +136,7 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
         (with_(model="./not/a/model"), "model directory not found"),
         (with_(rank_lora="8", load_checkpoint="True"), "rank_lora 4 (this run: 8)"),
         (with_(targets_lora="q_proj"), "q_proj: no such module"),
+        (good, f"--output-dir {tmp_path / 'GPT2_fine_tuned_Austen'} is not empty"),  # a fresh run into a used one
     ]
     for argv, message in cases:
         expect_exit_2(capsys, train_main, argv, message)

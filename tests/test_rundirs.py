@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.cli import inference_main, train_main
+from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.loop import train
 
 TINY = ["--batch-size", "4", "--max-input-length", "24", "--rank-lora", "4", "--lr", "5e-3", "--warmup-steps", "1",
         "--sample-every", "0", "--log-every", "1"]  # fmt: skip
@@ -168,8 +170,11 @@ def test_resume_after_the_packing_probe_switched_packing_off(tmp_path, data_pkl,
     train_main(argv(tmp_path, data_pkl, tiny_model_dir, *args, run="full"))
     assert json.loads((tmp_path / "full" / "run_config.json").read_text())["data"]["packing"] is False
     (tmp_path / "ckpt" / "step-000004").rename(tmp_path / "full-step4")
-    train_main(argv(tmp_path, data_pkl, tiny_model_dir, *args, "--restore-file", "step-000002", run="resumed"))
+    cfg = parse_config(TrainConfig, argv(tmp_path, data_pkl, tiny_model_dir, *args, "--restore-file", "step-000002",
+                                         run="resumed"), "train.py")  # fmt: skip
+    train(cfg)  # was refused: "--packing False (this run: True)"
     assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
+    assert cfg.data.packing is True  # the probe's outcome stays inside train(): the caller's config is as given
 
 
 def test_a_checkpoint_in_the_earlier_layout_resumes(tmp_path, data_pkl, tiny_model_dir, capsys, caplog):
