@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -222,7 +223,8 @@ def method_name(cfg: TrainConfig) -> str:
 
 
 def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
-    """Refuse to resume a checkpoint into a differently shaped model, or onto a different data plan.
+    """Refuse to resume a checkpoint into a differently shaped model, or onto a different data plan (packing is
+    checked by `_check_packing` once the model's packing probe has settled it).
 
     The saved position counts global batches (`--batch-size` x processes); a different process count is
     fine when the global batch is the same (2 x 4 -> 1 x 8), as the position then means the same data."""
@@ -234,7 +236,6 @@ def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wo
         "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
-        "packing": (saved.data.packing, cfg.data.packing),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
@@ -243,6 +244,13 @@ def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wo
                     f"(this run: {cfg.data.batch_size} on {world})")  # fmt: skip
     if diff:
         raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
+
+
+def _check_packing(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    """Packing as the checkpoint trained (after its probe) against packing as this run will train (after its)."""
+    if saved.data.packing != cfg.data.packing:
+        raise UserError(f"checkpoint {path} was trained with --packing {saved.data.packing} (this run: "
+                        f"{cfg.data.packing}): use the same settings to resume")  # fmt: skip
 
 
 class StopRequest:
@@ -282,6 +290,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Fine-tune `cfg.model.model` on `cfg.data.data`, checkpointing and sampling as configured."""
     from accelerate.utils import set_seed
 
+    cfg = copy.deepcopy(cfg)  # the probes below may switch settings off; the caller's config stays as given
     if cfg.data.data is None:
         raise UserError("--data is required")
     cfg.model.model = resolve_base_name(cfg.model.model)
@@ -292,8 +301,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.ckpt.restore_file:
         path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
         meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
-        _check_compatible(train_config_from_dict(saved_cfg), cfg, path, meta.get("world_size", 1), world_size())
-        resume = (path, meta, tensors, saved_split)
+        saved = train_config_from_dict(saved_cfg)
+        _check_compatible(saved, cfg, path, meta.get("world_size", 1), world_size())
+        checkpoint.resume_point(path, meta)  # a checkpoint this version cannot resume: say so now
+        resume = (path, meta, tensors, saved_split, saved)
+    else:  # a fresh run: into empty folders, or --overwrite; checked before anything is written
+        checkpoint.check_fresh_folders({"--output-dir": out_dir, "--check-dir": check_dir}, cfg.ckpt.overwrite)
 
     # --- data: paragraphs -> split -> windows ---------------------------------------------------------
     corpus = load_corpus(cfg.data.data, cfg.data.text_column, cfg.data.keep_headings)
@@ -374,7 +387,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, epoch, position, tokens_seen = 0, 0, 0, 0
     initial_val_loss = None
     if resume:
-        path, meta, tensors, _ = resume
+        path, meta, tensors, _, saved = resume
+        _check_packing(saved, cfg, path)
         checkpoint.load_model_weights(model, path)  # (the optimizer state after `prepare`, below)
         # one row per process (older checkpoints: a single state); cloned, as set_rng_state reads a row's
         # storage from its start, ignoring the view's offset (rank 1 would get an invalid state)
@@ -383,13 +397,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         if device.type == "cuda" and "rng_cuda" in tensors:
             rng_cuda = tensors["rng_cuda"]
             torch.cuda.set_rng_state((rng_cuda[rank] if rng_cuda.dim() == 2 else rng_cuda).clone(), device)
-        step, epoch, position, tokens_seen = meta["step"], meta["epoch"], meta["position"], meta["tokens"]
+        (epoch, position), step, tokens_seen = checkpoint.resume_point(path, meta), meta["step"], meta["tokens"]
         initial_val_loss = meta.get("initial_val_loss")
+        log.info("resumed from %s: step %d, epoch %d, %d of %d micro-batches done", path, step, epoch + 1, position,
+                 len(plan(epoch)))  # fmt: skip
         if position >= len(plan(epoch)):
             epoch, position = epoch + 1, 0
         if meta.get("total_steps") != total_steps:
             log.warning("schedule length changed from %s to %d steps", meta.get("total_steps"), total_steps)
-        log.info("resumed from %s: step %d, epoch %d, micro-batch %d", path, step, epoch + 1, position)
     masters = fp32_masters(model) if engine == DEEPSPEED else None  # before it casts the model to 16 bits
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for _, p in trained_parameters(model)]  # FSDP replaces them with sharded ones
@@ -401,11 +416,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         set_fp32_masters(model, masters)
     if resume:  # under FSDP and DeepSpeed, into each process's shard
         restore_optimizer(engine, model, optimizer, resume[2]["optimizer"])
-    accelerator.init_trackers("tb", config=_flat(cfg))
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run starts them anew; a resumed one drops
-            _keep_rows_up_to(out_dir / name, step)  # rows logged after its checkpoint by the run that died
+        start_run_folders(out_dir, check_dir, cfg, step if resume else None)
+    # one TensorBoard run, <output-dir>/tb, continued on resume: events past the checkpoint's step are purged
+    accelerator.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": step + 1}} if resume else None)
+    if accelerator.is_main_process and not resume:
+        _write_hparams(accelerator.get_tracker("tensorboard", unwrap=True), _flat(cfg))
 
     def save(name: str) -> Path:
         nonlocal last_saved_step
@@ -420,18 +436,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return path
-        meta = {"step": step, "epoch": epoch, "position": position, "tokens": tokens_seen, "world_size": world,
-                "total_steps": total_steps, "batches_in_epoch": len(plan(epoch)),
-                "initial_val_loss": initial_val_loss,
+        meta = {"step": step, **checkpoint.position_meta(epoch, position, len(plan(epoch))), "tokens": tokens_seen,
+                "world_size": world, "total_steps": total_steps, "initial_val_loss": initial_val_loss,
                 "val_loss": None if math.isnan(val_loss) else val_loss}  # fmt: skip
         tensors = {"optimizer": optim_state, **rng}
         unwrapped = accelerator.unwrap_model(model)
         path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json(),
                                           state_dict=weights)  # fmt: skip
         log.info("saved checkpoint %s", path)
-        if cfg.ckpt.keep_checkpoints:
-            for old in checkpoint.prune_step_checkpoints(check_dir, cfg.ckpt.keep_checkpoints):
-                log.info("deleted checkpoint %s (--keep-checkpoints %d)", old, cfg.ckpt.keep_checkpoints)
+        for old in checkpoint.prune_checkpoints(check_dir, cfg.ckpt.keep_checkpoints):
+            log.info("deleted checkpoint %s (--keep-checkpoints %d)", check_dir / old, cfg.ckpt.keep_checkpoints)
         return path
 
     def record(row: dict[str, Any]) -> None:
@@ -518,18 +532,20 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.sample.sample_every and step % cfg.sample.sample_every == 0:
                     write_samples()
                 if cfg.ckpt.save_every_steps and step % cfg.ckpt.save_every_steps == 0:
-                    save(f"step-{step:06d}")
+                    save(checkpoint.step_name(step))
             if position >= len(batches):  # end of epoch
                 if not (cfg.ckpt.eval_every and step % cfg.ckpt.eval_every == 0):
                     val_loss, val_ppl = validate()
                 if cfg.ckpt.save_interval and (epoch + 1) % cfg.ckpt.save_interval == 0:
-                    save(f"Epoch_{epoch + 1}")
+                    save(checkpoint.epoch_name(epoch + 1))
                 epoch, position = epoch + 1, 0
     bar.close()
     train_seconds = time.perf_counter() - t_start
     if stop.signum:  # a signal: keep what was done and stop
         path = (
-            save(f"step-{step:06d}") if last_saved_step != step else checkpoint.resolve_checkpoint(check_dir, "latest")
+            save(checkpoint.step_name(step))
+            if last_saved_step != step
+            else checkpoint.resolve_checkpoint(check_dir, "latest")
         )
         _finish(accelerator)
         name = signal.Signals(stop.signum).name
@@ -542,7 +558,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if math.isnan(val_loss):
         val_loss, val_ppl = validate()
     if last_saved_step != step:
-        save(f"step-{step:06d}")
+        save(checkpoint.step_name(step))
     summary: dict[str, Any] = {}
     weights = gathered_weights(engine, accelerator, model)
     if accelerator.is_main_process:
@@ -605,8 +621,36 @@ def _gather_rows(accelerator, state: torch.Tensor) -> torch.Tensor:
     return accelerator.gather(state[None].to(accelerator.device)).cpu()
 
 
+def start_run_folders(out_dir: Path, check_dir: Path, cfg: TrainConfig, resume_step: int | None) -> None:
+    """Ready the output and checkpoint folders (main process): a fresh run with --overwrite first removes what
+    qlora-ft wrote there; a resumed one drops the metrics/samples rows logged after its checkpoint."""
+    if resume_step is None and cfg.ckpt.overwrite:
+        for folder in dict.fromkeys((out_dir, check_dir)):
+            removed = checkpoint.clear_run_folder(folder)
+            if removed:
+                log.info("--overwrite: removed %s from %s", ", ".join(removed), folder)
+    for folder in (out_dir, out_dir / "tb", check_dir):
+        checkpoint.make_run_folder(folder)
+    if resume_step is not None:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _keep_rows_up_to(out_dir / name, resume_step)
+    keep = cfg.ckpt.keep_checkpoints
+    log.info("checkpoints go to %s (%s)", check_dir,
+             f"keeping the newest {keep} and the best" if keep else "keeping all")  # fmt: skip
+
+
+def _write_hparams(writer, flat: dict[str, Any]) -> None:
+    """The hyperparameters into the run's own events file: accelerate's store_init_configuration (and
+    SummaryWriter.add_hparams) would start a new time-named run folder at each launch."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(flat, {}):
+        writer.file_writer.add_summary(summary)
+    writer.flush()
+
+
 def _keep_rows_up_to(path: Path, step: int) -> None:
-    """Drop the rows of a metrics/samples .jsonl whose step is past `step` (all of them for a fresh run)."""
+    """Drop the rows of a metrics/samples .jsonl whose step is past `step` (a resumed run's checkpoint)."""
     if not path.exists():
         return
     rows = path.read_text(encoding="utf-8", errors="replace").splitlines()
