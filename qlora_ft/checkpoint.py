@@ -5,23 +5,30 @@
   Epoch_2/  or  step-000120/
     adapter_config.json, adapter_model.safetensors   peft's own files (full fine-tuning: config.json,
                                                       model.safetensors)
-    trainer_state.json    step, epoch, position in the epoch, tokens, schedule (readable)
+    trainer_state.json    step, epoch (1-based, as in the log), micro-batches done in it, tokens, schedule
     trainer_state.pt      optimizer state and RNG states: tensors only, loaded with weights_only=True
     run_config.json       the full TrainConfig
     split.json            which paragraphs are train / validation, and the data's fingerprint
   latest                  name of the newest complete checkpoint, written last
+  .qlora-ft               marker: a qlora-ft run folder (also in the output folder and its tb/)
 ```
 
 Every checkpoint is written into a hidden temporary folder and renamed into place, so a listed checkpoint
 is always complete. accelerate's `save_state` is not used: it pickles RNG state (so it cannot be loaded
 with `weights_only=True`) and has a layout of its own; this format serves both resume and inference.
+
+A run owns its two folders: a fresh run starts only in empty ones (or with --overwrite, which removes what
+qlora-ft wrote there and nothing else); `--keep-checkpoints K` keeps the newest K checkpoints of either kind,
+the best by validation loss and the one `latest` names.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,6 +44,27 @@ STATE_PT = "trainer_state.pt"
 CONFIG_JSON = "run_config.json"
 SPLIT_JSON = "split.json"
 LATEST = "latest"
+MARKER = ".qlora-ft"  # written into each folder the package creates for a run
+FORMAT = 2  # trainer_state.json: "epoch" is 1-based (format 1, without the key: 0-based)
+CHECKPOINT_NAME = re.compile(r"(Epoch_\d+|step-\d+)")
+# what train (and eval, report) write into an output folder: --overwrite removes these names and nothing else.
+# A fixed list rather than a record of each write, so folders from earlier versions (no marker) are covered too.
+OUTPUT_FILES = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json", "generation_config.json",
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "run_config.json", "metrics.jsonl", "samples.jsonl", "metrics.tmp",
+    "samples.tmp", "train_summary.json", "report.md", "training.png", "eval.json", "eval.md", "eval.png", "compare.md",
+)  # fmt: skip
+TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yml")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def epoch_name(epochs_completed: int) -> str:
+    return f"Epoch_{epochs_completed}"
 
 
 def _fsync(path: Path) -> None:
@@ -127,21 +155,112 @@ def save_checkpoint(
     return final
 
 
-def prune_step_checkpoints(check_dir: Path, keep: int) -> list[str]:
-    """Delete `step-*` checkpoints except the newest `keep` and the best by validation loss; returns the
-    names deleted. `Epoch_N` checkpoints are never deleted here."""
-    steps = sorted(
-        (n for n in list_checkpoints(check_dir) if n.startswith("step-")), key=lambda n: _step_of(check_dir / n)
-    )
-    keep_names = set(steps[-keep:])
-    losses = {n: _meta(check_dir / n).get("val_loss") for n in steps}
-    scored = [n for n in steps if isinstance(losses[n], (int, float))]
+def prune_checkpoints(check_dir: Path, keep: int) -> list[str]:
+    """Delete checkpoints (`Epoch_N` and `step-NNNNNN` alike) except the newest `keep` by step, the best by
+    validation loss and the one `latest` names; returns the names deleted. `keep` 0 keeps them all."""
+    if keep <= 0:
+        return []
+    names = sorted(list_checkpoints(check_dir), key=lambda n: (_step_of(check_dir / n), n))
+    keep_names = set(names[-keep:])
+    losses = {n: _meta(check_dir / n).get("val_loss") for n in names}
+    scored = [n for n in names if isinstance(losses[n], (int, float))]
     if scored:
         keep_names.add(min(scored, key=lambda n: losses[n]))
-    deleted = [n for n in steps if n not in keep_names]
+    pointer = check_dir / LATEST
+    if pointer.is_file():
+        keep_names.add(pointer.read_text(encoding="utf-8").strip())
+    deleted = [n for n in names if n not in keep_names]
     for name in deleted:
         shutil.rmtree(check_dir / name, ignore_errors=True)
     return deleted
+
+
+def position_meta(epoch_index: int, position: int, batches_in_epoch: int) -> dict[str, int]:
+    """The training position as trainer_state.json stores it: `epoch` 1-based, as the log and metrics.jsonl
+    number it, with `position` of its `batches_in_epoch` micro-batches done.
+
+    >>> position_meta(1, 14, 14)
+    {'format': 2, 'epoch': 2, 'position': 14, 'batches_in_epoch': 14, 'epochs_completed': 2}
+    """
+    done = epoch_index + (position >= batches_in_epoch)
+    return {"format": FORMAT, "epoch": epoch_index + 1, "position": position, "batches_in_epoch": batches_in_epoch,
+            "epochs_completed": done}  # fmt: skip
+
+
+def resume_point(path: Path, meta: dict[str, Any]) -> tuple[int, int]:
+    """(0-based epoch index, micro-batches done in it) of a checkpoint's trainer_state.json, of this format or
+    of format 1 (earlier versions: no `format`, `epoch` 0-based); one line when it cannot be resumed."""
+    version = meta.get("format", 1)
+    if not all(isinstance(meta.get(k), int) for k in ("step", "epoch", "position", "tokens")) or version > FORMAT:
+        raise UserError(f"checkpoint {path} cannot be resumed by this version (trainer_state.json format {version}); "
+                        "it still serves inference and export: start a new run to train further")  # fmt: skip
+    return (meta["epoch"] - 1 if version >= 2 else meta["epoch"]), meta["position"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run folders: a fresh run starts in empty ones; --overwrite removes only what the package wrote
+
+
+def run_folder_entries(folder: Path) -> list[str]:
+    """What a folder holds besides the marker ([] when absent); a fresh run needs it empty."""
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder")
+    return sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+
+
+def check_fresh_folders(folders: dict[str, Path], overwrite: bool) -> None:
+    """Refuse a fresh run into a folder holding anything (another run's outputs or checkpoints) unless
+    `overwrite`. `folders`: the flag that names each one -> its path. Reads only."""
+    for flag, folder in folders.items():
+        entries = run_folder_entries(folder)
+        if entries and not overwrite:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"{flag} {folder} is not empty ({shown}): resume its run with --load-checkpoint True, "
+                            "pass --overwrite to replace what qlora-ft wrote there, or pick another")  # fmt: skip
+
+
+def _only_tensorboard(folder: Path) -> bool:
+    return all(p.is_dir() or any(fnmatch.fnmatch(p.name, g) for g in TENSORBOARD_FILES) for p in folder.rglob("*"))
+
+
+def _written_by_us(entry: Path) -> bool:
+    """Whether qlora-ft wrote this entry of an output or checkpoint folder (see OUTPUT_FILES); a folder only
+    when it is a complete checkpoint, a temporary of a save, or a tb/ it made (marker, or events files only)."""
+    name = entry.name
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        if name.startswith((".tmp-", ".old-")) or (CHECKPOINT_NAME.fullmatch(name) and is_complete(entry)):
+            return True
+        return name == "tb" and ((entry / MARKER).is_file() or _only_tensorboard(entry))
+    if name in (MARKER, LATEST, f".{LATEST}.tmp"):
+        return True
+    if name == "README.md":  # peft's model card; a README of the user's own stays
+        return "library_name: peft" in entry.read_text(encoding="utf-8", errors="replace")[:2000]
+    return any(fnmatch.fnmatch(name, pattern) for pattern in OUTPUT_FILES)
+
+
+def clear_run_folder(folder: Path) -> list[str]:
+    """Remove what qlora-ft wrote in `folder` (never the folder itself, nor anything else in it); returns the
+    names removed."""
+    if not folder.is_dir():
+        return []
+    removed = sorted(p.name for p in folder.iterdir() if _written_by_us(p))
+    for name in removed:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return removed
+
+
+def make_run_folder(folder: Path) -> None:
+    """Create `folder` (and parents) if needed and mark it as a qlora-ft run folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / MARKER
+    if not marker.exists():
+        marker.write_text("written by qlora-ft: --overwrite removes only the files qlora-ft writes here\n",
+                          encoding="utf-8")  # fmt: skip
 
 
 def list_checkpoints(check_dir: Path) -> list[str]:

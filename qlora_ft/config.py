@@ -170,9 +170,12 @@ class CheckpointArgs:
         None, "resume: True alone means --restore-file latest (default: resume only when --restore-file is given)"
     )
     keep_checkpoints: int = arg(
-        0, "keep only the newest K step-NNNNNN checkpoints plus the best by validation loss (0: all)"
+        3, "keep the newest K checkpoints (Epoch_N and step-NNNNNN alike) plus the best by validation loss (0: all)"
     )
     output_dir: str = arg("GPT2_fine_tuned_Austen", "where the final adapter, tokenizer, metrics and summary go")
+    overwrite: bool = arg(
+        False, "start a fresh run in a used --output-dir / --check-dir: remove what qlora-ft wrote there (only that)"
+    )
 
     def __post_init__(self):
         if min(self.save_interval, self.save_every_steps, self.eval_every) < 0 or self.log_every < 1:
@@ -183,6 +186,8 @@ class CheckpointArgs:
             self.restore_file = "latest"
         if self.keep_checkpoints < 0:
             raise UserError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.overwrite and self.restore_file is not None:
+            raise UserError("--overwrite starts a new run, --load-checkpoint / --restore-file resume one: drop one")
 
 
 @dataclass

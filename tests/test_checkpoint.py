@@ -151,3 +151,16 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, data_pkl, tiny_model_dir):
     assert returncode == 130, err
     assert "stopped by SIGINT" in err and "--load-checkpoint True" in err and "Traceback" not in err
     assert len(checkpoint.list_checkpoints(tmp_path / "Checkpoints")) == 1
+
+
+def test_pruning_covers_every_kind_and_spares_the_best_and_latest(tmp_path):
+    for name, step, val_loss in [("Epoch_1", 4, 5.0), ("step-000006", 6, 4.0), ("Epoch_2", 8, 4.5),
+                                 ("step-000010", 10, 4.6), ("step-000012", 12, None)]:  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+        (tmp_path / name / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "latest").write_text("Epoch_1\n")  # e.g. a run resumed from it
+    assert checkpoint.prune_checkpoints(tmp_path, 0) == []  # 0: keep all
+    assert checkpoint.prune_checkpoints(tmp_path, 2) == ["Epoch_2"]
+    assert checkpoint.list_checkpoints(tmp_path) == ["Epoch_1", "step-000006", "step-000010", "step-000012"]
+    assert TrainConfig().ckpt.keep_checkpoints == 3  # the default cannot fill a disk unnoticed

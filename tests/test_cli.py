@@ -52,7 +52,12 @@ def test_train_resume_and_generate_through_the_scripts(tmp_path, tiny_model_dir,
     common = ["--qlora", "True", "--model", tiny_model_dir, "--data", "austen_dataset.pkl", *SMALL]
     first = run("train.py", *common, "--epochs", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert sorted(p.name for p in (tmp_path / "Checkpoints").iterdir()) == ["Epoch_1", "Epoch_2", "latest"]
+    assert sorted(p.name for p in (tmp_path / "Checkpoints").iterdir()) == [
+        ".qlora-ft",  # the marker: a folder qlora-ft made
+        "Epoch_1",
+        "Epoch_2",
+        "latest",
+    ]
     resumed = run("train.py", *common, "--epochs", "3", "--restore-file", "Epoch_2", "--load-checkpoint", "True",
                   cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
@@ -109,6 +114,8 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
 
     def with_(**changes):
         argv = list(good)
+        if not {"restore_file", "load_checkpoint"} & changes.keys():  # a fresh run: into unused folders
+            changes = {"output_dir": str(tmp_path / "new-out"), "check_dir": str(tmp_path / "new-ckpt"), **changes}
         for flag, value in changes.items():
             flag = "--" + flag.replace("_", "-")
             if flag in argv:
@@ -139,6 +146,7 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
         (with_(model="./not/a/model"), "model directory not found"),
         (with_(rank_lora="8", load_checkpoint="True"), "rank_lora 4 (this run: 8)"),
         (with_(targets_lora="q_proj"), "q_proj: no such module"),
+        (good, f"--output-dir {tmp_path / 'GPT2_fine_tuned_Austen'} is not empty"),  # a fresh run into a used one
     ]
     for argv, message in cases:
         expect_exit_2(capsys, train_main, argv, message)

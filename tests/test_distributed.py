@@ -62,7 +62,8 @@ def test_two_processes_equal_one_with_the_double_batch(tmp_path, data_pkl, tiny_
     # only the main process writes: one set of metrics rows, one checkpoint folder, one samples file
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len([r for r in rows if '"loss"' in r]) == 3
-    assert sorted(p.name for p in (tmp_path / "ckpt-two").iterdir()) == ["latest", "step-000002", "step-000003"]
+    names = sorted(p.name for p in (tmp_path / "ckpt-two").iterdir())
+    assert names == [".qlora-ft", "latest", "step-000002", "step-000003"]
     two, one = (
         [line for line in rows if '"val_loss"' in line],
         [line for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line],

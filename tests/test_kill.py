@@ -32,7 +32,7 @@ def test_ten_sigkills_then_resume_equals_an_uninterrupted_run(tmp_path, data_pkl
     metrics = work / "GPT2_fine_tuned_Austen" / "metrics.jsonl"
     kills = 0
     for _ in range(30):  # at most 30 starts; 10 of them are killed
-        resume = ["--load-checkpoint", "True"] if list_checkpoints(work / "Checkpoints") else []
+        resume = ["--load-checkpoint", "True"] if list_checkpoints(work / "Checkpoints") else ["--overwrite"]
         before = metrics.read_text().count("\n") if metrics.exists() else 0
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, *resume], cwd=work,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip

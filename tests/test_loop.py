@@ -135,7 +135,7 @@ def test_resume_across_epoch_boundary_with_latest(tmp_path, data_pkl, tiny_model
 def test_sampling_does_not_change_the_trajectory(tmp_path, data_pkl, tiny_model_dir):
     args = ("--max-steps", "4", "--lora-dropout", "0.2")
     train(config(tmp_path, data_pkl, tiny_model_dir, *args, run="quiet"))
-    train(config(tmp_path, data_pkl, tiny_model_dir, *args, "--sample-every", "1", run="chatty"))
+    train(config(tmp_path, data_pkl, tiny_model_dir, *args, "--sample-every", "1", "--overwrite", run="chatty"))
     assert_same_adapter(adapter(tmp_path / "quiet"), adapter(tmp_path / "chatty"))
 
 

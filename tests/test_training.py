@@ -37,17 +37,19 @@ def test_train_leaves_the_callers_config_as_given_and_checkpoints_the_validation
     assert (meta["step"], meta["tokens"]) == (3, sum(r["tokens"] for r in rows if r["step"] == 3 and "loss" in r))
 
 
-def test_train_state_round_trips_and_reads_checkpoints_of_earlier_versions():
+def test_train_state_round_trips_and_reads_checkpoints_of_earlier_versions(tmp_path):
     state = TrainState(step=7, epoch=1, position=3, tokens=900, initial_val_loss=5.0, best_val_loss=4.0,
                        val_loss=4.5, rng={"rng_cpu": torch.get_rng_state()[None].repeat(2, 1)})  # fmt: skip
-    again = TrainState.from_checkpoint(json.loads(json.dumps(state.to_meta())), state.to_tensors())
-    assert again.to_meta() == state.to_meta() and torch.equal(again.rng["rng_cpu"], state.rng["rng_cpu"])
+    meta = json.loads(json.dumps(state.to_meta(batches_in_epoch=10)))
+    assert (meta["epoch"], meta["position"]) == (2, 3)  # trainer_state.json counts epochs from 1, as the logs do
+    again = TrainState.from_checkpoint(tmp_path, meta, state.to_tensors())
+    assert again.to_meta(10) == state.to_meta(10) and torch.equal(again.rng["rng_cpu"], state.rng["rng_cpu"])
 
-    # an earlier version's: no best_val_loss, one RNG state for the one process
+    # an earlier version's: epoch 0-based, no best_val_loss, one RNG state for the one process
     old_meta = {"step": 4, "epoch": 0, "position": 8, "tokens": 512, "world_size": 1, "total_steps": 8,
                 "batches_in_epoch": 14, "initial_val_loss": 5.5, "val_loss": 5.1}  # fmt: skip
     torch.manual_seed(3)
-    old = TrainState.from_checkpoint(old_meta, {"optimizer": {}, "rng_cpu": torch.get_rng_state()})
+    old = TrainState.from_checkpoint(tmp_path, old_meta, {"optimizer": {}, "rng_cpu": torch.get_rng_state()})
     expected = torch.rand(3)
     assert (old.step, old.epoch, old.position, old.tokens) == (4, 0, 8, 512)
     assert (old.initial_val_loss, old.val_loss, old.best_val_loss) == (5.5, 5.1, 5.1)

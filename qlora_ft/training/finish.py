@@ -38,7 +38,7 @@ def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
     if not session.validated:
         state.record_validation(validate(run, state))
     if session.last_saved_step != state.step:
-        save(run, state, session, f"step-{state.step:06d}")
+        save(run, state, session, checkpoint.step_name(state.step))
     weights = run.engine.gathered_weights()  # collective
     summary = write_outputs(run, state, session, weights) if run.engine.is_main else {}
     run.engine.finish()
@@ -48,7 +48,7 @@ def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
 def stop_early(run: Run, state: TrainState, session: Session) -> NoReturn:
     """After a signal: save the step reached (unless just saved) and raise `Interrupted` (exit 128 + signal)."""
     if session.last_saved_step != state.step:
-        path = save(run, state, session, f"step-{state.step:06d}")
+        path = save(run, state, session, checkpoint.step_name(state.step))
     else:
         path = checkpoint.resolve_checkpoint(run.check_dir, "latest")
     run.engine.finish()

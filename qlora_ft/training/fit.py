@@ -82,7 +82,7 @@ def fit(run: Run, state: TrainState) -> Session:
                 if due(state.step, cfg.sample.sample_every):
                     write_samples(run, state.step)
                 if due(state.step, cfg.ckpt.save_every_steps):
-                    save(run, state, session, f"step-{state.step:06d}")
+                    save(run, state, session, checkpoint.step_name(state.step))
 
             # --- the end of an epoch: validate (unless just done), save Epoch_N, on to the next ---------------
             if state.position >= len(batches):
@@ -90,7 +90,7 @@ def fit(run: Run, state: TrainState) -> Session:
                     state.record_validation(validate(run, state))
                     session.validated = True
                 if due(state.epoch + 1, cfg.ckpt.save_interval):
-                    save(run, state, session, f"Epoch_{state.epoch + 1}")
+                    save(run, state, session, checkpoint.epoch_name(state.epoch + 1))
                 state.next_epoch()
     session.bar.close()
     session.seconds, session.signum = time.perf_counter() - session.started, stop.signum
@@ -164,13 +164,13 @@ def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
     engine.barrier()
     if not engine.is_main:
         return run.check_dir / name
-    meta = {**state.to_meta(), "world_size": engine.world, "total_steps": run.total_steps,
-            "batches_in_epoch": len(run.plan.batches(state.epoch))}  # fmt: skip
+    meta = {**state.to_meta(len(run.plan.batches(state.epoch))), "world_size": engine.world,
+            "total_steps": run.total_steps}  # fmt: skip
     tensors = {"optimizer": optimizer_state, **state.to_tensors()}
     path = checkpoint.save_checkpoint(run.check_dir, name, engine.unwrap(), meta, tensors, run.cfg.to_dict(),
                                       run.split.to_json(), state_dict=weights)  # fmt: skip
     log.info("saved checkpoint %s", path)
-    if run.cfg.ckpt.keep_checkpoints:
-        for old in checkpoint.prune_step_checkpoints(run.check_dir, run.cfg.ckpt.keep_checkpoints):
-            log.info("deleted checkpoint %s (--keep-checkpoints %d)", old, run.cfg.ckpt.keep_checkpoints)
+    keep = run.cfg.ckpt.keep_checkpoints
+    for old in checkpoint.prune_checkpoints(run.check_dir, keep):
+        log.info("deleted checkpoint %s (--keep-checkpoints %d)", run.check_dir / old, keep)
     return path

@@ -4,27 +4,61 @@ process only)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_ft import checkpoint
 from qlora_ft.config import TrainConfig
 
 if TYPE_CHECKING:
     from qlora_ft.training.setup import Run
     from qlora_ft.training.state import TrainState
 
+log = logging.getLogger(__name__)
+
 LOGS = ("metrics.jsonl", "samples.jsonl")
 
 
 def start_outputs(run: Run, state: TrainState) -> None:
-    """Open TensorBoard and the output folder. A fresh run starts the logs anew; a resumed one drops the rows
-    logged after its checkpoint by the run that died."""
-    run.engine.accelerator.init_trackers("tb", config=flat_config(run.cfg))
+    """Ready the output and checkpoint folders, then TensorBoard: one run in <output-dir>/tb, continued on resume
+    (events past the checkpoint's step are purged, as are its metrics/samples rows: see `start_run_folders`)."""
+    resumed = run.resume is not None
     if run.engine.is_main:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        start_run_folders(run.out_dir, run.check_dir, run.cfg, state.step if resumed else None)
+    accelerator = run.engine.accelerator
+    accelerator.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state.step + 1}} if resumed else None)
+    if run.engine.is_main and not resumed:
+        write_hparams(accelerator.get_tracker("tensorboard", unwrap=True), flat_config(run.cfg))
+
+
+def start_run_folders(out_dir: Path, check_dir: Path, cfg: TrainConfig, resume_step: int | None) -> None:
+    """Ready the output and checkpoint folders (main process): a fresh run with --overwrite first removes what
+    qlora-ft wrote there; a resumed one drops the metrics/samples rows logged after its checkpoint."""
+    if resume_step is None and cfg.ckpt.overwrite:
+        for folder in dict.fromkeys((out_dir, check_dir)):
+            removed = checkpoint.clear_run_folder(folder)
+            if removed:
+                log.info("--overwrite: removed %s from %s", ", ".join(removed), folder)
+    for folder in (out_dir, out_dir / "tb", check_dir):
+        checkpoint.make_run_folder(folder)
+    if resume_step is not None:
         for name in LOGS:
-            keep_rows_up_to(run.out_dir / name, state.step)
+            keep_rows_up_to(out_dir / name, resume_step)
+    keep = cfg.ckpt.keep_checkpoints
+    log.info("checkpoints go to %s (%s)", check_dir,
+             f"keeping the newest {keep} and the best" if keep else "keeping all")  # fmt: skip
+
+
+def write_hparams(writer, flat: dict[str, Any]) -> None:
+    """The hyperparameters into the run's own events file: accelerate's store_init_configuration (and
+    SummaryWriter.add_hparams) would start a new time-named run folder at each launch."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(flat, {}):
+        writer.file_writer.add_summary(summary)
+    writer.flush()
 
 
 def log_metrics(run: Run, row: dict[str, Any]) -> None:
@@ -41,7 +75,7 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:
-    """Drop the rows of a metrics/samples .jsonl whose step is past `step` (all of them for a fresh run)."""
+    """Drop the rows of a metrics/samples .jsonl whose step is past `step` (a resumed run's checkpoint)."""
     if not path.exists():
         return
     rows = path.read_text(encoding="utf-8", errors="replace").splitlines()

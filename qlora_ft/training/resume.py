@@ -41,11 +41,13 @@ def read_resume(cfg: TrainConfig, check_dir: Path) -> Resume | None:
         return None
     path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
     meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
+    checkpoint.resume_point(path, meta)  # a checkpoint this version cannot resume: say so now
     return Resume(path, meta, tensors, train_config_from_dict(saved_cfg), saved_split)
 
 
 def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
-    """Refuse to resume a checkpoint into a differently shaped model, or onto a different data plan.
+    """Refuse to resume a checkpoint into a differently shaped model, or onto a different data plan (packing is
+    checked by `check_packing` once the model's packing probe has settled it).
 
     The saved position counts global batches (`--batch-size` x processes); a different process count is
     fine when the global batch is the same (2 x 4 -> 1 x 8), as the position then means the same data."""
@@ -57,7 +59,6 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wor
         "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
-        "packing": (saved.data.packing, cfg.data.packing),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
@@ -68,19 +69,27 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wor
         raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
 
 
+def check_packing(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    """Packing as the checkpoint trained (after its probe) against packing as this run will train (after its)."""
+    if saved.data.packing != cfg.data.packing:
+        raise UserError(f"checkpoint {path} was trained with --packing {saved.data.packing} (this run: "
+                        f"{cfg.data.packing}): use the same settings to resume")  # fmt: skip
+
+
 def restore(run: Run) -> TrainState:
     """The state to start from: a fresh one, or the checkpoint's, whose RNG states (this process's row) and
     optimizer state (each process its shard) are put back. The model's weights are loaded by `set_up`."""
     if run.resume is None:
         return TrainState()
     resume, engine = run.resume, run.engine
-    state = TrainState.from_checkpoint(resume.meta, resume.tensors)
+    state = TrainState.from_checkpoint(resume.path, resume.meta, resume.tensors)
     state.restore_rng(engine.rank, engine.device)
     engine.restore_optimizer(resume.tensors["optimizer"])
-    if state.position >= len(run.plan.batches(state.epoch)):  # saved at the end of an epoch
+    batches = len(run.plan.batches(state.epoch))
+    log.info("resumed from %s: step %d, epoch %d, %d of %d micro-batches done", resume.path, state.step,
+             state.epoch + 1, state.position, batches)  # fmt: skip
+    if state.position >= batches:  # saved at the end of an epoch
         state.next_epoch()
     if resume.meta.get("total_steps") != run.total_steps:
         log.warning("schedule length changed from %s to %d steps", resume.meta.get("total_steps"), run.total_steps)
-    log.info("resumed from %s: step %d, epoch %d, micro-batch %d", resume.path, state.step, state.epoch + 1,
-             state.position)  # fmt: skip
     return state

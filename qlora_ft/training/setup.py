@@ -34,7 +34,7 @@ from qlora_ft.model import (
     resolve_base_name,
 )
 from qlora_ft.training.plan import EpochPlan, Rows, lr_at, make_batch
-from qlora_ft.training.resume import Resume, check_compatible, read_resume
+from qlora_ft.training.resume import Resume, check_compatible, check_packing, read_resume
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def set_up(cfg: TrainConfig) -> Run:
     cfg.model.model = resolve_base_name(cfg.model.model)
     out_dir, check_dir = Path(cfg.ckpt.output_dir), Path(cfg.ckpt.check_dir)
     resume = read_resume(cfg, check_dir)
+    if resume is None:  # a fresh run: into empty folders, or --overwrite; checked before anything is written
+        checkpoint.check_fresh_folders({"--output-dir": out_dir, "--check-dir": check_dir}, cfg.ckpt.overwrite)
 
     # --- engine: accelerate's Accelerator, set up by `accelerate launch --config_file` (else one process / DDP)
     dtype = compute_dtype(cfg.model.compute_dtype, default_device())
@@ -85,6 +87,8 @@ def set_up(cfg: TrainConfig) -> Run:
     tokenizer, split, train_windows, val_windows = load_data(cfg, resume.split if resume else None)
     model = build_model(cfg, engine, dtype)
     head = probe_shortcuts(cfg, model, engine)
+    if resume:
+        check_packing(resume.config, cfg, resume.path)
     trainable, total = log_setup(cfg, engine, dtype, model)
     params = [p for _, p in trained_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from qlora_ft import checkpoint
 
 RNG_KEYS = ("rng_cpu", "rng_cuda")  # the tensors' names in trainer_state.pt
 
@@ -43,25 +46,28 @@ class TrainState:
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
-    def to_meta(self) -> dict[str, Any]:
-        """The numbers, for trainer_state.json (keys as checkpoints have always had, plus best_val_loss)."""
-        finite = {k: v if v is None or math.isfinite(v) else None
+    def to_meta(self, batches_in_epoch: int) -> dict[str, Any]:
+        """The numbers, for trainer_state.json; the position as `checkpoint.position_meta` writes it (the epoch
+        1-based there). `batches_in_epoch`: the micro-batches of the epoch in progress."""
+        losses = {k: v if v is None or math.isfinite(v) else None
                   for k, v in (("initial_val_loss", self.initial_val_loss), ("best_val_loss", self.best_val_loss),
                                ("val_loss", self.val_loss))}  # fmt: skip
-        return {"step": self.step, "epoch": self.epoch, "position": self.position, "tokens": self.tokens, **finite}
+        position = checkpoint.position_meta(self.epoch, self.position, batches_in_epoch)
+        return {"step": self.step, **position, "tokens": self.tokens, **losses}
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The RNG states, for trainer_state.pt."""
         return dict(self.rng)
 
     @classmethod
-    def from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any]) -> TrainState:
-        """The inverse of `to_meta` + `to_tensors`; reads the checkpoints of earlier versions too (no best loss,
-        one RNG state instead of one per process)."""
+    def from_checkpoint(cls, path: Path, meta: dict[str, Any], tensors: dict[str, Any]) -> TrainState:
+        """The inverse of `to_meta` + `to_tensors` for checkpoint `path`; reads the checkpoints of earlier
+        versions too (0-based epoch, no best loss, one RNG state instead of one per process)."""
+        epoch, position = checkpoint.resume_point(path, meta)  # one line for a checkpoint it cannot resume
         return cls(
             step=meta["step"],
-            epoch=meta["epoch"],
-            position=meta["position"],
+            epoch=epoch,
+            position=position,
             tokens=meta["tokens"],
             initial_val_loss=meta.get("initial_val_loss"),
             best_val_loss=meta.get("best_val_loss", meta.get("val_loss")),
