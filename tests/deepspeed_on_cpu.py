@@ -8,11 +8,16 @@ ZeRO's partitioning and the checkpoints are DeepSpeed's and accelerate's. Run it
 <train.py arguments>`.
 """
 
-import accelerate
-from accelerate.utils import InitProcessGroupKwargs
+import sys
+from pathlib import Path
 
-import qlora_ft.engines
-from qlora_ft.cli import train_main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's qlora_ft, as train.py gets
+
+import accelerate  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs  # noqa: E402
+
+import qlora_ft.engines  # noqa: E402
+from qlora_ft.cli import train_main  # noqa: E402
 
 
 def deepspeed_accelerator(out_dir, precision):

@@ -8,13 +8,18 @@ after that (wrapping, sharding, gathering, checkpoints) is accelerate's and torc
 tests/fsdp_on_cpu.py <train.py arguments>`.
 """
 
-import accelerate
-from accelerate import FullyShardedDataParallelPlugin
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType
+import sys
+from pathlib import Path
 
-import qlora_ft.engines
-from qlora_ft.cli import train_main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's qlora_ft, as train.py gets
+
+import accelerate  # noqa: E402
+from accelerate import FullyShardedDataParallelPlugin  # noqa: E402
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+
+import qlora_ft.engines  # noqa: E402
+from qlora_ft.cli import train_main  # noqa: E402
 
 
 def fsdp_accelerator(out_dir, precision):
