@@ -28,6 +28,7 @@ is clearly too small. A folder without meta.json or whose file sizes disagree wi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -42,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 Segment = tuple[str, bool]  # (text, trained on)
+Parallel = Literal["threads", "processes"]
 Record = Sequence[Segment]  # plain paragraph: [(text, True)]; instruction: [(prompt, False), (response, True)]
 POOL_MIN_BYTES = 16 << 20  # below this much input, tokenize in this process (see open_or_build)
 CHUNK_CHARS = 1 << 18  # text per work item sent to a tokenizer worker
@@ -203,12 +205,15 @@ def open_or_build(
     validation: Callable[[], Iterable[Record]] | None = None,
     input_bytes: int = 0,
     workers: int | None = None,
+    parallel: Parallel = "threads",
 ) -> TokenCache:
     """The cache for `covers` (see `fingerprint`): opened when complete, else built from `records()` first.
 
     `records` is called only on a miss; `validation` (for pre-split sources) adds records that the split
-    keeps on the validation side. `input_bytes` sizes the disk check. `workers`: tokenizer processes (default:
-    every core available). Raises UserError when the cache folder is unusable or too small.
+    keeps on the validation side. `input_bytes` sizes the disk check. `workers`: how many cores tokenize
+    (default: every core available), as the tokenizers library's threads in this process (`parallel="threads"`,
+    measured faster on 2 cores: docs/data-cache.md) or as spawned processes. Raises UserError when the cache
+    folder is unusable or too small.
     """
     import filelock
 
@@ -219,7 +224,7 @@ def open_or_build(
         raise UserError(f"cannot create the token cache folder {root}: {e.strerror}") from None
     fp = fingerprint(covers)
     final = root / fp
-    if workers is None and 0 < input_bytes < POOL_MIN_BYTES:
+    if workers is None and parallel == "processes" and 0 < input_bytes < POOL_MIN_BYTES:
         workers = 1  # starting spawned workers costs seconds: more than tokenizing a few MB
     try:
         return TokenCache(final)
@@ -240,7 +245,7 @@ def open_or_build(
         tmp.mkdir()
         try:
             started = time.perf_counter()
-            meta = _build(tmp, tokenizer, records, validation, itemsize, workers)
+            meta = _build(tmp, tokenizer, records, validation, itemsize, (workers, parallel))
             meta.update(fingerprint=fp, covers=covers, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id,
                         vocab_size=vocab_size, build_seconds=round(time.perf_counter() - started, 2),
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
@@ -283,7 +288,7 @@ def _build(
     records: Callable[[], Iterable[Record]],
     validation: Callable[[], Iterable[Record]] | None,
     itemsize: int,
-    workers: int | None,
+    workers: tuple[int | None, Parallel],
 ) -> dict[str, Any]:
     """Tokenize every record into the files of `tmp`, in order; returns the counts for meta.json."""
     from tqdm.auto import tqdm
@@ -298,7 +303,7 @@ def _build(
         for part in parts:
             if part is validation:
                 n_train_fixed = sum(len(x) for x in lengths)
-            for ids, lens, mask, hs in _encoded(_chunks(part()), spec, workers):
+            for ids, lens, mask, hs in _encoded(_chunks(part()), spec, *workers):
                 ids.astype(dtype, copy=False).tofile(ids_f)
                 mask.tofile(mask_f)
                 all_trained = all_trained and bool(mask.all())
@@ -334,7 +339,7 @@ def _chunks(records: Iterable[Record]) -> Iterator[list[Record]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenizing (in this process or in a pool of spawned workers)
+# Tokenizing (in this process, with the tokenizers library's threads, or in a pool of spawned workers)
 
 _WORKER_ENCODE: Callable[[list[str]], list[list[int]]] | None = None
 
@@ -355,6 +360,21 @@ def _make_encoder(spec: tuple[str, Any]) -> Callable[[list[str]], list[list[int]
     tok = Tokenizer.from_str(value)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no character offsets computed
     return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+@contextlib.contextmanager
+def _tokenizer_threads(on: bool) -> Iterator[None]:
+    """The tokenizers library's thread pool on (all cores) or off while building; the setting is restored after.
+    The library reads TOKENIZERS_PARALLELISM at every batch call, so setting the variable here takes effect."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if on else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _init_worker(spec: tuple[str, Any]) -> None:
@@ -402,13 +422,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _encoded(chunks: Iterator[list[Record]], spec: tuple[str, Any], workers: int | None) -> Iterator[tuple]:
-    """Encoded chunks in input order. With several workers at most 2 chunks per worker are in flight, so memory
+def _encoded(
+    chunks: Iterator[list[Record]], spec: tuple[str, Any], workers: int | None, parallel: Parallel
+) -> Iterator[tuple]:
+    """Encoded chunks in input order. With worker processes at most 2 chunks per worker are in flight, so memory
     stays bounded (Pool.imap and Executor.map would read the whole input ahead)."""
     workers = available_cores() if workers is None else workers
-    if workers <= 1 or spec[0] != "backend":
+    if workers <= 1 or spec[0] != "backend" or parallel == "threads":
         encode = _make_encoder(spec)
-        yield from (encode_records(chunk, encode) for chunk in chunks)
+        with _tokenizer_threads(workers > 1):
+            yield from (encode_records(chunk, encode) for chunk in chunks)
         return
     # ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
     # instead of being replaced forever while this process waits.
@@ -557,6 +580,7 @@ def open_text_cache(
     layout: str = "auto",
     text_column: str | None = None,
     workers: int | None = None,
+    parallel: Parallel = "threads",
 ) -> TokenCache:
     """The token cache of a plain-text data source (any `qlora_ft.sources` source): each paragraph one record,
     all of it trained on. Tokenizes only when the data, the tokenizer or an option changed."""
@@ -575,7 +599,8 @@ def open_text_cache(
 
     return open_or_build(covers, tokenizer, part(splits[0] if splits else None), cache_dir=cache_dir,
                          validation=part(splits[1]) if splits else None,
-                         input_bytes=sum(f.stat().st_size for f in src.files), workers=workers)  # fmt: skip
+                         input_bytes=sum(f.stat().st_size for f in src.files), workers=workers,
+                         parallel=parallel)  # fmt: skip
 
 
 @dataclass

@@ -180,18 +180,22 @@ def test_concurrent_builders_end_with_one_valid_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_ids(tmp_path, tok):
+def test_worker_processes_and_threads_give_the_same_ids(tmp_path, tok):
     paragraphs = make_paragraphs(300, seed=9)
     one = cache.open_or_build({"w": 1}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path, workers=1)
     monkey_chunk = cache.CHUNK_CHARS
     cache.CHUNK_CHARS = 500  # many work items, so the order of results matters
     try:
         two = cache.open_or_build({"w": 2}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path,
-                                  workers=2)  # fmt: skip
+                                  workers=2, parallel="processes")  # fmt: skip
+        threads = cache.open_or_build({"w": 3}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path,
+                                      workers=2, parallel="threads")  # fmt: skip
     finally:
         cache.CHUNK_CHARS = monkey_chunk
     assert np.array_equal(one.index, two.index) and np.array_equal(one.hashes, two.hashes)
     assert all(np.array_equal(one.tokens(i), two.tokens(i)) for i in range(one.n_records))
+    assert np.array_equal(np.asarray(one._ids), np.asarray(threads._ids))
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"  # as conftest set it: restored after the build
 
 
 def test_cache_list_and_clear_commands(tmp_path, tok, book, capsys):
