@@ -20,10 +20,11 @@ EOS: records are stored without special tokens. Windowing wraps each record as `
 `data.to_windows` does; the leading <eos> is context and the closing <eos> is trained on (mask 1), so a model
 trained on prompt/response records learns to stop.
 
-Builds are streamed (memory bounded by a few chunks of records), use every core (a spawn-safe process pool, each
-worker builds the tokenizer once), run under a file lock (a second run building the same cache waits, then
-reuses it), write into a temporary folder renamed into place when complete, and refuse to start when the disk
-is clearly too small. A folder without meta.json or whose file sizes disagree with it is rebuilt.
+Builds are streamed (memory bounded by a few chunks of records), use every core (the tokenizers library's
+threads, or a spawn-safe process pool whose workers build the tokenizer once), run under a file lock (a second
+run building the same cache waits, then reuses it), write into a temporary folder renamed into place when
+complete, and refuse to start when the disk is clearly too small. A folder without meta.json or whose file sizes
+disagree with it is rebuilt.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as e:
         raise CacheInvalid(f"{path}: no readable meta.json ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("fingerprint") != path.name:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or \
+            meta.get("fingerprint") != path.name or not isinstance(meta.get("files"), dict):  # fmt: skip
         raise CacheInvalid(f"{path}: meta.json is from another format or folder")
     for name, size in meta["files"].items():
         try:

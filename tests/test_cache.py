@@ -92,6 +92,9 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, tok, book):
     assert rebuilt.built and [rebuilt.tokens(i).tolist() for i in range(rebuilt.n_records)] == expected
     (rebuilt.path / "meta.json").unlink()  # incomplete: meta.json is written last
     assert _open(path, tok, where).built
+    for junk in ("{", "[]", '{"format_version": 1}'):
+        (rebuilt.path / "meta.json").write_text(junk)
+        assert _open(path, tok, where).built
     assert [p.name for p in where.iterdir() if not p.name.startswith(".")] == [c.fingerprint]
 
 
