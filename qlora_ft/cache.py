@@ -240,30 +240,57 @@ def open_or_build(
                 log.warning("token cache %s is incomplete or damaged (%s); rebuilding", final, e)
         for stale in root.glob(f".{fp}.tmp-*"):  # left by a build that was killed; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-        vocab_size = len(tokenizer)
-        itemsize = 2 if vocab_size <= 1 << 16 else 4
-        check_disk_space(root, input_bytes, itemsize)
-        tmp = root / f".{fp}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            started = time.perf_counter()
-            meta = _build(tmp, tokenizer, records, validation, itemsize, (workers, parallel))
-            meta.update(fingerprint=fp, covers=covers, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id,
-                        vocab_size=vocab_size, build_seconds=round(time.perf_counter() - started, 2),
-                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
-            _write_json(tmp / "meta.json", meta)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise UserError(f"the disk holding {root} filled up while building the token cache") from None
-            raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel))
+        meta["covers"] = covers
+        _publish(root, fp, meta)
     log.info("token cache %s: %d records, %d tokens, built in %.1fs", final, meta["n_records"], meta["n_tokens"],
              meta["build_seconds"])  # fmt: skip
     return TokenCache(final, built=True)
+
+
+def _build_into(root: Path, fp: str, tokenizer: Any, records: Callable[[], Iterable[Record]],
+                validation: Callable[[], Iterable[Record]] | None, input_bytes: int,
+                workers: tuple[int | None, Parallel]) -> dict[str, Any]:  # fmt: skip
+    """Build the cache files into root/.<fp>.tmp-<pid>/ (the caller holds the lock); returns meta.json's content
+    less `covers`. The temporary folder is removed on failure; a full disk is a UserError."""
+    vocab_size = len(tokenizer)
+    itemsize = 2 if vocab_size <= 1 << 16 else 4
+    check_disk_space(root, input_bytes, itemsize)
+    tmp = root / f".{fp}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        started = time.perf_counter()
+        meta = _build(tmp, tokenizer, records, validation, itemsize, workers)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _full_disk(root) from None
+        raise
+    meta.update(fingerprint=fp, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id, vocab_size=vocab_size,
+                build_seconds=round(time.perf_counter() - started, 2),
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+    return meta
+
+
+def _full_disk(root: Path) -> UserError:
+    return UserError(f"the disk holding {root} filled up while building the token cache")
+
+
+def _publish(root: Path, fp: str, meta: dict[str, Any]) -> None:
+    """Write meta.json (last: the folder is now complete) and rename the temporary folder to its final name,
+    replacing a damaged folder there (the caller holds the lock)."""
+    tmp, final = root / f".{fp}.tmp-{os.getpid()}", root / fp
+    try:
+        _write_json(tmp / "meta.json", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _full_disk(root) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_disk_space(root: Path, input_bytes: int, itemsize: int) -> None:

@@ -145,6 +145,18 @@ def test_disk_space_check_is_a_user_error(tmp_path, tok, book, monkeypatch):
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
 
 
+def test_a_disk_filling_up_mid_build_is_a_user_error_and_leaves_nothing(tmp_path, tok):
+    import errno
+
+    def records():
+        yield [("Some text.", True)]
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a write to a full disk raises
+
+    with pytest.raises(UserError, match="filled up while building the token cache"):
+        cache.open_or_build({"t": "full"}, tok, records, cache_dir=tmp_path, workers=1)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_empty_data_is_a_user_error(tmp_path, tok):
     with pytest.raises(UserError, match="no records"):
         cache.open_or_build({"t": "empty"}, tok, lambda: iter([]), cache_dir=tmp_path, workers=1)
