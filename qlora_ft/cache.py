@@ -232,7 +232,13 @@ def open_or_build(
         return TokenCache(final)
     except CacheInvalid:
         pass
-    with filelock.FileLock(str(root / f".{fp}.lock")):
+    lock = filelock.FileLock(str(root / f".{fp}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("another process is building the token cache %s; waiting for it", final)
+        lock.acquire()
+    try:
         try:  # another process may have built it while we waited for the lock
             return TokenCache(final)
         except CacheInvalid as e:
@@ -243,6 +249,8 @@ def open_or_build(
         meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel))
         meta["covers"] = covers
         _publish(root, fp, meta)
+    finally:
+        lock.release()
     log.info("token cache %s: %d records, %d tokens, built in %.1fs", final, meta["n_records"], meta["n_tokens"],
              meta["build_seconds"])  # fmt: skip
     return TokenCache(final, built=True)

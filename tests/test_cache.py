@@ -164,32 +164,60 @@ def test_empty_data_is_a_user_error(tmp_path, tok):
 
 
 BUILDER = """
-import sys, time
+import logging, sys, time
+from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import build_tokenizer, make_paragraphs
 from qlora_ft import cache
 
-def slow_records():
+def held_records(signals):
+    (signals / "started").touch()
+    for _ in range(600):  # hold the build open until the test says the other process is waiting
+        if (signals / "release").exists():
+            break
+        time.sleep(0.1)
     for p in make_paragraphs(40):
-        time.sleep(0.05)  # long enough that the two builds overlap
         yield [(p, True)]
 
 if __name__ == "__main__":
-    c = cache.open_or_build({{"t": "race"}}, build_tokenizer(), slow_records, cache_dir=sys.argv[1], workers=1)
+    logging.basicConfig(level=logging.INFO)
+    signals = Path(sys.argv[2])
+    c = cache.open_or_build({{"t": "race"}}, build_tokenizer(), lambda: held_records(signals), cache_dir=sys.argv[1],
+                            workers=1)
     print("built" if c.built else "reused", c.n_records, c.n_tokens)
 """
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_concurrent_builders_end_with_one_valid_cache(tmp_path):
+    """The second builder starts while the first is mid-build: it waits on the lock, then reuses the cache."""
     script = tmp_path / "builder.py"
     script.write_text(BUILDER.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    runs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "c")], stdout=subprocess.PIPE, text=True,
-                             env=env) for _ in range(2)]  # fmt: skip
-    outs = sorted(r.communicate(timeout=300)[0].split()[0] for r in runs)
+    runs, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"log{i}", "w+"))  # closed below
+        runs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "c"), str(tmp_path)],
+                                     stdout=subprocess.PIPE, stderr=logs[i], text=True, env=env))  # fmt: skip
+        if i == 0:
+            _wait_for(lambda: (tmp_path / "started").exists(), "the first build to start")
+    _wait_for(lambda: "waiting for it" in (tmp_path / "log1").read_text(), "the second builder to wait on the lock")
+    (tmp_path / "release").touch()
+    outs = [r.communicate(timeout=300)[0].split() for r in runs]
+    for f in logs:
+        f.close()
     assert [r.returncode for r in runs] == [0, 0]
-    assert outs == ["built", "reused"]
+    assert outs[0][0] == "built" and outs[1][0] == "reused"
+    assert outs[0][1] == "40" and outs[0][1:] == outs[1][1:]  # the same records and tokens
     (folder,) = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
     assert cache.TokenCache(folder).n_records == 40
 
