@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from qlora_ft.data import follow_umask
 from qlora_ft.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        follow_umask(tmp.glob("*.safetensors"))  # safetensors writes 0600
         torch.save(tensors, tmp / STATE_PT)
         write_json(tmp / STATE_JSON, meta)
         write_json(tmp / CONFIG_JSON, run_config)

@@ -153,6 +153,29 @@ def _prepare_parser(parser: argparse.ArgumentParser) -> None:
                         const=True, default=False, metavar="BOOL", help=keep_help)  # fmt: skip
 
 
+def run_cache(action: str, cache_dir: str | None, fingerprints: list[str]) -> None:
+    from qlora_ft.cache import clear_caches, default_cache_dir, list_caches
+
+    root = cache_dir or str(default_cache_dir())
+    if action == "clear":
+        deleted = clear_caches(root, fingerprints)
+        log.info("deleted %d token cache(s) from %s", len(deleted), root)
+        return
+    caches = list_caches(root)
+    print(f"{len(caches)} token cache(s) in {root}")
+    for c in caches:
+        what = ", ".join(d["name"] for d in c.meta.get("covers", {}).get("data", [])) or "incomplete"
+        counts = f"{c.meta['n_records']:,} records, {c.meta['n_tokens']:,} tokens" if c.complete else "incomplete"
+        print(f"{c.fingerprint}  {c.bytes / 1e6:9.1f} MB  {counts}  {what}")
+
+
+def _cache_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "clear"], help="list the caches, or delete them")
+    parser.add_argument("fingerprints", nargs="*", metavar="FINGERPRINT", help="clear only these (default: all)")
+    parser.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
+                        help="token cache folder (default: $QLORA_FT_CACHE or ~/.cache/qlora-ft/tokens)")  # fmt: skip
+
+
 COMMANDS = {
     "train": (TrainConfig, "fine-tune a model (same options as train.py)"),
     "generate": (GenerateConfig, "generate text from a fine-tuned model (same options as inference.py)"),
@@ -184,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (cfg_cls, help_text) in COMMANDS.items():
         build_parser(cfg_cls, f"qlora-ft {name}", help_text, sub.add_parser(name, help=help_text))
     _prepare_parser(sub.add_parser("prepare", help="turn plain-text books into the paragraph pickle"))
+    _cache_parser(sub.add_parser("cache", help="list or clear the tokenized-corpus caches"))
     args = vars(parser.parse_args(argv))
     command = args.pop("command", None)
     if command is None:
@@ -192,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if command == "prepare":
         run_prepare(args["inputs"], args["out"], args["text_column"], args["keep_headings"])
+        return
+    if command == "cache":
+        run_cache(args["action"], args["cache_dir"], args["fingerprints"])
         return
     cfg = config_from_flat(COMMANDS[command][0], args)
     runners = {"train": run_train, "generate": run_generate, "export": run_export, "eval": run_eval,

@@ -49,7 +49,11 @@ def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") 
 
 # The files that make a folder a model (a tokenizer may come without config.json). Checked first: otherwise
 # transformers fails deep inside with a page-long message whose first line names neither folder nor cause.
-_DIR_FILES = {"model": ("config.json",), "tokenizer": ("config.json", "tokenizer.json", "tokenizer_config.json")}
+_DIR_FILES = {
+    "model": ("config.json",),
+    "model config": ("config.json",),
+    "tokenizer": ("config.json", "tokenizer.json", "tokenizer_config.json"),
+}
 _AS_GIVEN: dict[str, str] = {}  # resolved local path -> the path as the user typed it, for error messages
 
 

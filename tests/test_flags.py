@@ -172,6 +172,8 @@ def test_output_files_follow_the_umask(run):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp / "out").iterdir() if p.is_file()}
     assert modes["adapter_model.safetensors"] == 0o644
     assert set(modes.values()) == {0o644}, modes
+    checkpoint_files = [p for p in (tmp / "ckpt").rglob("*") if p.is_file()]
+    assert checkpoint_files and {stat.S_IMODE(p.stat().st_mode) for p in checkpoint_files} == {0o644}
 
 
 def test_the_adapter_loads_without_a_fan_in_fan_out_warning_and_merges_exactly(run, tiny_model_dir):

@@ -1,0 +1,253 @@
+"""Token cache: hits and misses, damaged caches, windows and split equal to the in-memory path, locking."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, build_tokenizer, make_paragraphs, shared_or_skip
+from qlora_ft import cache, data
+from qlora_ft.cli import main
+from qlora_ft.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def book(tmp_path) -> tuple[Path, list[str]]:
+    paragraphs = make_paragraphs(80, seed=3)
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path, paragraphs
+
+
+def _open(path, tok, cache_dir, **kw) -> cache.TokenCache:
+    return cache.open_text_cache(str(path), tok, cache_dir=cache_dir, workers=1, **kw)
+
+
+def test_windows_from_the_memmap_equal_the_in_memory_windows(tmp_path, tok, book):
+    path, paragraphs = book
+    c = _open(path, tok, tmp_path / "cache")
+    assert c.built and c.n_records == len(paragraphs) and c.meta["dtype"] == "uint16" and not c.meta["has_mask"]
+    assert [c.tokens(i).tolist() for i in range(c.n_records)] == data.tokenize(tok, paragraphs)
+    for max_len in (2, 5, 16, 64):
+        windows = cache.cut_windows(c, np.arange(c.n_records), max_len)
+        assert windows.rows([[k] for k in range(len(windows))]) == [[w] for w in data.windows_for(tok, paragraphs,
+                                                                                                  max_len)]  # fmt: skip
+        assert windows.lengths.tolist() == [len(w) for w in data.windows_for(tok, paragraphs, max_len)]
+    some = np.array([7, 2, 40])
+    assert [cache.cut_windows(c, some, 16).ids(k).tolist() for k in range(len(cache.cut_windows(c, some, 16)))] == \
+        data.windows_for(tok, [paragraphs[i] for i in some], 16)  # fmt: skip
+
+
+def test_gpt2_windows_equal_on_a_shared_book(tmp_path):
+    from transformers import AutoTokenizer
+
+    gpt2 = AutoTokenizer.from_pretrained(shared_or_skip("data", "gpt2-tokenizer"))
+    path = shared_or_skip("data", "corpora", "austen", "northanger_abbey.txt")
+    paragraphs = data.split_text(data.read_text_file(path))
+    c = _open(path, gpt2, tmp_path, keep_headings=True)
+    windows = cache.cut_windows(c, np.arange(c.n_records), 128)
+    expected = data.windows_for(gpt2, paragraphs, 128)
+    assert len(windows) == len(expected)
+    assert all(windows.ids(k).tolist() == expected[k] for k in range(len(expected)))
+
+
+def test_hit_and_miss_when_data_tokenizer_or_options_change(tmp_path, tok, book):
+    path, _ = book
+    where = tmp_path / "cache"
+    first = _open(path, tok, where)
+    assert first.built and not _open(path, tok, where).built
+    # the same size and modification time, other bytes: only a content hash notices
+    stat, original = path.stat(), path.read_bytes()
+    path.write_bytes(original.replace(b"a", b"e", 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _open(path, tok, where).built
+    path.write_bytes(original)
+    assert not _open(path, tok, where).built
+    other = build_tokenizer()
+    other.add_tokens(["Elizabeth Darcy"])
+    assert _open(path, other, where).built
+    assert _open(path, tok, where, keep_headings=True).built
+    assert not _open(path, tok, where).built
+    assert len(cache.list_caches(where)) == 4
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path, tok, book):
+    path, where = book[0], tmp_path / "cache"
+    c = _open(path, tok, where)
+    expected = [c.tokens(i).tolist() for i in range(c.n_records)]
+    ids = c.path / "ids.bin"
+    ids.write_bytes(ids.read_bytes()[:-10])  # truncated, as by a full disk or a killed copy
+    rebuilt = _open(path, tok, where)
+    assert rebuilt.built and [rebuilt.tokens(i).tolist() for i in range(rebuilt.n_records)] == expected
+    (rebuilt.path / "meta.json").unlink()  # incomplete: meta.json is written last
+    assert _open(path, tok, where).built
+    for junk in ("{", "[]", '{"format_version": 1}'):
+        (rebuilt.path / "meta.json").write_text(junk)
+        assert _open(path, tok, where).built
+    assert [p.name for p in where.iterdir() if not p.name.startswith(".")] == [c.fingerprint]
+
+
+def test_split_is_the_split_of_split_corpus(tmp_path, tok):
+    paragraphs = make_paragraphs(50, seed=5)
+    paragraphs += paragraphs[3:9]  # duplicates are kept once
+    c = cache.open_or_build({"t": 1}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path, workers=1)
+    train, val = cache.split_records(c, seed=7, train_share=0.8)
+    expected = data.split_corpus(data.Corpus(paragraphs), train_size=0.8, seed=7)
+    assert [paragraphs[i] for i in train] == expected.train and [paragraphs[i] for i in val] == expected.validation
+    stored = c.path / "split-7-0.8.npy"
+    assert stored.exists()
+    stored.unlink()
+    again = cache.split_records(c, seed=7, train_share=0.8)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
+
+
+def test_pre_split_source_keeps_its_parts(tmp_path, tok):
+    import datasets
+
+    train = ["Alpha one.", "Beta two.", "Shared.", "Alpha one."]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "validation": datasets.Dataset.from_dict({"text": ["Shared.", "Gamma."]})}
+                         ).save_to_disk(str(tmp_path / "dd"))  # fmt: skip
+    c = _open(tmp_path / "dd", tok, tmp_path / "cache")
+    assert c.n_records == 6 and c.meta["n_train_fixed"] == 4
+    tr, va = cache.split_records(c, seed=0, train_share=0.5)
+    assert tr.tolist() == [0, 1] and va.tolist() == [4, 5]
+
+
+def test_instruction_records_store_a_loss_mask(tmp_path, tok):
+    records = [[("Say hello.", False), (" Hello there.", True)], [("Plain text", True)]]
+    c = cache.open_or_build({"t": "inst"}, tok, lambda: iter(records), cache_dir=tmp_path, workers=1)
+    assert c.meta["has_mask"] and (c.path / "mask.bin").exists()
+    n_prompt = len(tok("Say hello.", add_special_tokens=False)["input_ids"])
+    assert c.mask(0).tolist() == [0] * n_prompt + [1] * (c.lengths[0] - n_prompt)
+    assert c.mask(1).tolist() == [1] * c.lengths[1]
+    w = cache.cut_windows(c, [0], 64)
+    assert w.mask(0).tolist() == [0, *c.mask(0).tolist(), 1]  # leading <eos> is context, closing <eos> trained
+    assert w.ids(0).tolist() == [tok.eos_token_id, *c.tokens(0).tolist(), tok.eos_token_id]
+
+
+def test_disk_space_check_is_a_user_error(tmp_path, tok, book, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UserError, match="not enough disk space for the token cache"):
+        _open(book[0], tok, tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_a_disk_filling_up_mid_build_is_a_user_error_and_leaves_nothing(tmp_path, tok):
+    import errno
+
+    def records():
+        yield [("Some text.", True)]
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a write to a full disk raises
+
+    with pytest.raises(UserError, match="filled up while building the token cache"):
+        cache.open_or_build({"t": "full"}, tok, records, cache_dir=tmp_path, workers=1)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_empty_data_is_a_user_error(tmp_path, tok):
+    with pytest.raises(UserError, match="no records"):
+        cache.open_or_build({"t": "empty"}, tok, lambda: iter([]), cache_dir=tmp_path, workers=1)
+    assert not list(tmp_path.glob("*tmp*"))
+
+
+BUILDER = """
+import logging, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import build_tokenizer, make_paragraphs
+from qlora_ft import cache
+
+def held_records(signals):
+    (signals / "started").touch()
+    for _ in range(600):  # hold the build open until the test says the other process is waiting
+        if (signals / "release").exists():
+            break
+        time.sleep(0.1)
+    for p in make_paragraphs(40):
+        yield [(p, True)]
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    signals = Path(sys.argv[2])
+    c = cache.open_or_build({{"t": "race"}}, build_tokenizer(), lambda: held_records(signals), cache_dir=sys.argv[1],
+                            workers=1)
+    print("built" if c.built else "reused", c.n_records, c.n_tokens)
+"""
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_concurrent_builders_end_with_one_valid_cache(tmp_path):
+    """The second builder starts while the first is mid-build: it waits on the lock, then reuses the cache."""
+    script = tmp_path / "builder.py"
+    script.write_text(BUILDER.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"log{i}", "w+"))  # closed below
+        runs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "c"), str(tmp_path)],
+                                     stdout=subprocess.PIPE, stderr=logs[i], text=True, env=env))  # fmt: skip
+        if i == 0:
+            _wait_for(lambda: (tmp_path / "started").exists(), "the first build to start")
+    _wait_for(lambda: "waiting for it" in (tmp_path / "log1").read_text(), "the second builder to wait on the lock")
+    (tmp_path / "release").touch()
+    outs = [r.communicate(timeout=300)[0].split() for r in runs]
+    for f in logs:
+        f.close()
+    assert [r.returncode for r in runs] == [0, 0]
+    assert outs[0][0] == "built" and outs[1][0] == "reused"
+    assert outs[0][1] == "40" and outs[0][1:] == outs[1][1:]  # the same records and tokens
+    (folder,) = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+    assert cache.TokenCache(folder).n_records == 40
+
+
+@pytest.mark.slow
+def test_worker_processes_and_threads_give_the_same_ids(tmp_path, tok):
+    paragraphs = make_paragraphs(300, seed=9)
+    one = cache.open_or_build({"w": 1}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path, workers=1)
+    monkey_chunk = cache.CHUNK_CHARS
+    cache.CHUNK_CHARS = 500  # many work items, so the order of results matters
+    try:
+        two = cache.open_or_build({"w": 2}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path,
+                                  workers=2, parallel="processes")  # fmt: skip
+        threads = cache.open_or_build({"w": 3}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path,
+                                      workers=2, parallel="threads")  # fmt: skip
+    finally:
+        cache.CHUNK_CHARS = monkey_chunk
+    assert np.array_equal(one.index, two.index) and np.array_equal(one.hashes, two.hashes)
+    assert all(np.array_equal(one.tokens(i), two.tokens(i)) for i in range(one.n_records))
+    assert np.array_equal(np.asarray(one._ids), np.asarray(threads._ids))
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"  # as conftest set it: restored after the build
+
+
+def test_cache_list_and_clear_commands(tmp_path, tok, book, capsys):
+    c = _open(book[0], tok, tmp_path)
+    main(["cache", "list", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{c.fingerprint}" in out and "80 records" in out and "book.txt" in out
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "clear", "nosuchcache", "--cache-dir", str(tmp_path)])
+    assert e.value.code == 2 and "no token cache nosuchcache" in capsys.readouterr().err
+    main(["cache", "clear", "--cache-dir", str(tmp_path)])
+    assert not c.path.exists() and cache.list_caches(tmp_path) == []
