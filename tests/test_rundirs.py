@@ -162,10 +162,10 @@ def test_keep_checkpoints_prunes_epoch_and_step_checkpoints_alike(tmp_path, data
 
 
 def test_resume_after_the_packing_probe_switched_packing_off(tmp_path, data_pkl, tiny_model_dir, monkeypatch):
-    import qlora_ft.loop
+    import qlora_ft.training.setup
 
     # the probe's outcome for a model whose attention would cross packed paragraphs
-    monkeypatch.setattr(qlora_ft.loop, "packing_is_isolated", lambda model, device: False)
+    monkeypatch.setattr(qlora_ft.training.setup, "packing_is_isolated", lambda model, device: False)
     args = ("--max-steps", "4", "--save-every-steps", "2")
     train_main(argv(tmp_path, data_pkl, tiny_model_dir, *args, run="full"))
     assert json.loads((tmp_path / "full" / "run_config.json").read_text())["data"]["packing"] is False
