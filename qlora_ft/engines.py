@@ -146,6 +146,10 @@ class Engine:
         """The model without the engine's wrapper (a PeftModel for LoRA runs)."""
         return self.accelerator.unwrap_model(self.model)
 
+    def autocast(self) -> AbstractContextManager:
+        """The run's autocast (16-bit compute, if any), for what runs outside the prepared model's forward."""
+        return self.accelerator.autocast()
+
     def no_sync(self, model) -> AbstractContextManager:
         """Context for a backward that only accumulates: DDP and FSDP skip their gradient all-reduce in it."""
         return self.accelerator.no_sync(model)

@@ -142,7 +142,7 @@ def write_samples(run: Run, step: int) -> None:
     if not (engine.is_main or engine.lockstep):  # FSDP: all generate the same texts, in lockstep
         return
     prompts = cfg.sample.sample_prompts
-    with engine.accelerator.autocast():
+    with engine.autocast():
         texts = sample(engine.unwrap(), run.tokenizer, prompts, cfg.sample, cfg.sample.max_output_length,
                        seed=cfg.data.seed + step)  # fmt: skip
     if not engine.is_main:
