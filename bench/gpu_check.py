@@ -3,7 +3,8 @@
     python bench/gpu_check.py OUT_DIR
 
 Runs, on random-weight GPT-2 models built here (nothing is downloaded): the precision policy for this card;
-the chunked loss against the plain loss under autocast (bf16 and fp16); the packing probe; 50 QLoRA steps
+the chunked loss against the plain loss under autocast (bf16 and fp16) and its speed (bench/loss_bench.py);
+the packing probe; 50 QLoRA steps
 in bf16 and in fp16 (loss scaling); full fine-tuning (`--qlora False`) in both; an exact-resume check;
 inference from the adapter and from an exported model, with their parity; peak memory (allocated and
 reserved) of a gpt2-medium-shaped model at batch 8 x 512 with and without gradient checkpointing; and
@@ -134,6 +135,16 @@ def check_loss_parity() -> dict:
     return result
 
 
+def check_loss_speed(out: Path) -> dict:
+    """bench/loss_bench.py on this GPU: ours vs torch's F.linear_cross_entropy (where torch has it), 8 x 1024 tokens."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import loss_bench
+
+    rows = loss_bench.main(["--device", "cuda", "--tokens", "8192", "--repeats", "5", "--json",
+                            str(out / "loss_bench.json")])  # fmt: skip
+    return {"rows": rows, "ok": True}
+
+
 def check_packing(model_dir: Path) -> dict:
     import torch
 
@@ -161,13 +172,16 @@ def check_training(out: Path, model: Path, data: Path) -> dict:
 
 
 def check_resume(out: Path, model: Path, data: Path) -> dict:
-    """fp16 QLoRA: 20 steps at once == 10 steps, then resumed for 10 more (adapter and losses)."""
+    """fp16 QLoRA: 20 steps at once == a new run resumed from that run's step-10 checkpoint for 10 more
+    (adapter and logged losses; the loss scaler's state travels in the checkpoint)."""
     from safetensors.torch import load_file
 
-    flags = ("--compute-dtype", "float16", "--save-every-steps", "10", "--log-every", "1")
-    train_run(out, "resume-full", model, data, *flags, "--max-steps", "20")
-    train_run(out, "resume-part", model, data, *flags, "--max-steps", "10")
-    train_run(out, "resume-part", model, data, *flags, "--max-steps", "20", "--restore-file", "step-000010")
+    ckpt = out / "resume-ckpt"
+    flags = ("--compute-dtype", "float16", "--save-every-steps", "10", "--log-every", "1", "--max-steps", "20",
+             "--lora-dropout", "0.1", "--check-dir", str(ckpt))  # fmt: skip
+    train_run(out, "resume-full", model, data, *flags)
+    (ckpt / "step-000020").rename(out / "resume-full-step20")  # so that the resumed run cannot reuse it
+    train_run(out, "resume-part", model, data, *flags, "--restore-file", "step-000010")
     a = load_file(out / "resume-full" / "adapter_model.safetensors")
     b = load_file(out / "resume-part" / "adapter_model.safetensors")
     max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -176,7 +190,8 @@ def check_resume(out: Path, model: Path, data: Path) -> dict:
          if "loss" in r}
         for run in ("resume-full", "resume-part")
     )  # fmt: skip
-    return {"adapter_max_abs_diff": max_diff, "losses_equal": la == lb, "ok": max_diff == 0.0 and la == lb}
+    same = sorted(lb) == list(range(11, 21)) and all(la[s] == lb[s] for s in lb)
+    return {"adapter_max_abs_diff": max_diff, "resumed_losses_equal": same, "ok": max_diff == 0.0 and same}
 
 
 def check_inference(out: Path) -> dict:
@@ -263,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "precision_policy": check_policy,
         "chunked_loss_vs_plain": check_loss_parity,
+        "chunked_loss_speed": lambda: check_loss_speed(work),
         "packing_probe": lambda: check_packing(small),
         "training_16bit": lambda: check_training(work, small, data),
         "resume_fp16": lambda: check_resume(work, small, data),

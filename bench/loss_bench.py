@@ -57,7 +57,7 @@ def measure(impl: str, dtype: torch.dtype, hidden, weight, targets, chunk: int, 
         "impl": impl,
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": statistics.median(times[1:]),
-        "loss_rel_error": abs(float(loss.detach()) - float(ref)) / abs(float(ref)),
+        "loss_rel_error": abs(float(loss.detach()) - float(ref.detach())) / abs(float(ref.detach())),
         "grad_rel_error": float((h.grad.double() - ref_grad).norm() / ref_grad.norm()),
         "peak_bytes": peak or None,
     }

@@ -75,6 +75,19 @@ def test_chunked_loss_matches_plain_loss_under_autocast(dtype, use_torch):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.02 if dtype == torch.bfloat16 else 5e-3)
 
 
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no F.linear_cross_entropy")
+def test_torch_chunked_loss_does_not_overflow_fp16():
+    """torch's op returns its sum in the input dtype: the fp16 sum of 3,000 tokens' losses would overflow."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3000, 16), torch.randn(100, 16) * 3
+    targets = torch.randint(0, 100, (3000,))
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+        chunked = linear_cross_entropy(hidden, weight, targets, chunk=4096, use_torch=True)
+    assert float(plain) > 65504 and chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=0)
+
+
 def _argv(tmp_path, data, model_dir, run, *extra):
     return ["--data", str(data), "--model", str(model_dir), "--batch-size", "4", "--max-input-length", "24",
             "--rank-lora", "4", "--alpha-lora", "8", "--lr", "3e-2", "--warmup-steps", "0", "--sample-every", "0",
@@ -139,25 +152,26 @@ def test_trainable_weights_are_float32_in_16_bit_modes(tmp_path, data_pkl, tiny_
 
 @pytest.mark.slow
 def test_fp16_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
-    """fp16 with loss scaling: 4 steps == 2 steps, then a resumed run for 2 more (scaler state restored)."""
+    """fp16 with loss scaling: 4 steps at once == 2 steps, then a new run resumed from that checkpoint for 2
+    more (the scaler's state is saved and restored); with dropout."""
     from safetensors.torch import load_file
 
     args = ("--compute-dtype", "float16", "--qlora", "False", "--lora", "True", "--save-every-steps", "2",
-            "--lora-dropout", "0.1")  # fmt: skip
+            "--lora-dropout", "0.1", "--check-dir", str(tmp_path / "ckpt"))  # fmt: skip
     train_main(_argv(tmp_path, data_pkl, tiny_model_dir, "full", *args))
-    train_main(_argv(tmp_path, data_pkl, tiny_model_dir, "part", *args, "--max-steps", "2"))
-    _, tensors, _, _ = load_checkpoint(tmp_path / "ckpt-part" / "step-000002")
+    assert list_checkpoints(tmp_path / "ckpt") == ["step-000002", "step-000004"]
+    _, tensors, _, _ = load_checkpoint(tmp_path / "ckpt" / "step-000002")
     assert tensors["scaler"]["scale"] > 1.0
-    train_main(_argv(tmp_path, data_pkl, tiny_model_dir, "part", *args, "--restore-file", "step-000002"))
-    assert list_checkpoints(tmp_path / "ckpt-part") == ["step-000002", "step-000004"]
-    full, resumed = (
-        load_file(tmp_path / "full" / "adapter_model.safetensors"),
-        load_file(tmp_path / "part" / "adapter_model.safetensors"),
-    )
+    (tmp_path / "ckpt" / "step-000004").rename(tmp_path / "full-step4")  # so the resumed run cannot reuse it
+    train_main(_argv(tmp_path, data_pkl, tiny_model_dir, "resumed", *args, "--restore-file", "step-000002"))
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-    assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
+    losses = _losses(tmp_path / "resumed")
+    assert sorted(losses) == [3, 4] and all(_losses(tmp_path / "full")[s] == losses[s] for s in losses)
 
 
+@pytest.mark.slow
 def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: run bench/gpu_check.py itself")
@@ -185,3 +199,24 @@ def test_cuda_bf16_policy_and_autocast_loss():
         plain = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
         chunked = linear_cross_entropy(hidden, weight, targets, chunk=128)
     torch.testing.assert_close(chunked, plain.float(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.slow
+def test_gpu_check_inputs_and_report_on_cpu(tmp_path):
+    """The parts of bench/gpu_check.py that need no GPU: the random model it builds loads with transformers and
+    its tokenizer; the markdown report has a row per check."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    path = gpu_check.build_model(tmp_path / "m", n_layer=1, n_embd=32, n_head=2)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(gpu_check.paragraphs(1, 20)[0], return_tensors="pt").input_ids
+    assert 0 < ids.max() < model.config.vocab_size and model(ids).logits.isfinite().all()
+    results = {"device": "X", "checks": {"a": {"ok": True, "seconds": 1.0, "n": 3},
+                                         "b": {"ok": False, "seconds": 2.0, "error": "E: boom"}}}  # fmt: skip
+    md = gpu_check.report_markdown(results)
+    assert "| a | yes | 1.0 |" in md and "| b | NO | 2.0 | `E: boom` |" in md
