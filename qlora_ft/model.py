@@ -16,8 +16,6 @@ from qlora_ft.precision import precision_policy
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") -> None:
     """Fail fast, in one line, when `name` must come from the Hugging Face Hub and the Hub cannot be reached.

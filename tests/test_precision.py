@@ -201,7 +201,6 @@ def test_cuda_bf16_policy_and_autocast_loss():
     torch.testing.assert_close(chunked, plain.float(), rtol=1e-3, atol=0)
 
 
-@pytest.mark.slow
 def test_gpu_check_inputs_and_report_on_cpu(tmp_path):
     """The parts of bench/gpu_check.py that need no GPU: the random model it builds loads with transformers and
     its tokenizer; the markdown report has a row per check."""
