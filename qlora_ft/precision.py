@@ -61,7 +61,7 @@ def precision_policy(request: str, device: torch.device) -> Precision:
     """The precision for `--compute-dtype request` on `device`.
 
     `auto`: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with loss scaling on older GPUs,
-    float32 on CPU (bf16 matmuls run ~3x slower there than float32 ones). An explicit choice is honoured;
+    float32 on CPU (where most CPUs lack bf16 units: ~3x slower matmuls). An explicit choice is honoured;
     bf16 on a GPU without native bf16 is warned about (it runs, slowly).
     """
     if request != "auto":
