@@ -51,7 +51,6 @@ from qlora_ft.loss import linear_cross_entropy
 from qlora_ft.model import (
     add_lora,
     check_training_context,
-    compute_dtype,
     count_parameters,
     default_device,
     keep_training_layout,
@@ -59,6 +58,7 @@ from qlora_ft.model import (
     load_tokenizer,
     resolve_base_name,
 )
+from qlora_ft.precision import precision_policy
 from qlora_ft.report import write_report
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def output_layer(model, device=None):
     plain, _ = forward_loss(model, probe, None, 0)
     chunked, _ = forward_loss(model, probe, head, 2)
     model.train(was_training)
-    return head if torch.allclose(plain.float(), chunked.float(), rtol=1e-3, atol=1e-3) else None
+    tol = 1e-2 if torch.is_autocast_enabled(device.type) else 1e-3  # 16-bit logits round differently per layout
+    return head if torch.allclose(plain.float(), chunked.float(), rtol=tol, atol=tol) else None
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor], head, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +141,8 @@ def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], accelerato
         is_accumulating = k < len(micro) - 1  # DDP: all-reduce gradients only on the last micro-batch
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         with accelerator.no_sync(model) if is_accumulating and not deepspeed else nullcontext():
-            loss_sum, _ = forward_loss(model, batch, head, chunk)
+            with accelerator.autocast():  # the forward is autocast already; this covers the chunked loss
+                loss_sum, _ = forward_loss(model, batch, head, chunk)
             scaled = loss_sum * world / max(n_targets, 1)  # DDP and DeepSpeed average over processes
             if deepspeed:
                 deepspeed.backward(scaled, sync_gradients=not is_accumulating)
@@ -185,7 +187,8 @@ def evaluate(
     mine = batches[rank::world]
     for i in range(math.ceil(len(batches) / world) if lockstep else len(mine)):
         batch = mine[i] if i < len(mine) else batches[0]
-        loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
+        with accelerator.autocast() if accelerator else nullcontext():  # as in training (the chunked loss too)
+            loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
         if i < len(mine):
             sums += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
     model.train(was_training)
@@ -216,10 +219,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def method_name(cfg: TrainConfig) -> str:
+    """E.g. "QLoRA (4-bit NF4 base + LoRA, bf16)", "16-bit LoRA (fp16)", "full fine-tuning (32-bit)"."""
+    precision = precision_policy(cfg.model.compute_dtype, default_device())
     if cfg.model.qlora:
-        return "QLoRA (4-bit NF4 base + LoRA)"
-    precision = "16-bit" if compute_dtype(cfg.model.compute_dtype, default_device()) != torch.float32 else "32-bit"
-    return f"{precision} LoRA" if cfg.model.lora else f"full fine-tuning ({precision})"
+        return f"QLoRA (4-bit NF4 base + LoRA, {precision.name})"
+    if precision.autocast_dtype is None:
+        return "32-bit LoRA" if cfg.model.lora else "full fine-tuning (32-bit)"
+    return f"16-bit LoRA ({precision.name})" if cfg.model.lora else f"full fine-tuning ({precision.name} autocast)"
 
 
 def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
@@ -325,17 +331,19 @@ def train(cfg: TrainConfig) -> TrainResult:
              cfg.data.max_input_length)  # fmt: skip
 
     # --- accelerator, model, optimizer ----------------------------------------------------------------
-    dtype = compute_dtype(cfg.model.compute_dtype, default_device())
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    precision = precision_policy(cfg.model.compute_dtype, default_device())
+    dtype = precision.dtype
     # cpu=True without CUDA: several CPU processes (torchrun) then train data-parallel over gloo
-    accelerator = make_accelerator(out_dir, precision)
+    accelerator = make_accelerator(out_dir, precision.accelerate_name)
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     engine = check_engine(accelerator, cfg)  # FSDP, DEEPSPEED or None (one process, DDP)
     fsdp = engine == FSDP
     set_seed(cfg.data.seed)  # the same initial adapter on every process (FSDP keeps each one's own shard of it)
     # FSDP shards only floating tensors of one dtype: the packed 4-bit bytes are stored in the compute dtype
-    model = load_base(cfg.model.model, cfg.model.qlora, dtype, device, dtype if fsdp else torch.uint8)
+    # full fine-tuning trains every weight: float32 masters (a LoRA base is frozen and may stay 16-bit)
+    model = load_base(cfg.model.model, cfg.model.qlora, dtype, device, dtype if fsdp else torch.uint8,
+                      weights_dtype=None if cfg.model.lora else torch.float32)  # fmt: skip
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -344,22 +352,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.model.lora:
         model = add_lora(model, cfg.model)
     set_seed(cfg.data.seed, device_specific=True)  # seed + rank: each process its own dropout masks
-    if cfg.data.packing and not packing_is_isolated(model, device):
+    if cfg.data.packing and not _autocast(accelerator, packing_is_isolated, model, device):
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
         cfg.data.packing = False
-    scaling = "dynamic (fp16 GradScaler)" if getattr(accelerator, "scaler", None) is not None else "none"
+    scaling = "dynamic (fp16 GradScaler)" if precision.use_scaler else "none"
     packing = "on" if cfg.data.packing else "off"
     log.info("setup: device %s, compute dtype %s, loss scaling %s, %s, packing %s", device,
              str(dtype).removeprefix("torch."), scaling, method_name(cfg), packing)  # fmt: skip
     if fsdp and cfg.model.loss_chunk:  # the chunked loss reads the output layer's weight outside the forward,
         log.info("FSDP: computing full logits (--loss-chunk off)")  # where FSDP holds only this process's shard
         cfg.model.loss_chunk = 0
-    head = output_layer(model, device) if cfg.model.loss_chunk else None
+    head = _autocast(accelerator, output_layer, model, device) if cfg.model.loss_chunk else None
     if cfg.model.loss_chunk and head is None:
         log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
     trainable, total = count_parameters(model)
-    log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total, method_name(cfg))  # fmt: skip
+    log.info("parameters: %s trainable of %s (%.2f%%), %s; %s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, method_name(cfg), precision.describe())  # fmt: skip
     params = [p for _, p in trained_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
@@ -416,6 +424,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         set_fp32_masters(model, masters)
     if resume:  # under FSDP and DeepSpeed, into each process's shard
         restore_optimizer(engine, model, optimizer, resume[2]["optimizer"])
+        if accelerator.scaler is not None and "scaler" in resume[2]:
+            accelerator.scaler.load_state_dict(resume[2]["scaler"])
     if accelerator.is_main_process:
         start_run_folders(out_dir, check_dir, cfg, step if resume else None)
     # one TensorBoard run, <output-dir>/tb, continued on resume: events past the checkpoint's step are purged
@@ -440,6 +450,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "world_size": world, "total_steps": total_steps, "initial_val_loss": initial_val_loss,
                 "val_loss": None if math.isnan(val_loss) else val_loss}  # fmt: skip
         tensors = {"optimizer": optim_state, **rng}
+        if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter, for an exact resume
+            tensors["scaler"] = accelerator.scaler.state_dict()
         unwrapped = accelerator.unwrap_model(model)
         path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json(),
                                           state_dict=weights)  # fmt: skip
@@ -598,10 +610,29 @@ def make_accelerator(out_dir: Path, precision: str):
     """The Accelerator: its engine (DDP, FSDP, DeepSpeed) comes from `accelerate launch --config_file`; cpu=True without
     CUDA, so that several CPU processes (torchrun) train data-parallel over gloo."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
-    return Accelerator(
+    state = AcceleratorState._shared_state  # a process-wide singleton that refuses a second precision
+    if world_size() == 1 and state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()  # a second run in this process (a notebook, tests): its own precision
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
     )
+    cpu_engines = (DistributedType.NO, DistributedType.MULTI_CPU)
+    if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.distributed_type in cpu_engines:
+        # accelerate runs fp16 on CPU with neither autocast nor a loss scaler (it silently trains in float32),
+        # though torch has both for CPU: switch on accelerate's own fp16 path (autocast around the forward,
+        # scaled backward, unscale before clipping, scaler.step/update in optimizer.step) with a CPU scaler
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
+
+
+def _autocast(accelerator, fn, *args):
+    """`fn(*args)` under the run's autocast: for the probes that run before `prepare` wraps the forward."""
+    with accelerator.autocast():
+        return fn(*args)
 
 
 def _finish(accelerator) -> None:
