@@ -97,7 +97,9 @@ class ModelArgs:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
     loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
-        "auto", "dtype of 4-bit matmuls and autocast: auto = bf16 on GPUs that have it, else fp16; float32 on CPU"
+        "auto",
+        "dtype of autocast and 4-bit matmuls (trainable weights stay float32): auto = bf16 on GPUs with native bf16 "
+        "(compute capability >= 8.0), else fp16 with loss scaling; float32 on CPU",
     )
 
     def __post_init__(self):

@@ -211,7 +211,9 @@ def _from_object(obj: Any, text_column: str | None, source: str) -> Corpus:
     return Corpus(_texts(obj, text_column, source))
 
 
-def _load_datasets(source: str, text_column: str | None) -> Corpus:
+def load_dataset_splits(source: str):
+    """(train, validation or None) of a `datasets` save_to_disk folder or hub dataset: its train and
+    validation splits if it has both, else all its splits together as train."""
     import datasets
 
     try:
@@ -229,10 +231,15 @@ def _load_datasets(source: str, text_column: str | None) -> Corpus:
     if isinstance(ds, datasets.DatasetDict):
         val_key = next((k for k in VALIDATION_KEYS if k in ds), None)
         if "train" in ds and val_key:
-            return Corpus(_texts(ds["train"].to_pandas(), text_column, source),
-                          _texts(ds[val_key].to_pandas(), text_column, source))  # fmt: skip
+            return ds["train"], ds[val_key]
         ds = datasets.concatenate_datasets(list(ds.values()))
-    return Corpus(_texts(ds.to_pandas(), text_column, source))
+    return ds, None
+
+
+def _load_datasets(source: str, text_column: str | None) -> Corpus:
+    train, validation = load_dataset_splits(source)
+    val_texts = None if validation is None else _texts(validation.to_pandas(), text_column, source)
+    return Corpus(_texts(train.to_pandas(), text_column, source), val_texts)
 
 
 def _is_saved_dataset(path: Path) -> bool:

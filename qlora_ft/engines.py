@@ -11,6 +11,7 @@ parameter position), so that a checkpoint resumes under any engine and process c
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,24 @@ def make_accelerator(out_dir: Path, precision: str):
     CUDA, so that several CPU processes (torchrun) train data-parallel over gloo. (Tests replace this function to
     run FSDP and DeepSpeed on CPU processes: tests/fsdp_on_cpu.py, tests/deepspeed_on_cpu.py.)"""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
-    return Accelerator(
+    state = AcceleratorState._shared_state  # a process-wide singleton that refuses a second precision
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # (no Accelerator yet to ask)
+    if alone and state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()  # a second run in this process (a notebook, tests): its own precision
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with="tensorboard", project_dir=str(out_dir)
     )
+    cpu_engines = (DistributedType.NO, DistributedType.MULTI_CPU)
+    if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.distributed_type in cpu_engines:
+        # accelerate runs fp16 on CPU with neither autocast nor a loss scaler (it silently trains in float32),
+        # though torch has both for CPU: switch on accelerate's own fp16 path (autocast around the forward,
+        # scaled backward, unscale before clipping, scaler.step/update in optimizer.step) with a CPU scaler
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
 
 
 def make_engine(accelerator, cfg: TrainConfig) -> Engine:
@@ -126,6 +141,11 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's loss scaler (None in other precisions); checkpoints keep its state, for an exact resume."""
+        return getattr(self.accelerator, "scaler", None)
 
     @property
     def is_main(self) -> bool:

@@ -6,8 +6,13 @@ hidden states through the output layer a chunk of tokens at a time and, in the s
 gradient with respect to the hidden states (and the output weight, when it trains), so at most one chunk of
 logits exists at any moment and nothing is recomputed in backward.
 
-Written here because no maintained library does this on every device: Liger-Kernel's fused linear
-cross-entropy is Triton (CUDA) only, and torch has no fused linear + cross-entropy op.
+Written here because no maintained library did this on every device: Liger-Kernel's fused linear
+cross-entropy is Triton (CUDA) only, and torch gained `F.linear_cross_entropy` (chunked) only in 2.13; where
+that exists and measured faster (bench/loss_bench.py, docs/benchmarks-loss.md) it is used instead.
+
+Precision: the matmuls run in the autocast dtype when autocast is on (the loss is computed outside the
+model's autocast-wrapped forward), logits are converted to float32 per chunk for the softmax, and the loss
+and the output weight's gradient accumulate in float32.
 """
 
 from __future__ import annotations
@@ -51,8 +56,12 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):  # hidden (N, d), weight (V, d), targets (N,)
+    def forward(ctx, hidden, weight, targets, chunk, dtype):  # hidden (N, d), weight (V, d), targets (N,)
+        # the casts happen in here so that the output weight's gradient accumulates in float32 for a float32
+        # weight (a cast outside would round it to `dtype` on the way back)
         need_weight_grad = ctx.needs_input_grad[1]
+        ctx.dtypes = hidden.dtype, weight.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -61,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss, grad = _chunk_loss(h, weight, t)  # grad (V, C)
             total += loss
             grad = grad.to(h.dtype)
-            grad_hidden[start : start + chunk] = grad.t() @ weight.to(h.dtype)  # (C, d)
+            grad_hidden[start : start + chunk] = grad.t() @ weight  # (C, d)
             if grad_weight is not None:
                 grad_weight += (grad @ h).float()  # (V, d)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -70,27 +79,78 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_w = (grad_weight * grad_output).to(grad_weight.dtype) if grad_weight is not None else None
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_w = (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None
+        # scaled in float32: in 16 bits the factor (fp16: loss scale / tokens) would be rounded
+        return (grad_hidden.float() * grad_output).to(hidden_dtype), grad_w, None, None, None
+
+
+def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the output layer's matmuls run in: autocast's, where it is on for this device (the loss is
+    computed outside the model's forward, so it would otherwise run in float32), else the inputs' own."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _torch_linear_cross_entropy():
+    """torch's fused chunked op (torch >= 2.13), else None."""
+    fn = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    return (fn, options) if fn is not None and options is not None else None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, use_torch: bool | None = None
 ) -> torch.Tensor:
-    """Sum over rows of cross_entropy(hidden @ weight.T, targets), computed `chunk` rows at a time.
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), computed `chunk` rows at a time; float32.
 
     hidden (N, d), weight (V, d), targets (N,) with every target a real token id (select rows first).
-    Equal to `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`, gradients included.
+    Equal to `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`, gradients included, with the
+    matmuls in the autocast dtype when autocast is on (as the model's own output layer would run) and the
+    softmax and the loss accumulated in float32. `use_torch` (None: where it is the faster, see
+    docs/benchmarks-loss.md) picks torch's `F.linear_cross_entropy` over the implementation here.
     """
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk):
-        logits = _logits_t(hidden[start : start + chunk], weight)  # (V, C)
-        total += F.cross_entropy(logits.t(), targets[start : start + chunk], reduction="sum")
+        return hidden.float().sum() * 0.0
+    dtype = compute_dtype_for(hidden, weight)
+    fused = _torch_linear_cross_entropy()
+    if use_torch is None:
+        use_torch = _torch_wins(hidden.device, dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit; autocast would redo them
+        if use_torch and fused is not None:
+            return _torch_sum(*fused, hidden.to(dtype), weight.to(dtype), targets, chunk)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            logits = _logits_t(h[start : start + chunk], w)  # (V, C), float32
+            total += F.cross_entropy(logits.t(), targets[start : start + chunk], reduction="sum")
+        return total
+
+
+def _torch_sum(fn, options, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """torch's op, summed in float32 over calls of at most 1024 rows: it returns the sum in the input dtype,
+    which fp16 would overflow (65,504) past a few thousand tokens and bf16 would round to 3 digits."""
+    rows = min(chunk, 1024)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], rows):
+        part = fn(h[start : start + rows], w, targets[start : start + rows], reduction="sum",
+                  options=options(batch_chunk_size=rows))  # fmt: skip
+        total = total + part.float()
     return total
+
+
+def _torch_wins(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's op is the better choice here, per bench/loss_bench.py (docs/benchmarks-loss.md).
+
+    On CPU: in fp16, where ours runs emulated fp16 matmuls and torch's accumulates its weight gradient in
+    float32 (5x faster); not in float32 (ours ~15% faster) nor in bf16 (ours ~3x faster). CUDA is unmeasured
+    (bench/gpu_check.py measures it): ours runs there until a measurement says otherwise.
+    """
+    return device.type == "cpu" and dtype == torch.float16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,7 +204,8 @@ def output_layer(model, device=None):
     plain, _ = forward_loss(model, probe, None, 0)
     chunked, _ = forward_loss(model, probe, head, 2)
     model.train(was_training)
-    return head if torch.allclose(plain.float(), chunked.float(), rtol=1e-3, atol=1e-3) else None
+    tol = 1e-2 if torch.is_autocast_enabled(device.type) else 1e-3  # 16-bit logits round differently per layout
+    return head if torch.allclose(plain.float(), chunked.float(), rtol=tol, atol=tol) else None
 
 
 def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], engine, head=None, chunk: int = 0):
@@ -163,7 +224,8 @@ def accumulate_gradients(model, micro: list[dict[str, torch.Tensor]], engine, he
         is_accumulating = k < len(micro) - 1  # DDP, FSDP: all-reduce gradients only on the last micro-batch
         batch = {key: v.to(engine.device) for key, v in batch.items()}
         with engine.no_sync(model) if is_accumulating else nullcontext():
-            loss_sum, _ = forward_loss(model, batch, head, chunk)
+            with engine.autocast():  # the forward is autocast already; this covers the chunked loss
+                loss_sum, _ = forward_loss(model, batch, head, chunk)
             scaled = loss_sum * engine.world / max(n_targets, 1)  # DDP and DeepSpeed average over processes
             engine.backward(scaled, last_in_step=not is_accumulating)
         total += float(loss_sum.detach())

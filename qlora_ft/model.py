@@ -12,10 +12,9 @@ import torch
 
 from qlora_ft.config import ModelArgs
 from qlora_ft.errors import UserError, first_line
+from qlora_ft.precision import precision_policy
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") -> None:
@@ -97,12 +96,9 @@ def default_device() -> torch.device:
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs that support it, else fp16; float32 on CPU (bf16 matmuls are ~3x slower there)."""
-    if choice != "auto":
-        return DTYPES[choice]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The compute dtype of `precision_policy(choice, device)`: `auto` is bf16 on GPUs with native bf16
+    (compute capability >= 8.0), else fp16; float32 on CPU (bf16 matmuls are ~3x slower there)."""
+    return precision_policy(choice, device).dtype
 
 
 def load_tokenizer(name: str):
@@ -131,13 +127,19 @@ def bnb_config(dtype: torch.dtype, storage: torch.dtype = torch.uint8):
 
 
 def load_base(
-    name: str, quantize: bool, dtype: torch.dtype, device: torch.device, quant_storage: torch.dtype = torch.uint8
+    name: str,
+    quantize: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant_storage: torch.dtype = torch.uint8,
+    weights_dtype: torch.dtype | None = None,
 ):
-    """The base model: NF4 4-bit with double quantisation and `dtype` compute, or full precision in `dtype`
-    (float32 for training; autocast supplies the low-precision compute)."""
+    """The base model: NF4 4-bit with double quantisation and `dtype` compute (its other weights float32),
+    or unquantised in `weights_dtype` (default `dtype`). Training passes float32 for weights it trains (full
+    fine-tuning): the optimizer must update float32 masters; autocast supplies the low-precision compute."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": dtype if not quantize else torch.float32}
+    kwargs: dict = {"dtype": torch.float32 if quantize else (weights_dtype or dtype)}
     if quantize:
         kwargs.update(quantization_config=bnb_config(dtype, quant_storage), device_map={"": device})
     model = _pretrained(AutoModelForCausalLM, name, "model", **kwargs)

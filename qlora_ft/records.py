@@ -32,6 +32,7 @@ from qlora_ft.data import (
     TEXT_KEYS,
     VALIDATION_KEYS,
     load_corpus,
+    load_dataset_splits,
     read_text_file,
     safe_unpickle,
 )
@@ -260,28 +261,9 @@ def _read_table(path: Path, suffix: str) -> Any:
 
 
 def _rows_from_datasets(source: str) -> tuple[list, list | None]:
-    """Rows of a `datasets` save_to_disk folder or hub dataset: its train and validation splits if it has
-    both, else all its splits together."""
-    import datasets
-
-    try:
-        if Path(source).is_dir():
-            ds = datasets.load_from_disk(source)
-        else:
-            from qlora_ft.model import check_hub_reachable
-
-            check_hub_reachable(source, "dataset")
-            ds = datasets.load_dataset(source)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot load dataset {source!r}: {first_line(e)}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        val_key = next((k for k in VALIDATION_KEYS if k in ds), None)
-        if "train" in ds and val_key:
-            return ds["train"].to_list(), ds[val_key].to_list()
-        ds = datasets.concatenate_datasets(list(ds.values()))
-    return ds.to_list(), None
+    """Rows of a `datasets` save_to_disk folder or hub dataset (see `data.load_dataset_splits`)."""
+    train, validation = load_dataset_splits(source)
+    return train.to_list(), None if validation is None else validation.to_list()
 
 
 def read_rows(source: str) -> tuple[list, list | None] | None:

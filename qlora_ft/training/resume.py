@@ -85,6 +85,8 @@ def restore(run: Run) -> TrainState:
     state = TrainState.from_checkpoint(resume.path, resume.meta, resume.tensors)
     state.restore_rng(engine.rank, engine.device)
     engine.restore_optimizer(resume.tensors["optimizer"])
+    if engine.scaler is not None and "scaler" in resume.tensors:
+        engine.scaler.load_state_dict(resume.tensors["scaler"])
     batches = len(run.plan.batches(state.epoch))
     log.info("resumed from %s: step %d, epoch %d, %d of %d micro-batches done", resume.path, state.step,
              state.epoch + 1, state.position, batches)  # fmt: skip

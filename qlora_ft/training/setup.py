@@ -25,7 +25,6 @@ from qlora_ft.loss import output_layer
 from qlora_ft.model import (
     add_lora,
     check_training_context,
-    compute_dtype,
     count_parameters,
     default_device,
     keep_training_layout,
@@ -33,6 +32,7 @@ from qlora_ft.model import (
     load_tokenizer,
     resolve_base_name,
 )
+from qlora_ft.precision import Precision, precision_policy
 from qlora_ft.training.plan import EpochPlan, Rows, lr_at, make_batch
 from qlora_ft.training.resume import Resume, check_compatible, check_packing, read_resume
 
@@ -77,19 +77,20 @@ def set_up(cfg: TrainConfig) -> Run:
         checkpoint.check_fresh_folders({"--output-dir": out_dir, "--check-dir": check_dir}, cfg.ckpt.overwrite)
 
     # --- engine: accelerate's Accelerator, set up by `accelerate launch --config_file` (else one process / DDP)
-    dtype = compute_dtype(cfg.model.compute_dtype, default_device())
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    engine = engines.make_engine(engines.make_accelerator(out_dir, precision), cfg)
+    precision = precision_policy(cfg.model.compute_dtype, default_device())
+    engine = engines.make_engine(engines.make_accelerator(out_dir, precision.accelerate_name), cfg)
     if resume:
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
 
     # --- data, model, optimizer ------------------------------------------------------------------------
     tokenizer, split, train_windows, val_windows = load_data(cfg, resume.split if resume else None)
-    model = build_model(cfg, engine, dtype)
-    head = probe_shortcuts(cfg, model, engine)
+    model = build_model(cfg, engine, precision.dtype)
+    head = probe_shortcuts(cfg, model, engine, precision)
     if resume:
         check_packing(resume.config, cfg, resume.path)
-    trainable, total = log_setup(cfg, engine, dtype, model)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.2f%%), %s; %s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, method_name(cfg), precision.describe())  # fmt: skip
     params = [p for _, p in trained_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
@@ -129,11 +130,14 @@ def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None):
 
 
 def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
-    """The base model (4-bit NF4 for QLoRA), with LoRA adapters unless fully fine-tuned."""
+    """The base model (4-bit NF4 for QLoRA), with LoRA adapters unless fully fine-tuned: its trained weights
+    float32 (the optimizer's masters), `dtype` what autocast and the 4-bit matmuls compute in."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.data.seed)  # the same initial adapter on every process (FSDP keeps each one's own shard of it)
-    model = load_base(cfg.model.model, cfg.model.qlora, dtype, engine.device, engine.quantized_storage(dtype))
+    # full fine-tuning trains every weight: float32 masters (a LoRA base is frozen and may stay 16-bit)
+    model = load_base(cfg.model.model, cfg.model.qlora, dtype, engine.device, engine.quantized_storage(dtype),
+                      weights_dtype=None if cfg.model.lora else torch.float32)  # fmt: skip
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,32 +149,33 @@ def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
     return model
 
 
-def probe_shortcuts(cfg: TrainConfig, model, engine: Engine) -> torch.nn.Linear | None:
+def probe_shortcuts(cfg: TrainConfig, model, engine: Engine, precision: Precision) -> torch.nn.Linear | None:
     """Check the two shortcuts the loop takes on this model and engine, switching off in `cfg` what does not
-    hold: packing (windows must not attend to each other) and the chunked loss (returns its output layer)."""
-    if cfg.data.packing and not packing_is_isolated(model, engine.device):
+    hold: packing (windows must not attend to each other) and the chunked loss (returns its output layer).
+    The probes run under the run's autocast, as training will (before `prepare` wraps the forward in it)."""
+    with engine.autocast():
+        isolated = not cfg.data.packing or packing_is_isolated(model, engine.device)
+    if not isolated:
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
         cfg.data.packing = False
+    log_setup(cfg, engine, precision)
     if cfg.model.loss_chunk and not engine.chunked_loss:
         log.info("%s: computing full logits (--loss-chunk off)", engine.name)
         cfg.model.loss_chunk = 0
-    head = output_layer(model, engine.device) if cfg.model.loss_chunk else None
+    with engine.autocast():
+        head = output_layer(model, engine.device) if cfg.model.loss_chunk else None
     if cfg.model.loss_chunk and head is None:
         log.warning("this model's output layer cannot be chunked; computing full logits (--loss-chunk ignored)")
         cfg.model.loss_chunk = 0
     return head
 
 
-def log_setup(cfg: TrainConfig, engine: Engine, dtype: torch.dtype, model) -> tuple[int, int]:
-    """Log how the run trains (after the probes); returns the (trainable, total) parameter counts."""
-    scaling = "dynamic (fp16 GradScaler)" if getattr(engine.accelerator, "scaler", None) is not None else "none"
+def log_setup(cfg: TrainConfig, engine: Engine, precision: Precision) -> None:
+    """One line on how the run trains, once the packing probe has settled packing."""
+    scaling = "dynamic (fp16 GradScaler)" if precision.use_scaler else "none"
     packing = "on" if cfg.data.packing else "off"
     log.info("setup: device %s, compute dtype %s, loss scaling %s, %s, packing %s", engine.device,
-             str(dtype).removeprefix("torch."), scaling, method_name(cfg), packing)  # fmt: skip
-    trainable, total = count_parameters(model)
-    log.info("parameters: %s trainable of %s (%.2f%%), %s", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total, method_name(cfg))  # fmt: skip
-    return trainable, total
+             str(precision.dtype).removeprefix("torch."), scaling, method_name(cfg), packing)  # fmt: skip
 
 
 def warn_if_warmup_outlasts(cfg: TrainConfig, total_steps: int) -> None:
@@ -196,7 +201,10 @@ def packing_is_isolated(model, device) -> bool:
 
 
 def method_name(cfg: TrainConfig) -> str:
+    """E.g. "QLoRA (4-bit NF4 base + LoRA, bf16)", "16-bit LoRA (fp16)", "full fine-tuning (32-bit)"."""
+    precision = precision_policy(cfg.model.compute_dtype, default_device())
     if cfg.model.qlora:
-        return "QLoRA (4-bit NF4 base + LoRA)"
-    precision = "16-bit" if compute_dtype(cfg.model.compute_dtype, default_device()) != torch.float32 else "32-bit"
-    return f"{precision} LoRA" if cfg.model.lora else f"full fine-tuning ({precision})"
+        return f"QLoRA (4-bit NF4 base + LoRA, {precision.name})"
+    if precision.autocast_dtype is None:
+        return "32-bit LoRA" if cfg.model.lora else "full fine-tuning (32-bit)"
+    return f"16-bit LoRA ({precision.name})" if cfg.model.lora else f"full fine-tuning ({precision.name} autocast)"

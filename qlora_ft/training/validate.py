@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -29,7 +30,8 @@ def validation_loss(
     forwards = math.ceil(len(batches) / world) if engine and engine.lockstep else len(mine)
     for i in range(forwards):
         batch = mine[i] if i < len(mine) else batches[0]
-        loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
+        with engine.autocast() if engine else nullcontext():  # as in training (the chunked loss too)
+            loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
         if i < len(mine):
             sums += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
     model.train(was_training)
