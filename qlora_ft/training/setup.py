@@ -85,7 +85,8 @@ def set_up(cfg: TrainConfig) -> Run:
     # --- data, model, optimizer ------------------------------------------------------------------------
     tokenizer, split, train_windows, val_windows = load_data(cfg, resume.split if resume else None)
     model = build_model(cfg, engine, precision.dtype)
-    head = probe_shortcuts(cfg, model, engine, precision)
+    head = probe_shortcuts(cfg, model, engine)
+    log_setup(cfg, engine, precision)
     if resume:
         check_packing(resume.config, cfg, resume.path)
     trainable, total = count_parameters(model)
@@ -149,7 +150,7 @@ def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
     return model
 
 
-def probe_shortcuts(cfg: TrainConfig, model, engine: Engine, precision: Precision) -> torch.nn.Linear | None:
+def probe_shortcuts(cfg: TrainConfig, model, engine: Engine) -> torch.nn.Linear | None:
     """Check the two shortcuts the loop takes on this model and engine, switching off in `cfg` what does not
     hold: packing (windows must not attend to each other) and the chunked loss (returns its output layer).
     The probes run under the run's autocast, as training will (before `prepare` wraps the forward in it)."""
@@ -158,7 +159,6 @@ def probe_shortcuts(cfg: TrainConfig, model, engine: Engine, precision: Precisio
     if not isolated:
         log.warning("this model attends across packed paragraphs; training with padded batches instead")
         cfg.data.packing = False
-    log_setup(cfg, engine, precision)
     if cfg.model.loss_chunk and not engine.chunked_loss:
         log.info("%s: computing full logits (--loss-chunk off)", engine.name)
         cfg.model.loss_chunk = 0
@@ -171,7 +171,7 @@ def probe_shortcuts(cfg: TrainConfig, model, engine: Engine, precision: Precisio
 
 
 def log_setup(cfg: TrainConfig, engine: Engine, precision: Precision) -> None:
-    """One line on how the run trains, once the packing probe has settled packing."""
+    """One line on how the run trains, once the probes have settled packing."""
     scaling = "dynamic (fp16 GradScaler)" if precision.use_scaler else "none"
     packing = "on" if cfg.data.packing else "off"
     log.info("setup: device %s, compute dtype %s, loss scaling %s, %s, packing %s", engine.device,
