@@ -34,10 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_ft.config import TrainConfig, parse_config  # noqa: E402
+from qlora_ft.config import TrainConfig  # noqa: E402
 from qlora_ft.data import Corpus, load_corpus, split_corpus, windows_for  # noqa: E402
 from qlora_ft.loop import evaluate, make_batch, output_layer, train  # noqa: E402
 from qlora_ft.model import bnb_config, compute_dtype, keep_training_layout, load_tokenizer  # noqa: E402
+from qlora_ft.options import parse_config  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 RANDOM_CONFIGS = {"gpt2": {}, "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16}}

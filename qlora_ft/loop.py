@@ -557,7 +557,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         path = (
             save(checkpoint.step_name(step))
             if last_saved_step != step
-            else checkpoint.resolve_checkpoint(check_dir, "latest")
+            else checkpoint.resolve_checkpoint(check_dir, checkpoint.LATEST)
         )
         _finish(accelerator)
         name = signal.Signals(stop.signum).name
@@ -578,7 +578,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         unwrapped.save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(out_dir)
         follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
-        checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
+        checkpoint.write_run_config(out_dir, cfg.to_dict())
         summary = {
             "method": method_name(cfg),
             "train_tokens": tokens_seen - tokens_start,

@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from conftest import build_tokenizer
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.cli import inference_main
-from qlora_ft.config import ModelArgs, TrainConfig, parse_config
+from qlora_ft.config import ModelArgs, TrainConfig
 from qlora_ft.loop import output_layer, packing_is_isolated, train
 from qlora_ft.model import LORA_TARGETS, add_lora, keep_training_layout, load_base, load_for_inference
+from qlora_ft.options import parse_config
 
 CPU = torch.device("cpu")
 

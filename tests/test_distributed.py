@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from qlora_ft.checkpoint import load_checkpoint
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.errors import UserError
 from qlora_ft.loop import _check_compatible
+from qlora_ft.options import parse_config
 
 # the shipped config of each engine, and the script that runs train.py under it on CPU processes
 ENGINES = {"fsdp": ("configs/fsdp_qlora.yaml", "tests/fsdp_on_cpu.py"),

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_ft.checkpoint import list_checkpoints
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.data import collate
 from qlora_ft.errors import UserError
 from qlora_ft.loop import (
@@ -18,6 +18,7 @@ from qlora_ft.loop import (
     token_loss,
     train,
 )
+from qlora_ft.options import parse_config
 
 
 def config(tmp_path, data, model_dir, *argv: str, run: str = "run", lora: bool = True) -> TrainConfig:
