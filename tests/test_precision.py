@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from qlora_ft.checkpoint import list_checkpoints, load_checkpoint
 from qlora_ft.cli import train_main
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.loop import method_name
 from qlora_ft.loss import linear_cross_entropy
 from qlora_ft.model import compute_dtype
+from qlora_ft.options import parse_config
 from qlora_ft.precision import BF16, FP16, FP32, precision_policy
 
 ROOT = Path(__file__).resolve().parents[1]
