@@ -159,7 +159,8 @@ def test_fp16_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     from safetensors.torch import load_file
 
     args = ("--compute-dtype", "float16", "--qlora", "False", "--lora", "True", "--save-every-steps", "2",
-            "--rank-lora", "4", "--alpha-lora", "8", "--lora-dropout", "0.1", "--check-dir", str(tmp_path / "ckpt"))  # fmt: skip
+            "--rank-lora", "4", "--alpha-lora", "8", "--lora-dropout", "0.1",
+            "--check-dir", str(tmp_path / "ckpt"))  # fmt: skip
     train_main(_argv(tmp_path, data_pkl, tiny_model_dir, "full", *args))
     assert list_checkpoints(tmp_path / "ckpt") == ["step-000002", "step-000004"]
     _, tensors, _, _ = load_checkpoint(tmp_path / "ckpt" / "step-000002")
