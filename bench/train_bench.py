@@ -34,11 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_ft.config import TrainConfig, parse_config  # noqa: E402
+from qlora_ft.config import TrainConfig  # noqa: E402
 from qlora_ft.data import Corpus, load_corpus, split_corpus, windows_for  # noqa: E402
 from qlora_ft.loop import train  # noqa: E402
 from qlora_ft.loss import output_layer  # noqa: E402
 from qlora_ft.model import bnb_config, compute_dtype, keep_training_layout, load_tokenizer  # noqa: E402
+from qlora_ft.options import parse_config  # noqa: E402
 from qlora_ft.training.plan import make_batch  # noqa: E402
 from qlora_ft.training.validate import validation_loss  # noqa: E402
 

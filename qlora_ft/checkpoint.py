@@ -9,12 +9,17 @@
     trainer_state.pt      optimizer state and RNG states: tensors only, loaded with weights_only=True
     run_config.json       the full TrainConfig
     split.json            which paragraphs are train / validation, and the data's fingerprint
+    manifest.json         written last: every other file with its size and sha256, the format version and
+                          the data identity (fingerprint, seed, train share)
   latest                  name of the newest complete checkpoint, written last
   .qlora-ft               marker: a qlora-ft run folder (also in the output folder and its tb/)
+<output_dir>/             peft's (or the model's) files, the tokenizer, run_config.json, metrics, report
 ```
 
 Every checkpoint is written into a hidden temporary folder and renamed into place, so a listed checkpoint
-is always complete. accelerate's `save_state` is not used: it pickles RNG state (so it cannot be loaded
+is always complete; loading one checks its files against its manifest (a checkpoint of an earlier version,
+without one, is checked by reading its files). No other module names a file inside these folders: they call
+the functions here. accelerate's `save_state` is not used: it pickles RNG state (so it cannot be loaded
 with `weights_only=True`) and has a layout of its own; this format serves both resume and inference.
 
 A run owns its two folders: a fresh run starts only in empty ones (or with --overwrite, which removes what
@@ -25,6 +30,7 @@ the best by validation loss and the one `latest` names.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +50,9 @@ STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
 CONFIG_JSON = "run_config.json"
 SPLIT_JSON = "split.json"
+MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's names, fixed by peft's save_pretrained
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LATEST = "latest"
 MARKER = ".qlora-ft"  # written into each folder the package creates for a run
 FORMAT = 2  # trainer_state.json: "epoch" is 1-based (format 1, without the key: 0-based)
@@ -85,8 +94,20 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
+def missing_files(path: Path) -> list[str]:
+    """The files a checkpoint lacks: its state files, and any file its manifest lists (an unreadable manifest
+    lists none here: `load_checkpoint` reports it as damaged)."""
+    try:
+        listed = list(read_manifest(path)["files"]) if (path / MANIFEST).is_file() else []
+    except UserError:
+        listed = []
+    return [name for name in dict.fromkeys([STATE_JSON, STATE_PT, *listed]) if not (path / name).is_file()]
+
+
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / STATE_JSON).is_file() and (path / STATE_PT).is_file()
+    """Whether `path` is a checkpoint whose save finished: its state files and every file its manifest lists are
+    there. (Their content is checked on loading: `verify_checkpoint`.)"""
+    return path.is_dir() and not missing_files(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,6 +161,7 @@ def save_checkpoint(
         write_json(tmp / STATE_JSON, meta)
         write_json(tmp / CONFIG_JSON, run_config)
         write_json(tmp / SPLIT_JSON, split)
+        write_manifest(tmp, run_config, split)  # last: it covers every file above
         _fsync_tree(tmp)
         old = check_dir / f".old-{name}-{os.getpid()}"
         if final.exists():
@@ -155,6 +177,64 @@ def save_checkpoint(
         reason = e.strerror or str(e)
         raise UserError(f"could not save checkpoint {final}: {reason} (earlier checkpoints are intact)") from None
     return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# manifest.json: what a checkpoint holds, so that a damaged file is found before training resumes from it
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path, run_config: dict[str, Any], split: dict[str, Any]) -> None:
+    """`folder/manifest.json`: every file in `folder` (relative path -> size and sha256), the format version and
+    the data identity (the split's data fingerprint, the seed and train share of `run_config`)."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
+    data = run_config.get("data", {})
+    identity = {"data_sha256": split.get("data_sha256"), "seed": data.get("seed"), "train_size": data.get("train_size")}
+    write_json(folder / MANIFEST, {"format": FORMAT, "data": identity, "files": files})
+
+
+def _damaged(path: Path, why: str) -> UserError:
+    return UserError(f"checkpoint {path} is damaged or unreadable: {why}; resume from another checkpoint "
+                     "(--restore-file NAME) or start a new run")  # fmt: skip
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's manifest, None when it has none (written by an earlier version); one line when unreadable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise _damaged(path, f"{MANIFEST} is unreadable ({first_line(e)})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    valid = isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+        and not Path(k).is_absolute() and ".." not in Path(k).parts
+        for k, v in files.items()
+    )  # fmt: skip
+    if not valid:
+        raise _damaged(path, f"{MANIFEST} does not list files with sizes and sha256")
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file a checkpoint's manifest lists (present, same size, same sha256); one line naming the
+    first that differs. Without a manifest (earlier versions) nothing is checked here: loading reads each file."""
+    manifest = read_manifest(path)
+    for name, expected in (manifest or {}).get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise _damaged(path, f"{name} is missing")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise _damaged(path, f"{name} has {size} bytes, {MANIFEST} says {expected['size']}")
+        if _sha256(file) != expected["sha256"]:
+            raise _damaged(path, f"{name} differs from {MANIFEST} (sha256)")
 
 
 def prune_checkpoints(check_dir: Path, keep: int) -> list[str]:
@@ -300,13 +380,15 @@ def resolve_checkpoint(check_dir: Path, restore_file: str) -> Path:
         if is_complete(candidate):
             return candidate
         if candidate.is_dir() and candidate.name == Path(restore_file).name:
-            raise UserError(f"checkpoint {candidate} is incomplete (missing {STATE_JSON} or {STATE_PT})")
+            raise UserError(f"checkpoint {candidate} is incomplete (missing {', '.join(missing_files(candidate))})")
     available = ", ".join(list_checkpoints(check_dir)) or "none"
     raise UserError(f"checkpoint {restore_file!r} not found in {check_dir} (available: {available})")
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(meta, tensors, run_config, split) of a checkpoint; tensors are loaded with weights_only=True."""
+    """(meta, tensors, run_config, split) of a checkpoint, its files first checked against its manifest;
+    tensors are loaded with weights_only=True."""
+    verify_checkpoint(path)
     try:
         meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         run_config = json.loads((path / CONFIG_JSON).read_text(encoding="utf-8"))
@@ -324,7 +406,7 @@ def load_model_weights(model, path: Path) -> None:
 
     try:
         if isinstance(model, PeftModel):
-            state = load_file(path / "adapter_model.safetensors")
+            state = load_file(path / ADAPTER_WEIGHTS)
             result = set_peft_model_state_dict(model, state)
             bad = [k for k in result.unexpected_keys if "lora" in k]
         else:  # full fine-tuning: every safetensors shard save_pretrained wrote
@@ -336,3 +418,41 @@ def load_model_weights(model, path: Path) -> None:
         raise UserError(f"cannot load weights from checkpoint {path}: {first_line(e)}") from None
     if bad:
         raise UserError(f"checkpoint {path} has weights this model does not: {', '.join(bad[:3])}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what other modules read from a run's output folder or a checkpoint
+
+
+def write_run_config(folder: Path, run_config: dict[str, Any]) -> None:
+    """The run's full TrainConfig (`TrainConfig.to_dict()`) beside the weights in `folder`."""
+    write_json(folder / CONFIG_JSON, run_config)
+
+
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """The TrainConfig dict a run saved in `folder` (its output folder or a checkpoint); None when it saved none
+    there; one line when it is unreadable."""
+    path = folder / CONFIG_JSON
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a run configuration (a mapping of options)")
+    return config
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Whether `folder` holds a peft adapter (a run's output folder or a checkpoint of a LoRA run)."""
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_name(folder: Path) -> str:
+    """The base model an adapter folder names (peft's `base_model_name_or_path`); one line when it names none."""
+    path = folder / ADAPTER_CONFIG
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is unreadable or has no base model ({first_line(e)})") from None

@@ -16,13 +16,10 @@ from qlora_ft.config import (
     ExportConfig,
     GenerateConfig,
     TrainConfig,
-    _Parser,
-    build_parser,
-    config_from_flat,
     parse_bool,
-    parse_config,
 )
 from qlora_ft.errors import UserError, exits_cleanly
+from qlora_ft.options import _Parser, build_parser, config_from_flat, parse_config
 
 log = logging.getLogger("qlora_ft")
 

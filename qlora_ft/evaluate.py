@@ -17,16 +17,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qlora_ft import metrics
+from qlora_ft import checkpoint, metrics
+from qlora_ft.checkpoint import adapter_base_name, is_adapter_folder
 from qlora_ft.config import CompareConfig, EvalConfig, TrainConfig, train_config_from_dict
 from qlora_ft.data import collate, eval_batches, load_corpus, split_corpus, windows_for
 from qlora_ft.errors import UserError
 from qlora_ft.generate import sample
 from qlora_ft.model import (
-    adapter_base_name,
     compute_dtype,
     default_device,
-    is_adapter_dir,
     keep_training_layout,
     load_base,
     load_dequantized_base,
@@ -48,12 +47,11 @@ VARIANTS = {
 def read_run(path: Path) -> TrainConfig:
     if not path.is_dir():
         raise UserError(f"run directory not found: {path}")
-    if not is_adapter_dir(path) or not (path / "run_config.json").is_file():
-        raise UserError(f"{path} is not a qlora-ft run's output dir (needs adapter_config.json and run_config.json)")
-    try:
-        return train_config_from_dict(json.loads((path / "run_config.json").read_text(encoding="utf-8")))
-    except ValueError as e:
-        raise UserError(f"{path}/run_config.json is unreadable: {e}") from None
+    saved = checkpoint.read_run_config(path) if is_adapter_folder(path) else None
+    if saved is None:
+        raise UserError(f"{path} is not a qlora-ft run's output dir (needs {checkpoint.ADAPTER_CONFIG} and "
+                        f"{checkpoint.CONFIG_JSON})")  # fmt: skip
+    return train_config_from_dict(saved)
 
 
 def _find_data(cfg: TrainConfig, run: Path) -> str:
@@ -247,7 +245,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     if args.model_path is None:
         raise UserError("--model_path is required")
     run = Path(args.model_path)
-    if not run.is_dir() or not is_adapter_dir(run):
+    if not run.is_dir() or not is_adapter_folder(run):
         raise UserError(f"{args.model_path} is not a directory holding an adapter (adapter_config.json)")
     out = Path(args.out) if args.out else run / "compare.md"
     device = default_device()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from qlora_ft import checkpoint
 from qlora_ft.config import ModelArgs
 from qlora_ft.errors import UserError, first_line
 from qlora_ft.precision import precision_policy
@@ -237,23 +237,11 @@ def count_parameters(model) -> tuple[int, int]:
 # Inference
 
 
-def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
-def adapter_base_name(path: Path) -> str:
-    try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        return str(config["base_model_name_or_path"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}/adapter_config.json is unreadable or has no base model ({first_line(e)})") from None
-
-
 def trained_on_4bit(path: Path) -> bool | None:
-    """Whether the run that wrote `path` trained on a 4-bit base (its run_config.json), None if unknown."""
+    """Whether the run that wrote `path` trained on a 4-bit base (its saved run config), None if unknown."""
     try:
-        return bool(json.loads((path / "run_config.json").read_text(encoding="utf-8"))["model"]["qlora"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return bool(checkpoint.read_run_config(path)["model"]["qlora"])
+    except (UserError, KeyError, TypeError):
         return None
 
 
@@ -335,7 +323,7 @@ def load_for_inference(
     if not path.is_dir():
         raise UserError(f"model path not found: {model_path}")
     dtype = compute_dtype("auto", device)
-    if not is_adapter_dir(path):
+    if not checkpoint.is_adapter_folder(path):
         if not (path / "config.json").is_file():
             raise UserError(f"{model_path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
         model = load_base(str(path), quantize, dtype, device)
@@ -343,7 +331,7 @@ def load_for_inference(
 
     from peft import PeftModel
 
-    base_name = base_model or adapter_base_name(path)
+    base_name = base_model or checkpoint.adapter_base_name(path)
     target = merge_target(path, merge_into)
     if quantize:
         base = load_base(base_name, True, dtype, device)

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qlora_ft import checkpoint
+
 
 def _pyplot():
     import matplotlib
@@ -222,13 +224,13 @@ def write_report(run: Path, out_dir: Path) -> Path:
         last = max(r["step"] for r in samples)
         lines += [f"## In-training samples at step {last}", ""]
         lines += [f"> {r['text']}".replace("\n", " ") + "\n" for r in samples if r["step"] == last]
-    config = run / "run_config.json"
-    if config.is_file():
+    config = checkpoint.read_run_config(run)
+    if config is not None:
         lines += [
             "## Configuration (run_config.json)",
             "",
             "```json",
-            config.read_text(encoding="utf-8").strip(),
+            json.dumps(config, indent=2),
             "```",
         ]
     path = out_dir / "report.md"

@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from conftest import build_tokenizer
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.cli import inference_main
-from qlora_ft.config import ModelArgs, TrainConfig, parse_config
+from qlora_ft.config import ModelArgs, TrainConfig
 from qlora_ft.loop import train
 from qlora_ft.loss import output_layer
 from qlora_ft.model import LORA_TARGETS, add_lora, keep_training_layout, load_base, load_for_inference
+from qlora_ft.options import parse_config
 from qlora_ft.training.setup import packing_is_isolated
 
 CPU = torch.device("cpu")

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from qlora_ft.config import GenerateConfig, TrainConfig, parse_bool, parse_config, train_config_from_dict
+from qlora_ft.config import GenerateConfig, TrainConfig, parse_bool, train_config_from_dict
 from qlora_ft.errors import UserError
+from qlora_ft.options import parse_config
 
 
 def train_cfg(*argv: str) -> TrainConfig:

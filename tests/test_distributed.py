@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from qlora_ft.checkpoint import load_checkpoint
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.errors import UserError
+from qlora_ft.options import parse_config
 from qlora_ft.training.resume import check_compatible
 
 # the shipped config of each engine, and the script that runs train.py under it on CPU processes

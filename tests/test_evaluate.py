@@ -8,10 +8,11 @@ import torch
 
 from conftest import make_paragraphs
 from qlora_ft.cli import main
-from qlora_ft.config import ModelArgs, TrainConfig, parse_config
+from qlora_ft.config import ModelArgs, TrainConfig
 from qlora_ft.errors import UserError
 from qlora_ft.loop import train
 from qlora_ft.model import load_for_inference
+from qlora_ft.options import parse_config
 
 CPU = torch.device("cpu")
 

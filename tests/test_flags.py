@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_paragraphs
 from qlora_ft.cli import main, train_main
-from qlora_ft.config import ModelArgs, TrainConfig, build_parser, options_markdown, parse_config, train_config_from_dict
+from qlora_ft.config import ModelArgs, TrainConfig, train_config_from_dict
 from qlora_ft.errors import UserError
+from qlora_ft.options import build_parser, options_markdown, parse_config
 
 PARAGRAPHS = make_paragraphs(30, seed=3)
 BOOK = "\n\n".join(["PRIDE AND PREJUDICE", "VOLUME I", "CHAPTER I", *PARAGRAPHS[:15], "Chapter 2", *PARAGRAPHS[15:],

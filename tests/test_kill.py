@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from qlora_ft.checkpoint import list_checkpoints
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.loop import train
+from qlora_ft.options import parse_config
 
 
 @pytest.mark.slow

@@ -5,12 +5,13 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_ft.checkpoint import list_checkpoints
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.data import collate
 from qlora_ft.engines import Engine
 from qlora_ft.errors import UserError
 from qlora_ft.loop import train
 from qlora_ft.loss import accumulate_gradients, forward_loss, output_layer, token_loss
+from qlora_ft.options import parse_config
 from qlora_ft.training.plan import lr_at, make_batch
 from qlora_ft.training.setup import packing_is_isolated
 

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from qlora_ft.checkpoint import list_checkpoints, load_checkpoint
 from qlora_ft.cli import train_main
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.loss import linear_cross_entropy
 from qlora_ft.model import compute_dtype
+from qlora_ft.options import parse_config
 from qlora_ft.precision import BF16, FP16, FP32, precision_policy
 from qlora_ft.training.setup import method_name
 
@@ -158,7 +159,8 @@ def test_fp16_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     from safetensors.torch import load_file
 
     args = ("--compute-dtype", "float16", "--qlora", "False", "--lora", "True", "--save-every-steps", "2",
-            "--rank-lora", "4", "--alpha-lora", "8", "--lora-dropout", "0.1", "--check-dir", str(tmp_path / "ckpt"))  # fmt: skip
+            "--rank-lora", "4", "--alpha-lora", "8", "--lora-dropout", "0.1",
+            "--check-dir", str(tmp_path / "ckpt"))  # fmt: skip
     train_main(_argv(tmp_path, data_pkl, tiny_model_dir, "full", *args))
     assert list_checkpoints(tmp_path / "ckpt") == ["step-000002", "step-000004"]
     _, tensors, _, _ = load_checkpoint(tmp_path / "ckpt" / "step-000002")

@@ -5,14 +5,14 @@ import re
 import pytest
 
 from conftest import ROOT
-from qlora_ft.config import options_document
+from qlora_ft.options import options_document
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "sample_outputs").glob("*.md"))]
 
 
 def test_options_reference_matches_the_code():
     written = (ROOT / "docs" / "options.md").read_text()
-    assert written == options_document(), "docs/options.md is stale: python -m qlora_ft.config > docs/options.md"
+    assert written == options_document(), "docs/options.md is stale: python -m qlora_ft.options > docs/options.md"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.cli import inference_main, train_main
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.loop import train
+from qlora_ft.options import parse_config
 
 TINY = ["--batch-size", "4", "--max-input-length", "24", "--rank-lora", "4", "--lr", "5e-3", "--warmup-steps", "1",
         "--sample-every", "0", "--log-every", "1"]  # fmt: skip
@@ -187,6 +188,7 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(tmp_path, data_pkl, tiny_mod
     assert (meta["epoch"], meta["position"], meta["epochs_completed"]) == (1, meta["batches_in_epoch"], 1)
     old = {k: v for k, v in meta.items() if k not in ("format", "epochs_completed")}
     state.write_text(json.dumps({**old, "epoch": 0}))  # earlier versions: the 0-based epoch index
+    (ckpt / "Epoch_1" / "manifest.json").unlink()  # and no manifest
     with caplog.at_level(logging.INFO, "qlora_ft"):
         train_main(argv(tmp_path, data_pkl, tiny_model_dir, *args, "--restore-file", "Epoch_1", run="resumed"))
     n = meta["batches_in_epoch"]

@@ -6,8 +6,9 @@ import shutil
 
 import torch
 
-from qlora_ft.config import TrainConfig, parse_config
+from qlora_ft.config import TrainConfig
 from qlora_ft.loop import train
+from qlora_ft.options import parse_config
 from qlora_ft.training.state import TrainState
 
 

@@ -50,7 +50,7 @@ def stop_early(run: Run, state: TrainState, session: Session) -> NoReturn:
     if session.last_saved_step != state.step:
         path = save(run, state, session, checkpoint.step_name(state.step))
     else:
-        path = checkpoint.resolve_checkpoint(run.check_dir, "latest")
+        path = checkpoint.resolve_checkpoint(run.check_dir, checkpoint.LATEST)
     run.engine.finish()
     name = signal.Signals(session.signum).name
     raise Interrupted(f"stopped by {name} after step {state.step}; checkpoint {path} saved; "
@@ -64,7 +64,7 @@ def write_outputs(run: Run, state: TrainState, session: Session, weights) -> dic
     run.engine.unwrap().save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
     run.tokenizer.save_pretrained(out_dir)
     follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
-    checkpoint.write_json(out_dir / "run_config.json", cfg.to_dict())
+    checkpoint.write_run_config(out_dir, cfg.to_dict())
     summary = train_summary(run, state, session)
     checkpoint.write_json(out_dir / "train_summary.json", summary)
     try:
