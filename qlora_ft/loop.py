@@ -22,18 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qlora_ft import checkpoint
-from qlora_ft.config import TrainConfig, train_config_from_dict
-from qlora_ft.data import (
-    collate,
-    epoch_batches,
-    epoch_rows,
-    eval_batches,
-    follow_umask,
-    load_corpus,
-    split_corpus,
-    split_from_json,
-    windows_for,
-)
+from qlora_ft.config import TrainConfig, apply_mode_defaults, train_config_from_dict, warmup_steps_for
+from qlora_ft.data import collate, epoch_batches, epoch_rows, eval_batches, follow_umask
+from qlora_ft.dataset import prepare_data
 from qlora_ft.engines import (
     DEEPSPEED,
     FSDP,
@@ -60,6 +51,7 @@ from qlora_ft.model import (
 )
 from qlora_ft.precision import precision_policy
 from qlora_ft.report import write_report
+from qlora_ft.templates import collate_masked
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +152,15 @@ def _all_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
 
 
-def make_batch(rows: list[list[int]], windows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch."""
-    batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+def make_batch(
+    rows: list[list[int]], windows: list[list[int]], pad_id: int, masks: list[list[int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch. With `masks`
+    (instruction and chat records), `collate_masked`: labels -100 where a window's mask is 0 (the prompt)."""
+    if masks is None:
+        batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+    else:
+        batch = collate_masked([[(windows[i], masks[i]) for i in row] for row in rows], pad_id)
     batch["n_tokens"] = torch.tensor(sum(len(windows[i]) for row in rows for i in row))
     return batch
 
@@ -242,6 +240,8 @@ def _check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wo
         "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
+        "template": (saved.data.template, cfg.data.template),
+        "train_on_prompt": (saved.data.train_on_prompt, cfg.data.train_on_prompt),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
@@ -307,28 +307,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.ckpt.restore_file:
         path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
         meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
-        saved = train_config_from_dict(saved_cfg)
-        _check_compatible(saved, cfg, path, meta.get("world_size", 1), world_size())
+        saved = train_config_from_dict(saved_cfg)  # checked against this run once its mode defaults are set
         checkpoint.resume_point(path, meta)  # a checkpoint this version cannot resume: say so now
         resume = (path, meta, tensors, saved_split, saved)
     else:  # a fresh run: into empty folders, or --overwrite; checked before anything is written
         checkpoint.check_fresh_folders({"--output-dir": out_dir, "--check-dir": check_dir}, cfg.ckpt.overwrite)
 
-    # --- data: paragraphs -> split -> windows ---------------------------------------------------------
-    corpus = load_corpus(cfg.data.data, cfg.data.text_column, cfg.data.keep_headings)
-    split = split_corpus(corpus, cfg.data.train_size, cfg.data.seed)
-    if resume:
-        split = split_from_json(split, resume[3])
+    # --- data: paragraphs -> windows, or records -> template -> ids + loss masks; split; mode defaults --------
     tokenizer = load_tokenizer(cfg.model.model)
+    data = prepare_data(cfg, tokenizer, resume[3] if resume else None)
+    apply_mode_defaults(cfg, data.mode)  # unset per-mode options (--lr, --rank-lora, ...) take the mode's default
+    if resume:
+        _check_compatible(resume[4], cfg, path, meta.get("world_size", 1), world_size())
+    split, train_windows, val_windows = data.split, data.train.ids, data.validation.ids
+    sample_prompts = data.sample_prompts(tokenizer) or cfg.sample.sample_prompts
     # the model's context, from its config (no weights yet): sequences or samples past it fail now, not mid-run
     check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
                            cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
     pad_id = tokenizer.pad_token_id
-    train_windows = windows_for(tokenizer, split.train, cfg.data.max_input_length)
-    val_windows = windows_for(tokenizer, split.validation, cfg.data.max_input_length)
-    log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens",
-             len(split.train_idx), len(split.val_idx), len(train_windows), len(val_windows),
-             cfg.data.max_input_length)  # fmt: skip
 
     # --- accelerator, model, optimizer ----------------------------------------------------------------
     precision = precision_policy(cfg.model.compute_dtype, default_device())
@@ -385,11 +381,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         return math.ceil(len(plan(epoch)) / cfg.optim.grad_accum_steps)
 
     total_steps = cfg.optim.max_steps or sum(steps_in(e) for e in range(cfg.optim.epochs))
+    cfg.optim.warmup_steps = warmup_steps_for(cfg, data.mode, total_steps)
     if cfg.optim.warmup_steps >= total_steps:  # lr_at then never reaches its decay
         last_lr, peak = lr_at(total_steps - 1, cfg.optim.lr, cfg.optim.warmup_steps, total_steps), cfg.optim.lr
         log.warning("--warmup-steps %d >= the run's %d steps: the learning rate only warms up, to %.3g of %.3g at "
                     "the last step, and never decays", cfg.optim.warmup_steps, total_steps, last_lr, peak)  # fmt: skip
-    val_batches = [make_batch(rows, val_windows, pad_id) for rows in
+    val_batches = [make_batch(rows, val_windows, pad_id, data.validation.masks) for rows in
                    eval_batches([len(w) for w in val_windows], cfg.data.max_input_length, cfg.data.packing,
                                 cfg.data.batch_size * 2)]  # fmt: skip
     step, epoch, position, tokens_seen = 0, 0, 0, 0
@@ -453,8 +450,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter, for an exact resume
             tensors["scaler"] = accelerator.scaler.state_dict()
         unwrapped = accelerator.unwrap_model(model)
-        path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, cfg.to_dict(), split.to_json(),
-                                          state_dict=weights)  # fmt: skip
+        path = checkpoint.save_checkpoint(check_dir, name, unwrapped, meta, tensors, data.run_config(cfg),
+                                          split.to_json(), state_dict=weights)  # fmt: skip
         log.info("saved checkpoint %s", path)
         for old in checkpoint.prune_checkpoints(check_dir, cfg.ckpt.keep_checkpoints):
             log.info("deleted checkpoint %s (--keep-checkpoints %d)", check_dir / old, cfg.ckpt.keep_checkpoints)
@@ -475,10 +472,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     def write_samples() -> None:
         if not (accelerator.is_main_process or fsdp):  # FSDP: all generate the same texts, in lockstep
             return
-        prompts = cfg.sample.sample_prompts
+        prompts = sample_prompts  # instruction/chat: a few validation prompts, through the template
         with accelerator.autocast():
             texts = sample(accelerator.unwrap_model(model), tokenizer, prompts, cfg.sample,
-                           cfg.sample.max_output_length, seed=cfg.data.seed + step)  # fmt: skip
+                           cfg.sample.max_output_length, seed=cfg.data.seed + step, truncate=True)  # fmt: skip
         if not accelerator.is_main_process:
             return
         with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
@@ -508,7 +505,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             batches = plan(epoch)
             while position < len(batches) and step < total_steps and not stopping():
                 group = batches[position : position + cfg.optim.grad_accum_steps]
-                micro = [make_batch(rows[rank::world], train_windows, pad_id) for rows in group]
+                micro = [make_batch(rows[rank::world], train_windows, pad_id, data.train.masks) for rows in group]
                 lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
                 for group_ in optimizer.param_groups:  # set first: DeepSpeed steps inside the last backward
                     group_["lr"] = lr
@@ -578,7 +575,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         unwrapped.save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(out_dir)
         follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
-        checkpoint.write_run_config(out_dir, cfg.to_dict())
+        checkpoint.write_run_config(out_dir, data.run_config(cfg))
         summary = {
             "method": method_name(cfg),
             "train_tokens": tokens_seen - tokens_start,
