@@ -95,7 +95,7 @@ def data_mode(source: str, fmt: str, text_column: str | None) -> Mode:
         rows = read_rows(source)
     except UserError:
         return "text"  # the text loader reports the problem as it always has
-    if rows is None:
+    if rows is None:  # plain text (.txt, a folder of .txt)
         return "text"
     every = rows[0] + (rows[1] or [])
     columns = list(dict.fromkeys(str(k) for row in every if isinstance(row, dict) for k in row))
@@ -133,9 +133,9 @@ def _validation_source(cfg: TrainConfig, has_own: bool) -> str | None:
 def _text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
     """Paragraphs -> split -> windows, exactly as the text path has always made them."""
     d = cfg.data
-    corpus = load_corpus(d.data, d.text_column)
+    corpus = load_corpus(d.data, d.text_column, d.keep_headings)
     if (val_source := _validation_source(cfg, corpus.validation is not None)) is not None:
-        val = load_corpus(val_source, d.text_column)
+        val = load_corpus(val_source, d.text_column, d.keep_headings)
         corpus = Corpus(corpus.train, val.train + (val.validation or []))
     split = _split(corpus.train, corpus.validation, cfg, saved_split)
     train = Sequences(windows_for(tokenizer, split.train, d.max_input_length))
