@@ -63,9 +63,9 @@ def wide_model_dir(tmp_path_factory):
     return path
 
 
-def argv(tmp_path, data, model_dir, *extra, run="run"):
+def argv(tmp_path, data, model_dir, *extra, run="run", ckpt="ckpt"):
     return ["--data", str(data), "--model", str(model_dir), "--batch-size", "4", "--max-input-length", "96",
-            "--template", "plain", "--sample-every", "0", "--log-every", "1", "--check-dir", str(tmp_path / "ckpt"),
+            "--template", "plain", "--sample-every", "0", "--log-every", "1", "--check-dir", str(tmp_path / ckpt),
             "--output-dir", str(tmp_path / run), *map(str, extra)]  # fmt: skip
 
 
@@ -282,7 +282,7 @@ def test_full_fine_tuning_on_chat_then_export(tmp_path, tiny_model_dir, capsys):
 
     # an instruction run's adapter, exported: the Alpaca-style prompt through apply_chat_template
     data = write(tmp_path / "d.json", instruction_rows(20))
-    train_main(argv(tmp_path, data, tiny_model_dir, "--max-steps", "1", "--rank-lora", "4", run="lora"))
+    train_main(argv(tmp_path, data, tiny_model_dir, "--max-steps", "1", "--rank-lora", "4", run="lora", ckpt="ckpt2"))
     main(["export", "--model_path", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")])
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi"}], tokenize=False,
