@@ -78,8 +78,8 @@ class TrainData:
         return config
 
 
-def stored_template(run_config: dict[str, Any], where: str = "run_config.json") -> Template | None:
-    """The template a run saved in its run_config.json (None for a text run)."""
+def stored_template(run_config: dict[str, Any], where: str = "the saved run configuration") -> Template | None:
+    """The template a run saved in its run configuration (None for a text run)."""
     saved = run_config.get("data", {}).get(TEMPLATE_KEY) if isinstance(run_config, dict) else None
     return Template.from_dict(saved, where) if saved is not None else None
 
