@@ -107,6 +107,8 @@ def test_help_shows_each_default_once():
     assert "(default: None)" not in parser.format_help().split("--lora ")[1].split("--rank-lora")[0]
     row = next(line for line in options_markdown(TrainConfig).splitlines() if line.startswith("| `--lora`"))
     assert row.split(" | ")[1] == "the --qlora value, or True with LoRA options"  # what --help says
+    rank = next(line for line in options_markdown(TrainConfig).splitlines() if line.startswith("| `--rank-lora`"))
+    assert rank.count("64 for text") == 1  # in the default column only
 
 
 # ----------------------------------------------------------------------------------------------------------
