@@ -80,6 +80,9 @@ def run_generate(cfg: GenerateConfig) -> None:
         raise UserError("--model_path is required")
     device = default_device()
     model, tokenizer = load_for_inference(args.model_path, args.base_model, args.qlora, device, args.merge_into)
+    if args.instruction is not None:
+        _answer_instruction(model, tokenizer, args)
+        return
     prompts = args.prompt or [""]
     counter = iter(range(1, 1_000_000))
 
@@ -98,6 +101,33 @@ def run_generate(cfg: GenerateConfig) -> None:
             number += 1
 
 
+def _answer_instruction(model, tokenizer, args) -> None:
+    """Print the response(s) to `--instruction`, prompted through the template saved with the run."""
+    from transformers import TextStreamer
+
+    from qlora_ft.dataset import read_template
+    from qlora_ft.generate import respond
+    from qlora_ft.templates import get_template
+
+    template = read_template(args.model_path)
+    if template is None:
+        log.warning("%s holds no saved template (not an instruction run?): using alpaca", args.model_path)
+        template = get_template("alpaca")
+    do_sample = args.do_sample if args.do_sample is not None else args.n_return_seqs > 1
+    if args.n_return_seqs > 1 and not do_sample:
+        raise UserError("--n_return_seqs > 1 needs sampling: greedy decoding gives one response")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    if streamer and args.n_return_seqs > 1:
+        raise UserError("--stream shows one response: use --n_return_seqs 1")
+    texts = respond(model, tokenizer, template, args.instruction, args.input, args.max_length,
+                    args if do_sample else None, args.n_return_seqs, args.seed, args.truncate_prompt,
+                    streamer)  # fmt: skip
+    if streamer:
+        return
+    for number, text in enumerate(texts, 1):
+        print(text if len(texts) == 1 else f"[{number}] {text}\n", flush=True)
+
+
 @exits_cleanly("inference.py")
 def inference_main(argv: list[str] | None = None) -> None:
     cfg = parse_config(GenerateConfig, argv, "inference.py", "Generate text from a fine-tuned model.")
@@ -112,8 +142,11 @@ def inference_main(argv: list[str] | None = None) -> None:
 def run_export(cfg: ExportConfig) -> None:
     import torch
 
+    from qlora_ft import checkpoint
     from qlora_ft.data import follow_umask
+    from qlora_ft.dataset import read_template
     from qlora_ft.model import load_for_inference
+    from qlora_ft.templates import instruction_chat_template
 
     args = cfg.export
     if args.model_path is None or args.out is None:
@@ -123,9 +156,14 @@ def run_export(cfg: ExportConfig) -> None:
     generation = model.generation_config
     generation.eos_token_id = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
     generation.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+    template = read_template(args.model_path)
+    if template is not None:  # an instruction/chat run: `apply_chat_template` and `pipeline` prompt as trained
+        tokenizer.chat_template = template.chat_template or instruction_chat_template(template)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     follow_umask(Path(args.out).glob("*.safetensors"))  # safetensors writes 0600
+    if template is not None:  # the run's config, template included: inference.py --instruction on this folder
+        checkpoint.write_run_config(Path(args.out), checkpoint.read_run_config(Path(args.model_path)))
     log.info("merged model and tokenizer written to %s", args.out)
 
 

@@ -40,6 +40,79 @@ def arg(default: Any, help: str, **kwargs: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Per-mode defaults: options left unset (None) take the default of the data's mode, resolved once by
+# `apply_mode_defaults` when the data's mode is known. The instruction values are provisional (to be chosen
+# by measurement).
+
+Mode = Literal["text", "instruction", "chat"]
+
+
+@dataclass(frozen=True)
+class Share:
+    """A default given as a share of the run's optimizer steps (warmup), resolved by `warmup_steps_for`."""
+
+    of_run: float
+
+    def __str__(self) -> str:
+        return f"{self.of_run:g} of the run's steps"
+
+
+_INSTRUCTION_DEFAULTS = {"lr": 3e-4, "rank_lora": 16, "alpha_lora": 32, "targets_lora": ["all-linear"],
+                         "epochs": 2, "warmup_steps": Share(0.03)}  # fmt: skip
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "text": {"lr": 2e-4, "rank_lora": 64, "alpha_lora": 16, "targets_lora": ["auto"], "epochs": 3, "warmup_steps": 100},
+    "instruction": _INSTRUCTION_DEFAULTS,
+    "chat": _INSTRUCTION_DEFAULTS,
+}
+
+
+def per_mode(help: str, name: str) -> Any:
+    """A field whose default depends on the data's mode: None until `apply_mode_defaults` fills it; its help
+    line shows each mode's value."""
+    text, instruction = MODE_DEFAULTS["text"][name], MODE_DEFAULTS["instruction"][name]
+    show = " ".join(instruction) if isinstance(instruction, list) else instruction
+    shown_text = " ".join(text) if isinstance(text, list) else text
+    return arg(None, f"{help} (default: {shown_text} for text, {show} for instruction and chat data)")
+
+
+def mode_defaults(mode: Mode) -> dict[str, Any]:
+    """The values unset per-mode options take for data of `mode`.
+
+    >>> mode_defaults("text")["lr"], mode_defaults("instruction")["rank_lora"]
+    (0.0002, 16)
+    """
+    return {k: list(v) if isinstance(v, list) else v for k, v in MODE_DEFAULTS[mode].items()}
+
+
+def apply_mode_defaults(cfg: TrainConfig, mode: Mode) -> None:
+    """Fill every unset per-mode option of `cfg` with `mode`'s default, except a warmup given as a share of
+    the run, which `warmup_steps_for` resolves once the run's length is known."""
+    defaults = mode_defaults(mode)
+    for group in (cfg.model, cfg.optim):
+        for name, value in defaults.items():
+            if hasattr(group, name) and getattr(group, name) is None and not isinstance(value, Share):
+                setattr(group, name, value)
+
+
+def with_mode_defaults(args: ModelArgs, mode: Mode = "text") -> ModelArgs:
+    """`args` with its unset per-mode options filled for `mode` (for a ModelArgs built outside `train`)."""
+    unset = {k: v for k, v in mode_defaults(mode).items() if getattr(args, k, 0) is None}
+    return dataclasses.replace(args, **unset) if unset else args
+
+
+def warmup_steps_for(cfg: TrainConfig, mode: Mode, total_steps: int) -> int:
+    """`--warmup-steps`, or when unset the mode's default: a number of steps, or a `Share` of `total_steps`.
+
+    >>> warmup_steps_for(TrainConfig(), "instruction", total_steps=200)
+    6
+    """
+    if cfg.optim.warmup_steps is not None:
+        return cfg.optim.warmup_steps
+    value = mode_defaults(mode)["warmup_steps"]
+    return round(total_steps * value.of_run) if isinstance(value, Share) else value
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training configuration
 
 
@@ -47,17 +120,37 @@ def arg(default: Any, help: str, **kwargs: Any) -> Any:
 class DataArgs:
     data: str | None = arg(
         None,
-        "training data: .pkl (list of {'sentence': text}, list of str, DataFrame, {'train','validation'}), "
-        ".txt, a folder of .txt, .csv, .jsonl, .parquet, or a datasets name / saved dataset dir",
+        "training data: paragraphs, instruction records (instruction/input/output or prompt/completion) or chat "
+        "records (messages: [{role, content}]) in .pkl (list of {'sentence': text}, list of str, DataFrame, "
+        "{'train','validation'}), .txt, a folder of .txt, .json, .csv, .jsonl, .parquet, or a datasets name / "
+        "saved dataset dir",
     )
     text_column: str | None = arg(None, "column or key holding the text (default: sentence, text or paragraph)")
     train_size: float = arg(0.9, "share of paragraphs used for training; the rest is the validation split")
-    max_input_length: int = arg(256, "tokens per training sequence; longer paragraphs are cut into windows")
+    max_input_length: int = arg(
+        256,
+        "tokens per training sequence; longer paragraphs are cut into windows, longer instruction or chat "
+        "records are dropped (never cut) and counted in the log",
+    )
     batch_size: int = arg(8, "sequences per micro-batch")
     packing: bool = arg(True, "pack paragraphs into full sequences (no attention across them); False: pad")
     seed: int = arg(42, "seed for the split, the data order, LoRA init and dropout")
     keep_headings: bool = arg(
         False, "keep heading-only paragraphs of plain text (CHAPTER I, VOLUME II); by default they are dropped"
+    )
+    format: Literal["auto", "text", "instruction", "chat"] = arg(
+        "auto",
+        "what --data holds: auto = from its columns (instruction/input/output or prompt/completion: "
+        "instruction; messages: chat; else text)",
+    )
+    template: str = arg(
+        "alpaca",
+        "prompt template for instruction records: alpaca, plain, or a JSON file; chat records use the "
+        "tokenizer's chat template, or a default one when it has none; saved with the run",
+    )
+    train_on_prompt: bool = arg(False, "instruction/chat data: train on the prompt tokens too (else responses only)")
+    validation_data: str | None = arg(
+        None, "validation data in any --data format (default: a seeded share of --data, see --train-size)"
     )
 
     def __post_init__(self):
@@ -78,13 +171,13 @@ class ModelArgs:
         "train LoRA adapters (default: the --qlora value, or True with LoRA options; --qlora False --lora True: "
         "16/32-bit LoRA, --qlora False alone: full fine-tuning)",
     )
-    rank_lora: int = arg(64, "LoRA rank r")
-    alpha_lora: float = arg(16, "LoRA alpha (the update is scaled by alpha / r)")
-    targets_lora: list[str] = arg(
-        ["auto"],
+    rank_lora: int | None = per_mode("LoRA rank r", "rank_lora")
+    alpha_lora: float | None = per_mode("LoRA alpha (the update is scaled by alpha / r)", "alpha_lora")
+    targets_lora: list[str] | None = per_mode(
         "module names LoRA wraps (suffix match); auto: per architecture (GPT-2: c_attn c_proj; Llama, Mistral, "
         "Qwen: q/k/v/o_proj gate/up/down_proj; GPT-NeoX: query_key_value dense dense_h_to_4h dense_4h_to_h; "
         "others: all-linear); all-linear: every linear layer but the output layer",
+        "targets_lora",
     )
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
@@ -100,9 +193,9 @@ class ModelArgs:
             self.lora = self.qlora
         if self.qlora and not self.lora:
             raise UserError("--qlora True trains LoRA on frozen 4-bit weights: --lora False needs --qlora False")
-        if self.rank_lora < 1:
+        if self.rank_lora is not None and self.rank_lora < 1:
             raise UserError(f"--rank-lora must be at least 1, got {self.rank_lora}")
-        if not self.targets_lora:
+        if self.targets_lora is not None and not self.targets_lora:
             raise UserError("--targets-lora needs at least one module name")
         if self.loss_chunk < 0:
             raise UserError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
@@ -112,23 +205,23 @@ class ModelArgs:
 
 @dataclass
 class OptimArgs:
-    epochs: int = arg(3, "passes over the training split")
+    epochs: int | None = per_mode("passes over the training split", "epochs")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (overrides --epochs)")
-    lr: float = arg(2e-4, "peak learning rate (AdamW)")
+    lr: float | None = per_mode("peak learning rate (AdamW)", "lr")
     eps: float = arg(1e-8, "AdamW epsilon")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    warmup_steps: int = arg(100, "linear warmup steps, then linear decay to 0")
+    warmup_steps: int | None = per_mode("linear warmup steps, then linear decay to 0", "warmup_steps")
     grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 disables)")
 
     def __post_init__(self):
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.lr <= 0 or self.eps <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.eps <= 0:
             raise UserError("--lr and --eps must be positive")
-        if self.warmup_steps < 0 or self.grad_accum_steps < 1:
+        if (self.warmup_steps is not None and self.warmup_steps < 0) or self.grad_accum_steps < 1:
             raise UserError("--warmup-steps must be >= 0 and --grad-accum-steps >= 1")
 
 
@@ -220,8 +313,15 @@ class GenerateArgs(InferenceArgs, SamplingArgs):  # (fields: SamplingArgs', Infe
     # (its own help: generate also takes a merged or fully fine-tuned model)
     model_path: str | None = arg(None, "output dir, checkpoint dir, or merged/full model dir")
     prompt: list[str] = arg([], "prompt (repeat the flag for several; none starts from <|endoftext|>)")
+    instruction: str | None = arg(
+        None, "an instruction to answer, wrapped in the template the run was trained with; prints the response only"
+    )
+    input: str = arg("", "context for --instruction (the Alpaca input field)")
+    do_sample: bool | None = arg(
+        None, "--instruction: sample instead of greedy decoding (default: greedy, unless --n_return_seqs > 1)"
+    )
     max_length: int = arg(100, "new tokens per generated sequence")
-    n_return_seqs: int = arg(3, "sequences per prompt")
+    n_return_seqs: int | None = arg(None, "sequences per prompt (default: 3 for --prompt, 1 for --instruction)")
     seed: int = arg(42, "sampling seed")
     stream: bool = arg(False, "print tokens as they are generated")
     qlora: bool = arg(False, "keep the base in 4-bit with the adapter unmerged (least memory)")
@@ -230,8 +330,14 @@ class GenerateArgs(InferenceArgs, SamplingArgs):  # (fields: SamplingArgs', Infe
 
     def __post_init__(self):
         super().__post_init__()
-        if self.max_length < 1 or self.n_return_seqs < 1:
+        if self.max_length < 1 or (self.n_return_seqs is not None and self.n_return_seqs < 1):
             raise UserError("--max_length and --n_return_seqs must be at least 1")
+        if self.instruction is not None and self.prompt:
+            raise UserError("--prompt and --instruction exclude each other: give one")
+        if self.input and self.instruction is None:
+            raise UserError("--input is the context of an --instruction: give --instruction too")
+        if self.n_return_seqs is None:
+            self.n_return_seqs = 1 if self.instruction is not None else 3
 
 
 @dataclass
@@ -339,7 +445,9 @@ def build_config(cfg_cls: type, values: dict[str, Any]):
 
 def train_config_from_dict(d: dict[str, Any], source: str = "the saved run configuration") -> TrainConfig:
     """Rebuild a TrainConfig from `to_dict()` output (a run's or a checkpoint's saved configuration), without
-    the rules about options a user gave (it names every option)."""
+    the rules about options a user gave (it names every option). Its data section may also hold
+    `template_used`, the template as data, which is no option."""
+    d = {**d, "data": {k: v for k, v in d.get("data", {}).items() if k != "template_used"}} if "data" in d else d
     return build_config(TrainConfig, flatten_options(d, TrainConfig, source))
 
 

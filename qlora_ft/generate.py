@@ -1,4 +1,4 @@
-"""Sampling, shared by in-training samples and inference."""
+"""Sampling, shared by in-training samples and inference; `respond` answers an instruction through a run's template."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from qlora_ft.config import SamplingArgs
 from qlora_ft.errors import UserError
 from qlora_ft.model import context_length
+from qlora_ft.records import Chat, Instruction
+from qlora_ft.templates import Template, cut_at_stop, generation_prompt
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +98,66 @@ def sample(
     finally:
         model.train(was_training)
     return out
+
+
+def instruction_prompt(template: Template, tokenizer, instruction: str, input: str = "") -> tuple[str, tuple[str, ...]]:
+    """(prompt text, stop strings) for one instruction, as training rendered it: through the template's
+    instruction prompt, or, for a chat-trained run (its template holds the chat template it used), as a user
+    turn (the input on its own paragraph after the instruction) plus the assistant header."""
+    if template.chat_template is None:
+        return template.prompt(Instruction(instruction, "-", input)), template.stop
+    content = f"{instruction}\n\n{input}" if input.strip() else instruction
+    prompt, _ = generation_prompt(Chat((("user", content), ("assistant", "-"))), template, tokenizer)
+    return prompt, template.chat_stop
+
+
+@torch.no_grad()
+def respond(
+    model,
+    tokenizer,
+    template: Template,
+    instruction: str,
+    input: str = "",
+    max_new_tokens: int = 256,
+    sampling: SamplingArgs | None = None,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    truncate: bool = False,
+    streamer=None,
+) -> list[str]:
+    """The model's responses to one instruction, prompted through `template` exactly as training saw it
+    (`<eos>` + prompt): greedy (one response) unless `sampling` is given. Generation stops at `<eos>` or at
+    the template's next header, which is cut off: each string is the response alone.
+
+    >>> respond(model, tokenizer, get_template("alpaca"), "Name a colour.")  # doctest: +SKIP
+    ['Blue.']
+    """
+    prompt, stop = instruction_prompt(template, tokenizer, instruction, input)
+    device = next(model.parameters()).device
+    input_ids = fit_context(encode_prompt(tokenizer, prompt, device), context_length(model.config), max_new_tokens,
+                            truncate, 1)  # fmt: skip
+    knobs = {"do_sample": False, "num_return_sequences": 1}
+    if sampling is not None:
+        knobs = {"do_sample": True, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                 "temperature": sampling.temperature, "num_return_sequences": num_return_sequences}  # fmt: skip
+    was_training = model.training
+    model.eval()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(seed)
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                stop_strings=list(stop) or None,  # the next header: stop there (cut below, as it is generated)
+                tokenizer=tokenizer,
+                streamer=streamer,
+                **knobs,
+            )  # (n, T + new)
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [cut_at_stop(text, stop).strip() for text in texts]

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from qlora_ft import checkpoint
-from qlora_ft.config import ModelArgs
+from qlora_ft.config import ModelArgs, with_mode_defaults
 from qlora_ft.errors import UserError, first_line
 from qlora_ft.precision import precision_policy
 
@@ -196,6 +196,7 @@ def add_lora(model, args: ModelArgs):
     (casts norms/embeddings to float32 and enables input gradients)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    args = with_mode_defaults(args)  # options left unset and not resolved by `train`: the text defaults
     targets = lora_targets(model, args.targets_lora)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

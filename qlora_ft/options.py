@@ -250,7 +250,8 @@ def options_markdown(cfg_cls: type) -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             flags = f"`--{f.name.replace('_', '-')}`" + (f" `--{f.name}`" if "_" in f.name else "")
             help_text = f.metadata.get("help", "")
-            meaning = help_text.replace("|", "\\|")
+            # a default the help line names is shown once, in the default column
+            meaning = re.sub(r"\s*\(default: [^;)]+\)", "", help_text).replace("|", "\\|")
             rows.append(f"| {flags} | {_named_default(help_text) or show(default)} | {meaning} |")
     return "\n".join(rows)
 

@@ -160,6 +160,29 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+def instruction_chat_template(template: Template) -> str:
+    """A Jinja chat template that prompts as `template` prompts an instruction without input, for exported
+    models (`tokenizer.apply_chat_template`, `pipeline`): `<eos>` (training's leading token), then each user
+    turn as the instruction prompt and each assistant turn as its content + EOS; system turns are left out.
+    The prompt already ends with the response header, so a generation prompt adds nothing.
+
+    >>> chat = [{"role": "user", "content": "Hi"}]
+    >>> tokenizer.apply_chat_template(chat, chat_template=instruction_chat_template(TEMPLATES["plain"]),
+    ...                               tokenize=False)  # doctest: +SKIP
+    '<|endoftext|>### Instruction:\nHi\n\n### Response:\n'
+    """
+    # the prompt's text around {instruction}, with format's {{ }} escapes undone; json.dumps makes each a
+    # Jinja string literal (Jinja reads the same backslash escapes)
+    (before, _, _, _), *rest = string.Formatter().parse(template.prompt_no_input)
+    after = "".join(literal for literal, _, _, _ in rest)
+    return (
+        "{{ eos_token }}{% for message in messages %}"
+        f"{{% if message['role'] == 'user' %}}{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+
+
 def get_template(name_or_path: str) -> Template:
     """A registered template by name (`alpaca`, `plain`) or one read from a JSON file."""
     if name_or_path in TEMPLATES:

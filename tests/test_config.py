@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qlora_ft.config import GenerateConfig, TrainConfig, parse_bool, train_config_from_dict
+from qlora_ft.config import GenerateConfig, TrainConfig, apply_mode_defaults, parse_bool, train_config_from_dict
 from qlora_ft.errors import UserError
 from qlora_ft.options import parse_config
 
@@ -36,7 +36,9 @@ def test_bad_bool_is_a_user_error():
 def test_defaults_equal_the_dataclass_defaults():
     assert train_cfg() == TrainConfig()
     cfg = TrainConfig()
-    assert (cfg.data.train_size, cfg.model.rank_lora, cfg.model.alpha_lora) == (0.9, 64, 16)
+    assert (cfg.data.train_size, cfg.model.rank_lora, cfg.model.alpha_lora) == (0.9, None, None)  # per mode
+    apply_mode_defaults(cfg, "text")
+    assert (cfg.model.rank_lora, cfg.model.alpha_lora, cfg.optim.lr, cfg.optim.epochs) == (64, 16, 2e-4, 3)
     assert cfg.model.targets_lora == ["auto"]
     assert (cfg.ckpt.check_dir, cfg.ckpt.output_dir) == ("Checkpoints", "GPT2_fine_tuned_Austen")
 

@@ -103,10 +103,12 @@ def test_help_shows_each_default_once():
     helps.pop("--config")
     assert all(text.count("(default:") == 1 for text in helps.values()), helps
     assert "(default: None)" not in helps["--lora"] and "(default: the --qlora value," in helps["--lora"]
-    assert helps["--rank-lora"].endswith("(default: 64)")
+    assert helps["--rank-lora"].endswith("(default: 64 for text, 16 for instruction and chat data)")  # per mode
     assert "(default: None)" not in parser.format_help().split("--lora ")[1].split("--rank-lora")[0]
     row = next(line for line in options_markdown(TrainConfig).splitlines() if line.startswith("| `--lora`"))
     assert row.split(" | ")[1] == "the --qlora value, or True with LoRA options"  # what --help says
+    rank = next(line for line in options_markdown(TrainConfig).splitlines() if line.startswith("| `--rank-lora`"))
+    assert rank.count("64 for text") == 1  # in the default column only
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def write_outputs(run: Run, state: TrainState, session: Session, weights) -> dic
     run.engine.unwrap().save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
     run.tokenizer.save_pretrained(out_dir)
     follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
-    checkpoint.write_run_config(out_dir, cfg.to_dict())
+    checkpoint.write_run_config(out_dir, run.config_dict())
     summary = train_summary(run, state, session)
     checkpoint.write_json(out_dir / "train_summary.json", summary)
     try:

@@ -141,10 +141,10 @@ def write_samples(run: Run, step: int) -> None:
     engine, cfg = run.engine, run.cfg
     if not (engine.is_main or engine.lockstep):  # FSDP: all generate the same texts, in lockstep
         return
-    prompts = cfg.sample.sample_prompts
+    prompts = run.sample_prompts()
     with engine.autocast():
         texts = sample(engine.unwrap(), run.tokenizer, prompts, cfg.sample, cfg.sample.max_output_length,
-                       seed=cfg.data.seed + step)  # fmt: skip
+                       seed=cfg.data.seed + step, truncate=True)  # fmt: skip
     if not engine.is_main:
         return
     rows = [{"step": step, "prompt": prompt, "text": text} for prompt, (text,) in zip(prompts, texts, strict=True)]
@@ -169,8 +169,8 @@ def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
     tensors = {"optimizer": optimizer_state, **state.to_tensors()}
     if engine.scaler is not None:  # fp16: the loss scale and its growth counter, for an exact resume
         tensors["scaler"] = engine.scaler.state_dict()
-    path = checkpoint.save_checkpoint(run.check_dir, name, engine.unwrap(), meta, tensors, run.cfg.to_dict(),
-                                      run.split.to_json(), state_dict=weights)  # fmt: skip
+    path = checkpoint.save_checkpoint(run.check_dir, name, engine.unwrap(), meta, tensors, run.config_dict(),
+                                      run.data.split.to_json(), state_dict=weights)  # fmt: skip
     log.info("saved checkpoint %s", path)
     keep = run.cfg.ckpt.keep_checkpoints
     for old in checkpoint.prune_checkpoints(run.check_dir, keep):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlora_ft.data import collate, epoch_batches, epoch_rows
+from qlora_ft.templates import collate_masked
 
 Rows = list[list[int]]  # rows of a batch, each a list of window indices (several when packed)
 
@@ -28,13 +29,19 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def make_batch(rows: Rows, windows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch.
+def make_batch(
+    rows: Rows, windows: Sequence[Sequence[int]], pad_id: int, masks: Sequence[Sequence[int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch. With `masks`
+    (instruction and chat records), `collate_masked`: labels -100 where a window's mask is 0 (the prompt).
 
     >>> make_batch([[0, 1], [2]], [[9, 5], [9, 6, 7], [9, 8]], pad_id=0)["n_tokens"].item()
     7
     """
-    batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+    if masks is None:
+        batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+    else:
+        batch = collate_masked([[(windows[i], masks[i]) for i in row] for row in rows], pad_id)
     batch["n_tokens"] = torch.tensor(sum(len(windows[i]) for row in rows for i in row))
     return batch
 

@@ -59,6 +59,8 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wor
         "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
+        "template": (saved.data.template, cfg.data.template),
+        "train_on_prompt": (saved.data.train_on_prompt, cfg.data.train_on_prompt),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from qlora_ft import checkpoint, engines
-from qlora_ft.config import TrainConfig
-from qlora_ft.data import Split, collate, eval_batches, load_corpus, split_corpus, split_from_json, windows_for
+from qlora_ft.config import TrainConfig, apply_mode_defaults, warmup_steps_for
+from qlora_ft.data import collate, eval_batches
+from qlora_ft.dataset import TrainData, prepare_data
 from qlora_ft.engines import Engine, trained_parameters
 from qlora_ft.errors import UserError
 from qlora_ft.loss import output_layer
@@ -46,8 +47,7 @@ class Run:
     cfg: TrainConfig  # the run's own copy, with the settings in effect after the start-up probes
     engine: Engine  # one process, DDP, FSDP or DeepSpeed; it holds the accelerator
     tokenizer: Any
-    split: Split  # which paragraphs train and which validate (saved with every checkpoint)
-    train_windows: list[list[int]]  # token ids of each training window; the plan's rows index them
+    data: TrainData  # training / validation sequences (ids, loss masks), split, template; the plan indexes them
     pad_id: int
     plan: EpochPlan  # the micro-batches of each epoch
     total_steps: int  # optimizer steps of the whole run
@@ -62,7 +62,17 @@ class Run:
 
     def micro_batch(self, rows: Rows) -> dict[str, torch.Tensor]:
         """This process's share of a global micro-batch: its rows rank, rank + world, ..."""
-        return make_batch(rows[self.engine.rank :: self.engine.world], self.train_windows, self.pad_id)
+        train = self.data.train
+        return make_batch(rows[self.engine.rank :: self.engine.world], train.ids, self.pad_id, train.masks)
+
+    def sample_prompts(self) -> list[str]:
+        """In-training sample prompts: --sample-prompts for text; a few validation prompts, through the template,
+        for instruction and chat records."""
+        return self.data.sample_prompts(self.tokenizer) or self.cfg.sample.sample_prompts
+
+    def config_dict(self) -> dict[str, Any]:
+        """What run_config.json holds: the run's config, and the template instruction/chat records used."""
+        return self.data.run_config(self.cfg)
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -79,11 +89,11 @@ def set_up(cfg: TrainConfig) -> Run:
     # --- engine: accelerate's Accelerator, set up by `accelerate launch --config_file` (else one process / DDP)
     precision = precision_policy(cfg.model.compute_dtype, default_device())
     engine = engines.make_engine(engines.make_accelerator(out_dir, precision.accelerate_name), cfg)
+
+    # --- data (its mode settles the options left to the mode's default), model, optimizer -------------
+    tokenizer, data = load_data(cfg, resume.split if resume else None)
     if resume:
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
-
-    # --- data, model, optimizer ------------------------------------------------------------------------
-    tokenizer, split, train_windows, val_windows = load_data(cfg, resume.split if resume else None)
     model = build_model(cfg, engine, precision.dtype)
     head = probe_shortcuts(cfg, model, engine)
     log_setup(cfg, engine, precision)
@@ -96,38 +106,34 @@ def set_up(cfg: TrainConfig) -> Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
     # --- the plan: micro-batches per epoch, a pure function of (seed, epoch) ----------------------------
-    plan = EpochPlan([len(w) for w in train_windows], cfg.data.max_input_length, cfg.data.packing,
+    plan = EpochPlan(data.train.lengths, cfg.data.max_input_length, cfg.data.packing,
                      cfg.data.batch_size, engine.world, cfg.optim.grad_accum_steps, cfg.data.seed)  # fmt: skip
     total_steps = plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps)
+    cfg.optim.warmup_steps = warmup_steps_for(cfg, data.mode, total_steps)
     warn_if_warmup_outlasts(cfg, total_steps)
-    val_rows = eval_batches([len(w) for w in val_windows], cfg.data.max_input_length, cfg.data.packing,
+    val_rows = eval_batches(data.validation.lengths, cfg.data.max_input_length, cfg.data.packing,
                             cfg.data.batch_size * 2)  # fmt: skip
-    val_batches = [make_batch(rows, val_windows, tokenizer.pad_token_id) for rows in val_rows]
+    val = data.validation
+    val_batches = [make_batch(rows, val.ids, tokenizer.pad_token_id, val.masks) for rows in val_rows]
 
     if resume:  # the checkpoint's weights before `prepare` shards them (its optimizer state after: `restore`)
         checkpoint.load_model_weights(model, resume.path)
     model, optimizer = engine.prepare(model, optimizer)
-    return Run(cfg, engine, tokenizer, split, train_windows, tokenizer.pad_token_id, plan, total_steps, val_batches,
+    return Run(cfg, engine, tokenizer, data, tokenizer.pad_token_id, plan, total_steps, val_batches,
                model, optimizer, head, (trainable, total), out_dir, check_dir, resume)  # fmt: skip
 
 
-def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None):
-    """(tokenizer, split, training windows, validation windows): paragraphs -> split -> windows of token ids.
-    `saved_split`: a checkpoint's split, which a resumed run keeps."""
-    corpus = load_corpus(cfg.data.data, cfg.data.text_column, cfg.data.keep_headings)
-    split = split_corpus(corpus, cfg.data.train_size, cfg.data.seed)
-    if saved_split is not None:
-        split = split_from_json(split, saved_split)
+def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None) -> tuple[Any, TrainData]:
+    """(tokenizer, data): paragraphs -> windows, or records -> template -> ids + loss masks; split. The data's
+    mode (text, instruction, chat) fills the options left to it in `cfg`. `saved_split`: a checkpoint's
+    split, which a resumed run keeps."""
     tokenizer = load_tokenizer(cfg.model.model)
+    data = prepare_data(cfg, tokenizer, saved_split)
+    apply_mode_defaults(cfg, data.mode)  # unset per-mode options (--lr, --rank-lora, ...) take the mode's default
     # the model's context, from its config (no weights yet): sequences or samples past it fail now, not mid-run
     check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
                            cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
-    train_windows = windows_for(tokenizer, split.train, cfg.data.max_input_length)
-    val_windows = windows_for(tokenizer, split.validation, cfg.data.max_input_length)
-    log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens",
-             len(split.train_idx), len(split.val_idx), len(train_windows), len(val_windows),
-             cfg.data.max_input_length)  # fmt: skip
-    return tokenizer, split, train_windows, val_windows
+    return tokenizer, data
 
 
 def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
