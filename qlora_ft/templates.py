@@ -161,7 +161,7 @@ TEMPLATES: dict[str, Template] = {
 
 
 def instruction_chat_template(template: Template) -> str:
-    """A Jinja chat template that prompts as `template` prompts an instruction without input, for exported
+    r"""A Jinja chat template that prompts as `template` prompts an instruction without input, for exported
     models (`tokenizer.apply_chat_template`, `pipeline`): `<eos>` (training's leading token), then each user
     turn as the instruction prompt and each assistant turn as its content + EOS; system turns are left out.
     The prompt already ends with the response header, so a generation prompt adds nothing.
