@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from qlora_ft.checkpoint import load_checkpoint
-from qlora_ft.config import TrainConfig
+from qlora_ft.config import TrainConfig, apply_mode_defaults
 from qlora_ft.errors import UserError
 from qlora_ft.options import parse_config
 from qlora_ft.training.resume import check_compatible
@@ -85,6 +85,8 @@ def test_two_processes_equal_one_with_the_double_batch(tmp_path, data_pkl, tiny_
 def test_resume_refuses_a_different_global_batch(tmp_path):
     cfg = parse_config(TrainConfig, ["--data", "x.pkl", "--batch-size", "2"], "train.py")
     same = parse_config(TrainConfig, ["--data", "x.pkl", "--batch-size", "4"], "train.py")
+    for c in (cfg, same):  # as training compares them: with the data's mode defaults filled in
+        apply_mode_defaults(c, "text")
     check_compatible(cfg, same, tmp_path, saved_world=2, world=1)  # 2 x 2 == 4 x 1
     with pytest.raises(UserError, match=r"--batch-size 2 on 2 process\(es\) \(this run: 2 on 1\)"):
         check_compatible(cfg, cfg, tmp_path, saved_world=2, world=1)
