@@ -449,23 +449,3 @@ def train_config_from_dict(d: dict[str, Any], source: str = "the saved run confi
     `template_used`, the template as data, which is no option."""
     d = {**d, "data": {k: v for k, v in d.get("data", {}).items() if k != "template_used"}} if "data" in d else d
     return build_config(TrainConfig, flatten_options(d, TrainConfig, source))
-
-
-_MOVED_TO_OPTIONS = {"build_parser", "parse_config", "config_from_flat", "options_markdown", "options_reference",
-                     "options_document", "warn_ineffective", "_Parser"}  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """The parser moved to `qlora_ft.options`; `from qlora_ft.config import parse_config` keeps working. (A lazy
-    import: options imports this module.)"""
-    if name in _MOVED_TO_OPTIONS:
-        from qlora_ft import options
-
-        return getattr(options, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # the earlier spelling of `python -m qlora_ft.options`
-    from qlora_ft.options import options_document
-
-    print(options_document(), end="")
