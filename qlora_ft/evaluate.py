@@ -101,45 +101,74 @@ def generations(model, tokenizer, args, n_per_prompt: int) -> list[dict[str, str
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Score the run in `--model_path` against its base (see the module docstring); writes and returns eval.json."""
     args = cfg.eval
     if args.model_path is None:
         raise UserError("--model_path is required")
     run = Path(args.model_path)
     train_cfg = read_run(run)
-    out_dir = Path(args.out_dir or run)
     device = default_device()
-    dtype = compute_dtype("auto", device)
     base_name = resolve_base_name(args.base_model or adapter_base_name(run))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base_name)
-
     ref_cfg = read_run(Path(args.lora_reference)) if args.lora_reference else None
-    # --- data: the run's split, the held-out paragraphs -----------------------------------------------
+    data = _held_out(args, train_cfg, run, tokenizer)
+    result: dict[str, Any] = {
+        "run": str(run),
+        "base_model": base_name,
+        "method": "QLoRA" if train_cfg.model.qlora else ("LoRA" if train_cfg.model.lora else "full fine-tuning"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "held_out": {"source": data["name"], "paragraphs": len(data["texts"]), "tokens": data["tokens"]},
+    }
+    if summary := _summary(run):
+        result["train_summary"] = summary
+    models, fine_tuned_name = _models(args, train_cfg, run, base_name, device)
+    if ref_cfg is not None:
+        result["lora_reference"] = {"run": str(Path(args.lora_reference)), "qlora": ref_cfg.model.qlora,
+                                    "lora": ref_cfg.model.lora,
+                                    "train_summary": _summary(Path(args.lora_reference))}  # fmt: skip
+    _score(models, fine_tuned_name, data["batches"], result)
+    base, fine_tuned = models["base"], models[fine_tuned_name]
+    models.clear()  # free the other variants before generating
+    gens = _generate(args, base, fine_tuned, tokenizer, fine_tuned_name, result)
+    texts = {k: [g["text"] for g in v] for k, v in gens.items()}
+    # --- overfitting signals and diversity ------------------------------------------------------------
+    index = metrics.NgramIndex(data["split"].train, 8)
+    real = data["texts"][: len(texts["base"])]
+    result["copied_8gram_share"] = {k: index.copied_share(v) for k, v in texts.items()}
+    result["distinct_n"] = {k: {str(n): metrics.distinct_n(v, n) for n in (1, 2, 3)}
+                            for k, v in {**texts, "held_out_text": real}.items()}  # fmt: skip
+    if args.contrast:
+        _style(args, train_cfg, data, gens, texts, result)
+    result["generations"] = gens
+    _write_eval(result, run, Path(args.out_dir or run))
+    return result
+
+
+def _held_out(args, train_cfg: TrainConfig, run: Path, tokenizer) -> dict[str, Any]:
+    """The run's split, the held-out paragraphs and their batches; the style classifier's texts (read before
+    the slow part, so a bad path fails at once)."""
     data_source = _find_data(train_cfg, run)
     corpus = load_corpus(data_source, train_cfg.data.text_column, train_cfg.data.keep_headings)
     split = split_corpus(corpus, train_cfg.data.train_size, train_cfg.data.seed)
     held_out = paragraphs(args.data) if args.data else split.validation
-    held_out_name = args.data or f"validation split of {train_cfg.data.data}"
-    batches = held_out_batches(tokenizer, held_out, train_cfg.data.max_input_length, args.batch_size)
-    n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-    if args.contrast:  # read before the slow part, so a bad path fails at once
-        contrast = paragraphs(args.contrast)
+    data = {"split": split, "texts": held_out, "name": args.data or f"validation split of {train_cfg.data.data}"}
+    data["batches"] = held_out_batches(tokenizer, held_out, train_cfg.data.max_input_length, args.batch_size)
+    data["tokens"] = sum(int((b["labels"] != -100).sum()) for b in data["batches"])
+    if args.contrast:
+        data["contrast"] = paragraphs(args.contrast)
         # the classifier never sees the held-out paragraphs, so its verdict on them is a fair check
         held = set(held_out)
-        reference = [p for p in (paragraphs(args.reference) if args.reference else split.train) if p not in held]
-    log.info("held-out: %d paragraphs, %s target tokens (%s)", len(held_out), f"{n_tokens:,}", held_out_name)
+        data["reference"] = [p for p in (paragraphs(args.reference) if args.reference else split.train)
+                             if p not in held]  # fmt: skip
+    log.info("held-out: %d paragraphs, %s target tokens (%s)", len(held_out), f"{data['tokens']:,}", data["name"])
+    return data
 
-    # --- perplexity and merge parity: every model scored in one pass over the held-out tokens ---------
+
+def _models(args, train_cfg: TrainConfig, run: Path, base_name: str, device) -> tuple[dict[str, Any], str]:
+    """Every model to score by name (see VARIANTS), in eval mode, and the name of the one inference uses."""
+    dtype = compute_dtype("auto", device)
     on_4bit = bool(train_cfg.model.qlora)
-    result: dict[str, Any] = {
-        "run": str(run),
-        "base_model": base_name,
-        "method": "QLoRA" if on_4bit else ("LoRA" if train_cfg.model.lora else "full fine-tuning"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "held_out": {"source": held_out_name, "paragraphs": len(held_out), "tokens": n_tokens},
-    }
-    if summary := _summary(run):
-        result["train_summary"] = summary
-    models = {"base": load_base(base_name, False, dtype, device).eval()}
+    models = {"base": load_base(base_name, False, dtype, device)}
     if train_cfg.model.lora:
         trained_base = load_base(base_name, on_4bit, dtype, device)
         if on_4bit:
@@ -154,13 +183,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         models["fine_tuned"], _ = load_for_inference(str(run), base_name, False, device)
         fine_tuned_name = "fine_tuned"
     if args.lora_reference:
-        reference_run = Path(args.lora_reference)
-        models["lora_reference"], _ = load_for_inference(str(reference_run), base_name, False, device, "original")
-        result["lora_reference"] = {"run": str(reference_run), "qlora": ref_cfg.model.qlora,
-                                    "lora": ref_cfg.model.lora,
-                                    "train_summary": _summary(reference_run)}  # fmt: skip
+        models["lora_reference"], _ = load_for_inference(args.lora_reference, base_name, False, device, "original")
     for model in models.values():
         model.eval()
+    return models, fine_tuned_name
+
+
+def _score(models: dict[str, Any], fine_tuned_name: str, batches, result: dict[str, Any]) -> None:
+    """Perplexity and merge parity: every model scored in one pass over the held-out tokens."""
     progress = tqdm(batches, desc=f"scoring {len(models)} models", unit="batch", dynamic_ncols=True)
     scores = metrics.compare_models(models, progress, "trained" if "trained" in models else None)
     perplexity = {name: scores.perplexity(name) for name in models}
@@ -177,11 +207,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                      v["perplexity"])  # fmt: skip
     log.info("perplexity: base %.2f -> fine-tuned %.2f (%.0f%% lower)", perplexity["base"], perplexity["fine_tuned"],
              100 * perplexity["reduction"])  # fmt: skip
-    base, fine_tuned = models["base"], models[fine_tuned_name]
-    for name in [k for k in models if k not in ("base", fine_tuned_name)]:
-        del models[name]  # free memory before generating
 
-    # --- generations: same prompts, seed and sampling for both models ---------------------------------
+
+def _generate(args, base, fine_tuned, tokenizer, fine_tuned_name: str, result: dict[str, Any]) -> dict[str, list]:
+    """Generations of both models: the same prompts, seed and sampling."""
     n_per_prompt = math.ceil(args.n_generations / len(args.prompt))
     log.info("generating %d texts per model", n_per_prompt * len(args.prompt))
     gens = {"base": generations(base, tokenizer, args, n_per_prompt),
@@ -189,41 +218,36 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     result["generation"] = {"prompts": args.prompt, "per_prompt": n_per_prompt, "max_new_tokens": args.max_length,
                             "seed": args.seed, "top_k": args.top_k, "top_p": args.top_p,
                             "temperature": args.temperature, "fine_tuned_model": fine_tuned_name}  # fmt: skip
-    texts = {k: [g["text"] for g in v] for k, v in gens.items()}
+    return gens
 
-    # --- overfitting signals and diversity ------------------------------------------------------------
-    index = metrics.NgramIndex(split.train, 8)
-    real = held_out[: len(texts["base"])]
-    result["copied_8gram_share"] = {k: index.copied_share(v) for k, v in texts.items()}
-    result["distinct_n"] = {k: {str(n): metrics.distinct_n(v, n) for n in (1, 2, 3)}
-                            for k, v in {**texts, "held_out_text": real}.items()}  # fmt: skip
 
-    # --- style score -------------------------------------------------------------------------------------
-    if args.contrast:
-        log.info("training the style classifier (5-fold cross-validation first)")
-        classifier = metrics.StyleClassifier(seed=args.seed).fit(reference, contrast)
-        held_long = [t for t in held_out if len(t.split()) >= classifier.min_words]
-        result["style"] = {
-            "reference": args.reference or train_cfg.data.data,
-            "contrast": args.contrast,
-            "classifier": "char 2-4-gram + word 1-2-gram TF-IDF, logistic regression (scikit-learn)",
-            "paragraphs_per_class": classifier.n_per_class,
-            "cv_accuracy_mean": sum(classifier.cv_accuracy) / len(classifier.cv_accuracy),
-            "cv_accuracy": classifier.cv_accuracy,
-            "judged_target": {
-                **{k: classifier.target_share(v) for k, v in texts.items()},
-                "held_out_text": classifier.target_share(held_long),
-            },
-        }
-        shares = result["style"]["judged_target"]
-        log.info("judged target style: base %.0f%%, fine-tuned %.0f%% (classifier CV accuracy %.3f)",
-                 100 * shares["base"]["share"], 100 * shares["fine_tuned"]["share"],
-                 result["style"]["cv_accuracy_mean"])  # fmt: skip
-        for name, items in gens.items():
-            for item, hit in zip(items, classifier.is_target(texts[name]), strict=True):
-                item["judged_target"] = hit
-    result["generations"] = gens
+def _style(args, train_cfg: TrainConfig, data: dict[str, Any], gens, texts, result: dict[str, Any]) -> None:
+    """The style score: the share of each model's generations a classifier (target vs contrast) judges target."""
+    log.info("training the style classifier (5-fold cross-validation first)")
+    classifier = metrics.StyleClassifier(seed=args.seed).fit(data["reference"], data["contrast"])
+    held_long = [t for t in data["texts"] if len(t.split()) >= classifier.min_words]
+    result["style"] = {
+        "reference": args.reference or train_cfg.data.data,
+        "contrast": args.contrast,
+        "classifier": "char 2-4-gram + word 1-2-gram TF-IDF, logistic regression (scikit-learn)",
+        "paragraphs_per_class": classifier.n_per_class,
+        "cv_accuracy_mean": sum(classifier.cv_accuracy) / len(classifier.cv_accuracy),
+        "cv_accuracy": classifier.cv_accuracy,
+        "judged_target": {
+            **{k: classifier.target_share(v) for k, v in texts.items()},
+            "held_out_text": classifier.target_share(held_long),
+        },
+    }
+    shares = result["style"]["judged_target"]
+    log.info("judged target style: base %.0f%%, fine-tuned %.0f%% (classifier CV accuracy %.3f)",
+             100 * shares["base"]["share"], 100 * shares["fine_tuned"]["share"],
+             result["style"]["cv_accuracy_mean"])  # fmt: skip
+    for name, items in gens.items():
+        for item, hit in zip(items, classifier.is_target(texts[name]), strict=True):
+            item["judged_target"] = hit
 
+
+def _write_eval(result: dict[str, Any], run: Path, out_dir: Path) -> None:
     from qlora_ft.report import plot_eval, write_eval_markdown, write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +256,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     plot_eval(result, out_dir / "eval.png")
     write_report(run, out_dir)
     log.info("wrote eval.json, eval.md, eval.png and report.md to %s", out_dir)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
