@@ -102,6 +102,17 @@ def _pct(x: float) -> str:
 
 
 def eval_markdown(r: dict[str, Any]) -> str:
+    """eval.json as Markdown: perplexity, merge parity, style, overfitting and diversity."""
+    lines = _perplexity_lines(r)
+    if "merge_parity" in r:
+        lines += _parity_lines(r["merge_parity"])
+    if "style" in r:
+        lines += _style_lines(r["style"])
+    lines += _diversity_lines(r)
+    return "\n".join(lines) + "\n"
+
+
+def _perplexity_lines(r: dict[str, Any]) -> list[str]:
     ppl = r["perplexity"]
     lines = [f"Run `{r['run']}` ({r['method']}), base `{r['base_model']}`, on {r['device']}.", ""]
     lines += [
@@ -121,50 +132,56 @@ def eval_markdown(r: dict[str, Any]) -> str:
     )
     if "lora_reference" in ppl:
         lines.append(f"| 16/32-bit LoRA reference (`{r['lora_reference']['run']}`) | {ppl['lora_reference']:.2f} |")
-    lines += ["", f"Perplexity reduction, base -> fine-tuned: **{_pct(ppl['reduction'])}**."]
-    if "merge_parity" in r:
-        mp = r["merge_parity"]
-        lines += [
-            "",
-            "### Merge parity",
-            "",
-            "KL divergence of next-token distributions from the model as trained (nats per token, mean over "
-            "held-out tokens; 0 means identical):",
-            "",
-            "| merge target | KL from trained | perplexity |",
-            "|---|---|---|",
-        ]
-        for name, v in mp["variants"].items():
-            lines.append(
-                f"| {name.removeprefix('merged_')}: {_describe(name)} | {v['kl_from_trained']:.3g} "
-                f"| {v['perplexity']:.2f} |"
-            )
-        lines += [
-            "",
-            f"Closest to the trained model: **{mp['closest']}**; `inference.py`/`export` merge into "
-            f"**{mp['default'].removeprefix('merged_')}** by default (`--merge-into`).",
-        ]
-    if "style" in r:
-        st = r["style"]
-        acc = st["cv_accuracy_mean"]
-        lines += [
-            "",
-            "### Style",
-            "",
-            f"Classifier: {st['classifier']}, {st['paragraphs_per_class']:,} paragraphs per class, target "
-            f"`{st['reference']}` vs contrast `{st['contrast']}`; 5-fold cross-validated accuracy "
-            f"{100 * acc:.1f}%.",
-            "",
-            "| text | judged target style | 95% CI | n |",
-            "|---|---|---|---|",
-        ]
-        for k, v in st["judged_target"].items():
-            lines.append(
-                f"| {k.replace('_', ' ')} | **{_pct(v['share'])}** | {_pct(v['ci_low'])} - "
-                f"{_pct(v['ci_high'])} | {v['n']} |"
-            )
+    return [*lines, "", f"Perplexity reduction, base -> fine-tuned: **{_pct(ppl['reduction'])}**."]
+
+
+def _parity_lines(mp: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "### Merge parity",
+        "",
+        "KL divergence of next-token distributions from the model as trained (nats per token, mean over "
+        "held-out tokens; 0 means identical):",
+        "",
+        "| merge target | KL from trained | perplexity |",
+        "|---|---|---|",
+    ]
+    for name, v in mp["variants"].items():
+        lines.append(
+            f"| {name.removeprefix('merged_')}: {_describe(name)} | {v['kl_from_trained']:.3g} "
+            f"| {v['perplexity']:.2f} |"
+        )
+    return [
+        *lines,
+        "",
+        f"Closest to the trained model: **{mp['closest']}**; `inference.py`/`export` merge into "
+        f"**{mp['default'].removeprefix('merged_')}** by default (`--merge-into`).",
+    ]
+
+
+def _style_lines(st: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "### Style",
+        "",
+        f"Classifier: {st['classifier']}, {st['paragraphs_per_class']:,} paragraphs per class, target "
+        f"`{st['reference']}` vs contrast `{st['contrast']}`; 5-fold cross-validated accuracy "
+        f"{100 * st['cv_accuracy_mean']:.1f}%.",
+        "",
+        "| text | judged target style | 95% CI | n |",
+        "|---|---|---|---|",
+    ]
+    for k, v in st["judged_target"].items():
+        lines.append(
+            f"| {k.replace('_', ' ')} | **{_pct(v['share'])}** | {_pct(v['ci_low'])} - "
+            f"{_pct(v['ci_high'])} | {v['n']} |"
+        )
+    return lines
+
+
+def _diversity_lines(r: dict[str, Any]) -> list[str]:
     g = r["generation"]
-    lines += [
+    lines = [
         "",
         "### Overfitting and diversity",
         "",
@@ -178,7 +195,7 @@ def eval_markdown(r: dict[str, Any]) -> str:
     for k, d in r["distinct_n"].items():
         copied = _pct(r["copied_8gram_share"][k]) if k in r["copied_8gram_share"] else "-"
         lines.append(f"| {k.replace('_', ' ')} | {copied} | {d['1']:.3f} | {d['2']:.3f} | {d['3']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _describe(name: str) -> str:
