@@ -41,8 +41,8 @@ def arg(default: Any, help: str, **kwargs: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------------------------
 # Per-mode defaults: options left unset (None) take the default of the data's mode, resolved once by
-# `apply_mode_defaults` when the data's mode is known. The instruction values are provisional (to be chosen
-# by measurement).
+# `apply_mode_defaults` when the data's mode is known. The instruction values and how they were measured:
+# docs/instructions.md.
 
 Mode = Literal["text", "instruction", "chat"]
 
