@@ -524,6 +524,21 @@ class Windows:
         return [[self.ids(k).tolist() for k in row] for row in rows]
 
 
+class WindowIds(Sequence):
+    """The windows' token ids as a sequence of lists, read from the memory map when indexed: what the training
+    plan batches (`training.plan.make_batch`), with `lengths` for planning. Nothing is held but the offsets."""
+
+    def __init__(self, windows: Windows):
+        self.windows = windows
+        self.lengths = windows.lengths
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        return self.windows.ids(int(k)).tolist()
+
+
 def cut_windows(cache: TokenCache, records: Sequence[int] | np.ndarray, max_len: int) -> Windows:
     """The windows of `records` (in that order), each wrapped in <eos> and cut like `data.to_windows`: at most
     `max_len` tokens, consecutive windows overlapping by one token.
@@ -547,6 +562,38 @@ def cut_windows(cache: TokenCache, records: Sequence[int] | np.ndarray, max_len:
 
 # ----------------------------------------------------------------------------------------------------------
 # Split
+
+
+@dataclass
+class CacheSplit:
+    """A cache's split, which a checkpoint records as (fingerprint, seed, train share) instead of every index:
+    the indices are a pure function of the three (`split_records`), so a deleted cache rebuilt from the same
+    data gives the same split."""
+
+    fingerprint: str
+    seed: int
+    train_share: float
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+    @classmethod
+    def of(cls, cache: TokenCache, seed: int, train_share: float) -> CacheSplit:
+        return cls(cache.fingerprint, seed, train_share, *split_records(cache, seed, train_share))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cache_fingerprint": self.fingerprint, "seed": self.seed, "train_size": self.train_share,
+                "n_train": len(self.train_idx), "n_validation": len(self.val_idx)}  # fmt: skip
+
+    def check(self, saved: dict[str, Any]) -> None:
+        """UserError unless `saved` (a checkpoint's split.json) describes this very split."""
+        if saved.get("cache_fingerprint") != self.fingerprint:
+            raise UserError(
+                "the data differs from the data this checkpoint was trained on (its tokens' fingerprint "
+                "changed); resume with the same --data and tokenizer, or start a new run"
+            )
+        if self.to_json() != saved:
+            raise UserError(f"this checkpoint's split ({saved}) is not this run's ({self.to_json()}); resume with "
+                            "the same --seed and --train-size")  # fmt: skip
 
 
 def split_records(cache: TokenCache, seed: int, train_share: float) -> tuple[np.ndarray, np.ndarray]:
@@ -618,26 +665,36 @@ def open_text_cache(
     text_column: str | None = None,
     workers: int | None = None,
     parallel: Parallel = "threads",
+    validation_source: str | None = None,
 ) -> TokenCache:
     """The token cache of a plain-text data source (any `qlora_ft.sources` source): each paragraph one record,
-    all of it trained on. Tokenizes only when the data, the tokenizer or an option changed."""
+    all of it trained on. Tokenizes only when the data, the tokenizer or an option changed. `validation_source`
+    (--validation-data): a second source whose paragraphs the split keeps on the validation side."""
     from qlora_ft import sources
 
     src = sources.resolve(source)
-    root = src.path if src.path.is_dir() else None
-    covers = {"data": file_digests(src.files, root), "kind": src.kind, "tokenizer": tokenizer_digest(tokenizer),
+    val_src = sources.resolve(validation_source) if validation_source is not None else None
+    covers = {"data": _digests(src), "kind": src.kind, "tokenizer": tokenizer_digest(tokenizer),
               "format": "text", "keep_headings": keep_headings, "layout": layout, "text_column": text_column,
               "template": None}  # fmt: skip
+    if val_src is not None:
+        covers["validation_data"] = {"data": _digests(val_src), "kind": val_src.kind}
     opts = {"text_column": text_column, "keep_headings": keep_headings, "layout": layout}
-    splits = sources.source_splits(source)
+    splits = sources.source_splits(source) if val_src is None else None
 
-    def part(split: str | None) -> Callable[[], Iterator[Record]]:
-        return lambda: ([(p, True)] for p in sources.iter_paragraphs(source, split=split, **opts))
+    def part(where: str, split: str | None) -> Callable[[], Iterator[Record]]:
+        return lambda: ([(p, True)] for p in sources.iter_paragraphs(where, split=split, **opts))
 
-    return open_or_build(covers, tokenizer, part(splits[0] if splits else None), cache_dir=cache_dir,
-                         validation=part(splits[1]) if splits else None,
-                         input_bytes=sum(f.stat().st_size for f in src.files), workers=workers,
+    train = part(source, splits[0] if splits else None)
+    validation = part(validation_source, None) if val_src else part(source, splits[1]) if splits else None
+    files = src.files + (val_src.files if val_src else ())
+    return open_or_build(covers, tokenizer, train, cache_dir=cache_dir, validation=validation,
+                         input_bytes=sum(f.stat().st_size for f in files), workers=workers,
                          parallel=parallel)  # fmt: skip
+
+
+def _digests(src: Any) -> list[dict[str, Any]]:
+    return file_digests(src.files, src.path if src.path.is_dir() else None)
 
 
 @dataclass

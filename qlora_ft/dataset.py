@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from qlora_ft import sources
+from qlora_ft.cache import CacheSplit, WindowIds, cut_windows, open_text_cache
 from qlora_ft.config import TrainConfig
 from qlora_ft.data import Corpus, Split, load_corpus, split_corpus, split_from_json, windows_for
 from qlora_ft.errors import UserError
@@ -36,12 +38,13 @@ class Sequences:
     """Token sequences to train or validate on: `ids[i]`, and `masks[i]` (1 = a target token) where only some
     tokens are trained on; `masks` is None for plain text, whose every token after a sequence's first is."""
 
-    ids: list[list[int]]
-    masks: list[list[int]] | None = None
+    ids: Sequence[Sequence[int]]  # lists, or windows read from a token cache's memory map (`cache.WindowIds`)
+    masks: Sequence[Sequence[int]] | None = None
 
     @property
-    def lengths(self) -> list[int]:
-        return [len(s) for s in self.ids]
+    def lengths(self) -> Sequence[int]:
+        known = getattr(self.ids, "lengths", None)  # a token cache's windows know theirs without reading them
+        return known if known is not None else [len(s) for s in self.ids]
 
 
 @dataclass
@@ -56,7 +59,7 @@ class TrainData:
     mode: Mode
     train: Sequences
     validation: Sequences
-    split: Split
+    split: Split | CacheSplit  # CacheSplit: text read through the token cache
     template: Template | None = None
     train_records: list[Record] | None = None
     val_records: list[Record] | None = None
@@ -131,7 +134,17 @@ def _validation_source(cfg: TrainConfig, has_own: bool) -> str | None:
 
 
 def _text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
-    """Paragraphs -> split -> windows, exactly as the text path has always made them."""
+    """Paragraphs -> split -> windows: through the token cache for local data (tokenized once, read from memory
+    maps); in memory for a hub dataset name (no local files to fingerprint) and to resume a checkpoint whose
+    split lists its paragraphs (made by earlier versions). Both give the same split and windows."""
+    d = cfg.data
+    if Path(d.data).exists() and (saved_split is None or "cache_fingerprint" in saved_split):
+        return _cached_text_data(cfg, tokenizer, saved_split)
+    return _memory_text_data(cfg, tokenizer, saved_split)
+
+
+def _memory_text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
+    """Paragraphs -> split -> windows as lists of ids (every paragraph tokenized at every start)."""
     d = cfg.data
     corpus = load_corpus(d.data, d.text_column, d.keep_headings)
     if (val_source := _validation_source(cfg, corpus.validation is not None)) is not None:
@@ -143,6 +156,24 @@ def _text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
     log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens",
              len(split.train_idx), len(split.val_idx), len(train.ids), len(validation.ids),
              d.max_input_length)  # fmt: skip
+    return TrainData("text", train, validation, split)
+
+
+def _cached_text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
+    """Paragraphs -> token cache -> split (a function of the cache's fingerprint, seed and share) -> windows,
+    all as offsets into the cache's memory maps: memory does not grow with the corpus."""
+    d = cfg.data
+    val_source = _validation_source(cfg, sources.source_splits(d.data) is not None)
+    cache = open_text_cache(d.data, tokenizer, cache_dir=d.cache_dir, keep_headings=d.keep_headings,
+                            text_column=d.text_column, validation_source=val_source)  # fmt: skip
+    split = CacheSplit.of(cache, d.seed, d.train_size)
+    if saved_split is not None:
+        split.check(saved_split)
+    train = Sequences(WindowIds(cut_windows(cache, split.train_idx, d.max_input_length)))
+    validation = Sequences(WindowIds(cut_windows(cache, split.val_idx, d.max_input_length)))
+    log.info("data: %d train / %d validation paragraphs -> %d / %d windows of <= %d tokens (token cache %s)",
+             len(split.train_idx), len(split.val_idx), len(train.ids), len(validation.ids), d.max_input_length,
+             cache.path)  # fmt: skip
     return TrainData("text", train, validation, split)
 
 

@@ -17,6 +17,7 @@ part at a time with `split=`; `source_splits` says whether a source is pre-split
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from qlora_ft.data import (
     load_corpus,
 )
 from qlora_ft.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 Layout = Literal["auto", "book", "wikitext"]
 Kind = Literal["text", "text_dir", "jsonl", "parquet", "hf_disk", "table"]
@@ -110,10 +113,16 @@ def iter_paragraphs(
         corpus = load_corpus(source, text_column)
         parts = {"train": corpus.train, "validation": corpus.validation or []}
         texts = parts[split] if split else corpus.train + (corpus.validation or [])
+    headings = 0
     for text in texts:
         paragraph = clean_paragraph(text)
-        if paragraph and (keep_headings or not is_heading(paragraph)):
+        if paragraph and not keep_headings and is_heading(paragraph):
+            headings += 1
+        elif paragraph:
             yield paragraph
+    if headings:
+        log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)", source,
+                 headings)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# token caches go to a folder of this test session (subprocesses inherit it), never the user's ~/.cache
+os.environ["QLORA_FT_CACHE"] = tempfile.mkdtemp(prefix="qlora-ft-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

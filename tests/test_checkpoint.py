@@ -202,7 +202,10 @@ def test_a_checkpoint_lists_its_files_their_sizes_and_sha256_and_its_data(tmp_pa
         assert entry == {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}, name
     split = json.loads((folder / "split.json").read_text())
     assert manifest["format"] == checkpoint.FORMAT
-    assert manifest["data"] == {"data_sha256": split["data_sha256"], "seed": 7, "train_size": 0.8}
+    # text is read through the token cache: the split is (fingerprint, seed, share), not a list of indices
+    assert split == {"cache_fingerprint": split["cache_fingerprint"], "seed": 7, "train_size": 0.8,
+                     "n_train": split["n_train"], "n_validation": split["n_validation"]}  # fmt: skip
+    assert manifest["data"] == {"fingerprint": split["cache_fingerprint"], "seed": 7, "train_size": 0.8}
 
 
 def _flip_last_byte(path):

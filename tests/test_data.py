@@ -240,6 +240,35 @@ def test_pack_places_every_window_once_within_the_block(seed):
     assert sum(lengths) / (128 * len(rows)) > 0.97  # best-fit decreasing leaves little room unused
 
 
+def sorted_list_best_fit(lengths, order, block_len):
+    """Best-fit decreasing over a sorted list of (room, row): the plain reference `pack` must equal."""
+    import bisect
+
+    rows, free = [], []
+    for i in sorted(order, key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = block_len - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_pack_equals_the_reference_best_fit(seed):
+    rng = random.Random(seed)
+    block = rng.choice([8, 64, 256])
+    lengths = [rng.randint(1, block) for _ in range(3000)]
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    assert pack(lengths, order, block) == sorted_list_best_fit(lengths, order, block)
+
+
 def test_epoch_rows_and_batches_are_a_function_of_seed_and_epoch():
     lengths = [random.Random(i).randint(2, 50) for i in range(300)]
     for packing in (True, False):

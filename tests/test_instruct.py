@@ -118,7 +118,7 @@ def test_train_py_on_instruction_json_then_inference(tmp_path, wide_model_dir, c
     assert saved["data"]["template_used"] == run_config["data"]["template_used"]
     # unset per-mode options took the instruction defaults
     assert (run_config["model"]["rank_lora"], run_config["model"]["alpha_lora"]) == (16, 32)
-    assert (run_config["optim"]["lr"], run_config["optim"]["epochs"]) == (3e-4, 2)
+    assert (run_config["optim"]["lr"], run_config["optim"]["epochs"]) == (1e-3, 2)
     assert run_config["model"]["targets_lora"] == ["all-linear"]
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from qlora_ft.data import collate, epoch_batches, epoch_rows
@@ -44,6 +45,36 @@ def make_batch(
         batch = collate_masked([[(windows[i], masks[i]) for i in row] for row in rows], pad_id)
     batch["n_tokens"] = torch.tensor(sum(len(windows[i]) for row in rows for i in row))
     return batch
+
+
+def validation_subset(lengths: Sequence[int], max_tokens: int, seed: int) -> list[int]:
+    """The sequences validation scores: all of them when they hold at most `max_tokens` tokens (or `max_tokens`
+    is 0), else a seeded random subset of at most `max_tokens` tokens (at least one sequence), in index order:
+    the same subset at every validation and every resume, so the curve compares like with like.
+
+    >>> validation_subset([4, 4, 4, 4], 0, seed=0), validation_subset([4, 4, 4, 4], 8, seed=0)
+    ([0, 1, 2, 3], [0, 2])
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not max_tokens or int(lengths.sum()) <= max_tokens:
+        return list(range(len(lengths)))
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    n = max(1, int(np.searchsorted(np.cumsum(lengths[order]), max_tokens, side="right")))
+    return sorted(order[:n].tolist())
+
+
+class LazyBatches(Sequence):
+    """Batches made when indexed, from rows of sequence indices: the validation batches of a large corpus are
+    read from the token cache's memory map at each validation instead of held in memory."""
+
+    def __init__(self, rows: list[Rows], ids: Sequence[Sequence[int]], pad_id: int, masks=None):
+        self.rows, self.ids, self.pad_id, self.masks = rows, ids, pad_id, masks
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        return make_batch(self.rows[k], self.ids, self.pad_id, self.masks)
 
 
 @dataclass
@@ -82,4 +113,6 @@ class EpochPlan:
 
     def total_steps(self, epochs: int, max_steps: int | None) -> int:
         """The run's length in optimizer steps: `max_steps` if given, else the steps of `epochs` epochs."""
-        return max_steps or sum(self.steps_in(e) for e in range(epochs))
+        # last epoch first: the plan then still holds epochs 0 and 1 when training starts (packing a large corpus's
+        # epoch takes seconds)
+        return max_steps or sum(self.steps_in(e) for e in reversed(range(epochs)))

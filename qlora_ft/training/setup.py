@@ -34,7 +34,7 @@ from qlora_ft.model import (
     resolve_base_name,
 )
 from qlora_ft.precision import Precision, precision_policy
-from qlora_ft.training.plan import EpochPlan, Rows, lr_at, make_batch
+from qlora_ft.training.plan import EpochPlan, LazyBatches, Rows, lr_at, make_batch, validation_subset
 from qlora_ft.training.resume import Resume, check_compatible, check_packing, read_resume
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Run:
     pad_id: int
     plan: EpochPlan  # the micro-batches of each epoch
     total_steps: int  # optimizer steps of the whole run
-    val_batches: list[dict[str, torch.Tensor]]  # the validation split, all processes' batches
+    val_batches: LazyBatches  # the validation subset (--eval-max-tokens), all processes' batches
     model: Any  # wrapped by the engine
     optimizer: torch.optim.Optimizer  # wrapped by the engine
     head: torch.nn.Linear | None  # the output layer, when the chunked loss stands in for it
@@ -91,7 +91,8 @@ def set_up(cfg: TrainConfig) -> Run:
     engine = engines.make_engine(engines.make_accelerator(out_dir, precision.accelerate_name), cfg)
 
     # --- data (its mode settles the options left to the mode's default), model, optimizer -------------
-    tokenizer, data = load_data(cfg, resume.split if resume else None)
+    with engine.accelerator.main_process_first():  # one process builds a token cache; the others then open it
+        tokenizer, data = load_data(cfg, resume.split if resume else None)
     if resume:
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
     model = build_model(cfg, engine, precision.dtype)
@@ -111,10 +112,7 @@ def set_up(cfg: TrainConfig) -> Run:
     total_steps = plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps)
     cfg.optim.warmup_steps = warmup_steps_for(cfg, data.mode, total_steps)
     warn_if_warmup_outlasts(cfg, total_steps)
-    val_rows = eval_batches(data.validation.lengths, cfg.data.max_input_length, cfg.data.packing,
-                            cfg.data.batch_size * 2)  # fmt: skip
-    val = data.validation
-    val_batches = [make_batch(rows, val.ids, tokenizer.pad_token_id, val.masks) for rows in val_rows]
+    val_batches = validation_batches(cfg, data, tokenizer.pad_token_id)
 
     if resume:  # the checkpoint's weights before `prepare` shards them (its optimizer state after: `restore`)
         checkpoint.load_model_weights(model, resume.path)
@@ -134,6 +132,21 @@ def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None) -> tuple[Any
     check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
                            cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
     return tokenizer, data
+
+
+def validation_batches(cfg: TrainConfig, data: TrainData, pad_id: int) -> LazyBatches:
+    """The batches every validation scores: a fixed seeded subset of the validation sequences (--eval-max-tokens),
+    packed or grouped by length, made when scored."""
+    val, d = data.validation, cfg.data
+    lengths = val.lengths
+    subset = validation_subset(lengths, d.eval_max_tokens, d.seed)
+    if len(subset) < len(lengths):
+        log.info("validation: %d of %d sequences, %d of %d tokens (--eval-max-tokens %d; 0 scores all)",
+                 len(subset), len(lengths), sum(int(lengths[i]) for i in subset), int(sum(lengths)),
+                 d.eval_max_tokens)  # fmt: skip
+    rows = eval_batches([int(lengths[i]) for i in subset], d.max_input_length, d.packing, d.batch_size * 2)
+    rows = [[[subset[i] for i in row] for row in batch] for batch in rows]  # back to indices into `val`
+    return LazyBatches(rows, val.ids, pad_id, val.masks)
 
 
 def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -12,7 +13,7 @@ from qlora_ft.loss import forward_loss
 
 @torch.no_grad()
 def validation_loss(
-    model, batches: list[dict[str, torch.Tensor]], engine=None, head=None, chunk: int = 0, device=None
+    model, batches: Sequence[dict[str, torch.Tensor]], engine=None, head=None, chunk: int = 0, device=None
 ) -> tuple[float, float]:
     """(mean loss per target token, perplexity) over all of `batches`.
 
@@ -26,10 +27,10 @@ def validation_loss(
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)  # loss, targets
-    mine = batches[rank::world]
+    mine = range(rank, len(batches), world)  # indices: batches may be made when indexed (`plan.LazyBatches`)
     forwards = math.ceil(len(batches) / world) if engine and engine.lockstep else len(mine)
     for i in range(forwards):
-        batch = mine[i] if i < len(mine) else batches[0]
+        batch = batches[mine[i]] if i < len(mine) else batches[0]
         with engine.autocast() if engine else nullcontext():  # as in training (the chunked loss too)
             loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, head, chunk)
         if i < len(mine):

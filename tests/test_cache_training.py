@@ -1,0 +1,106 @@
+"""Training on plain text through the token cache: the same split, windows and batches as the in-memory path,
+checkpoints that record (fingerprint, seed, train share), a resume that survives a deleted cache, and a bounded
+validation subset (--eval-max-tokens)."""
+
+import json
+import logging
+import pickle
+import shutil
+
+import pytest
+import torch
+from test_loop import adapter, assert_same_adapter, losses
+
+from qlora_ft import dataset
+from qlora_ft.checkpoint import list_checkpoints
+from qlora_ft.config import TrainConfig
+from qlora_ft.errors import UserError
+from qlora_ft.loop import train
+from qlora_ft.model import load_tokenizer
+from qlora_ft.options import parse_config
+from qlora_ft.training.plan import EpochPlan, make_batch, validation_subset
+from qlora_ft.training.setup import validation_batches
+
+
+def config(tmp_path, data, model_dir, *argv, run="run"):
+    base = ["--data", str(data), "--model", str(model_dir), "--batch-size", "3", "--max-input-length", "24",
+            "--rank-lora", "4", "--lr", "5e-3", "--warmup-steps", "1", "--sample-every", "0", "--log-every", "1",
+            "--check-dir", str(tmp_path / f"ckpt-{run}"), "--output-dir", str(tmp_path / run),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    return parse_config(TrainConfig, base + list(argv), "train.py")
+
+
+def test_the_cache_gives_the_in_memory_split_windows_plan_and_batches(tmp_path, data_pkl, tiny_model_dir):
+    cfg = config(tmp_path, data_pkl, tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    cached = dataset.prepare_data(cfg, tok)
+    memory = dataset._memory_text_data(cfg, tok, None)
+    assert (tmp_path / "cache" / cached.split.fingerprint / "ids.bin").is_file()  # it really read the cache
+    assert list(cached.split.train_idx) == memory.split.train_idx  # no duplicates here: record i = paragraph i
+    assert list(cached.split.val_idx) == memory.split.val_idx
+    for part in ("train", "validation"):
+        c, m = getattr(cached, part), getattr(memory, part)
+        assert list(c.ids) == m.ids and list(c.lengths) == m.lengths and c.masks is m.masks is None
+    plans = [EpochPlan(d.train.lengths, 24, True, 3, 1, 1, 42) for d in (cached, memory)]
+    assert plans[0].batches(1) == plans[1].batches(1)
+    for rows in plans[0].batches(1)[:4]:
+        a, b = make_batch(rows, cached.train.ids, 0), make_batch(rows, memory.train.ids, 0)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_records_the_split_as_fingerprint_seed_and_share(tmp_path, data_pkl, tiny_model_dir):
+    train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "2", "--seed", "5"))
+    split = json.loads((tmp_path / "ckpt-run" / "step-000002" / "split.json").read_text())
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert split["cache_fingerprint"] == cache.name and split["seed"] == 5 and split["train_size"] == 0.9
+    assert "train" not in split  # no list of indices
+    assert split["n_train"] + split["n_validation"] == json.loads((cache / "meta.json").read_text())["n_records"]
+
+
+def test_resume_through_the_cache_is_bit_exact_even_after_the_cache_is_deleted(tmp_path, data_pkl, tiny_model_dir):
+    args = ("--max-steps", "6", "--save-every-steps", "3", "--lora-dropout", "0.1")
+    train(config(tmp_path, data_pkl, tiny_model_dir, *args, run="full"))
+    shutil.copytree(tmp_path / "ckpt-full", tmp_path / "ckpt-resumed")
+    shutil.rmtree(tmp_path / "ckpt-resumed" / "step-000006")
+    (tmp_path / "ckpt-resumed" / "latest").write_text("step-000003\n")
+    shutil.rmtree(tmp_path / "cache")  # rebuilt from the data: the same fingerprint, hence the same split
+    train(config(tmp_path, data_pkl, tiny_model_dir, *args, "--restore-file", "step-000003", run="resumed"))
+    assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6] and all(full[s] == resumed[s] for s in resumed)
+    assert list_checkpoints(tmp_path / "ckpt-resumed")[-1] == "step-000006"
+
+
+def test_resume_refuses_changed_data_or_seed(tmp_path, data_pkl, tiny_model_dir, paragraphs):
+    train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "2"))
+    with pytest.raises(UserError, match="resume with the same --seed and --train-size"):
+        train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "4", "--seed", "7", "--restore-file",
+                     "step-000002"))  # fmt: skip
+    data_pkl.write_bytes(pickle.dumps([{"sentence": p} for p in paragraphs[:-1]] + [{"sentence": "Changed."}]))
+    with pytest.raises(UserError, match="the data differs from the data this checkpoint was trained on"):
+        train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "4", "--restore-file", "step-000002"))
+
+
+def test_validation_subset_is_seeded_bounded_and_whole_when_small():
+    lengths = [10] * 100
+    subset = validation_subset(lengths, 95, seed=3)
+    assert len(subset) == 9 and subset == sorted(subset) and subset == validation_subset(lengths, 95, seed=3)
+    assert subset != validation_subset(lengths, 95, seed=4)
+    assert validation_subset(lengths, 0, seed=3) == validation_subset(lengths, 1000, seed=3) == list(range(100))
+    assert validation_subset([50, 60], 10, seed=0) in ([0], [1])  # never empty
+
+
+def test_eval_max_tokens_bounds_validation_and_keeps_the_same_subset(tmp_path, data_pkl, tiny_model_dir, caplog):
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = config(tmp_path, data_pkl, tiny_model_dir, "--eval-max-tokens", "40")
+    data = dataset.prepare_data(cfg, tok)
+    with caplog.at_level(logging.INFO, logger="qlora_ft"):
+        batches = validation_batches(cfg, data, tok.pad_token_id)
+    scored = sum(int(b["n_tokens"]) for b in batches)
+    assert 0 < scored <= 40 < sum(data.validation.lengths)
+    assert any(m.startswith("validation: ") and "--eval-max-tokens 40" in m for m in caplog.messages)
+    again = validation_batches(cfg, data, tok.pad_token_id)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again, strict=True))
+    everything = validation_batches(config(tmp_path, data_pkl, tiny_model_dir, "--eval-max-tokens", "0"), data,
+                                    tok.pad_token_id)  # fmt: skip
+    assert sum(int(b["n_tokens"]) for b in everything) == sum(data.validation.lengths)
