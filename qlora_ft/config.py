@@ -375,7 +375,11 @@ class ExportConfig:
 class EvalArgs(InferenceArgs, SamplingArgs):
     # (its own help: eval needs the run's saved config, and writes its results into the run's output dir)
     model_path: str | None = arg(None, "the run's output dir (adapter + run_config.json) to evaluate")
-    data: str | None = arg(None, "held-out paragraphs, any --data format (default: the run's validation split)")
+    data: str | None = arg(
+        None,
+        "held-out paragraphs, any --data format; for an instruction/chat run, records of its kind, all held out "
+        "(default: the run's validation split)",
+    )
     reference: str | None = arg(None, "target-style text for the style classifier (default: the run's training split)")
     contrast: str | None = arg(None, "contrasting-style text for the style classifier (none: no style score)")
     lora_reference: str | None = arg(
@@ -383,6 +387,7 @@ class EvalArgs(InferenceArgs, SamplingArgs):
     )
     prompt: list[str] = arg(["The morning", "She was", "It was", ""], "prompts the generations start from")
     n_generations: int = arg(100, "generations per model (spread evenly over the prompts)")
+    n_prompts: int = arg(20, "instruction/chat runs: held-out records each model answers greedily (the first N)")
     max_length: int = arg(100, "new tokens per generation")
     seed: int = arg(42, "sampling seed (the same for the base and the fine-tuned model)")
     batch_size: int = arg(4, "held-out sequences per forward pass")
@@ -392,6 +397,8 @@ class EvalArgs(InferenceArgs, SamplingArgs):
         super().__post_init__()
         if self.n_generations < 1 or self.max_length < 1 or self.batch_size < 1:
             raise UserError("--n-generations, --max-length and --batch-size must be at least 1")
+        if self.n_prompts < 1:
+            raise UserError("--n-prompts must be at least 1")
 
 
 @dataclass

@@ -4,13 +4,21 @@ eval writes eval.json (every number), eval.md (the same as tables), eval.png and
 held-out perplexity of the base and the fine-tuned model, merge parity (KL of next-token distributions
 between the trained 4-bit model and each merged model), a style classifier's verdict on generations from
 both, copied 8-grams and distinct-n, and optionally a 16/32-bit LoRA run's perplexity beside QLoRA's.
+
+On an instruction or chat run (its run_config.json holds the template it trained with) eval measures what
+such a run is for instead: the base's and the fine-tuned model's perplexity on the held-out responses (the
+tokens training's validation scores), their greedy answers to the first `--n-prompts` held-out records,
+ROUGE-L F1 against the references, and format adherence (answers that end with EOS within `--max-length`
+tokens without writing a template header).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +29,12 @@ from qlora_ft import checkpoint, metrics
 from qlora_ft.checkpoint import adapter_base_name, is_adapter_folder
 from qlora_ft.config import CompareConfig, EvalConfig, TrainConfig, train_config_from_dict
 from qlora_ft.data import collate, eval_batches, load_corpus, split_corpus, windows_for
-from qlora_ft.errors import UserError
-from qlora_ft.generate import sample
+from qlora_ft.dataset import Sequences, prepare_data, read_template
+from qlora_ft.errors import UserError, first_line
+from qlora_ft.generate import encode_prompt, sample
 from qlora_ft.model import (
     compute_dtype,
+    context_length,
     default_device,
     keep_training_layout,
     load_base,
@@ -34,6 +44,19 @@ from qlora_ft.model import (
     merge_target,
     resolve_base_name,
 )
+from qlora_ft.records import Chat, Instruction, Record, load_records, record_key
+from qlora_ft.templates import (
+    TEMPLATES,
+    Template,
+    check_format,
+    cut_at_stop,
+    encode_records,
+    fit,
+    generation_prompt,
+    rouge_l,
+)
+from qlora_ft.training.plan import make_batch
+from qlora_ft.training.validate import validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +77,18 @@ def read_run(path: Path) -> TrainConfig:
     return train_config_from_dict(saved)
 
 
+def _locate(recorded: str, run: Path) -> str | None:
+    """A path the run recorded, found from here (as given, or relative to the run dir's parent); None if not."""
+    for candidate in (Path(recorded), run.parent / recorded, run.resolve().parent / recorded):
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
 def _find_data(cfg: TrainConfig, run: Path) -> str:
     """The run's --data, as recorded (relative to where training ran, or to the run dir's parent)."""
-    if cfg.data.data:
-        recorded = Path(cfg.data.data)
-        for candidate in (recorded, run.parent / recorded, run.resolve().parent / recorded):
-            if candidate.exists():
-                return str(candidate)
+    if cfg.data.data and (found := _locate(cfg.data.data, run)) is not None:
+        return found
     raise UserError(
         f"the run's training data {cfg.data.data!r} (run_config.json) is not found from here; "
         "run eval from the directory training ran in"
@@ -110,6 +138,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     device = default_device()
     base_name = resolve_base_name(args.base_model or adapter_base_name(run))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base_name)
+    if (template := read_template(run)) is not None:  # an instruction or chat run
+        return instruction_eval(args, train_cfg, template, run, base_name, tokenizer, device)
     ref_cfg = read_run(Path(args.lora_reference)) if args.lora_reference else None
     data = _held_out(args, train_cfg, run, tokenizer)
     result: dict[str, Any] = {
@@ -256,6 +286,248 @@ def _write_eval(result: dict[str, Any], run: Path, out_dir: Path) -> None:
     plot_eval(result, out_dir / "eval.png")
     write_report(run, out_dir)
     log.info("wrote eval.json, eval.md, eval.png and report.md to %s", out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval of an instruction or chat run
+
+# eval options that measure text runs only (style classifier, sampled generations and their copying)
+TEXT_ONLY_OPTIONS = ("reference", "contrast", "lora_reference", "prompt", "n_generations", "top_k", "top_p",
+                     "temperature")  # fmt: skip
+
+
+@dataclass
+class HeldOutRecords:
+    """Held-out records of an instruction or chat run, `records[i]` encoded as `sequences.ids[i]` with mask 1 on
+    its response tokens only; `n_dropped` more were longer than the run's --max-input-length."""
+
+    records: list[Record]
+    sequences: Sequences
+    source: str
+    n_dropped: int = 0
+
+
+def instruction_eval(args, train_cfg: TrainConfig, template: Template, run: Path, base_name: str, tokenizer,
+                     device) -> dict[str, Any]:  # fmt: skip
+    """eval of a run trained on instruction or chat records (see the module docstring); writes and returns
+    eval.json. The held-out records are the run's validation split, or every record of `--data`."""
+    mode = "chat" if template.chat_template is not None else "instruction"  # as `generate.respond` prompts
+    _warn_text_only(args, mode)
+    held = instruction_held_out(args, train_cfg, template, mode, run, tokenizer)
+    batches = response_batches(held.sequences, tokenizer.pad_token_id, args.batch_size)
+    result: dict[str, Any] = {
+        "run": str(run),
+        "base_model": base_name,
+        "method": "QLoRA" if train_cfg.model.qlora else ("LoRA" if train_cfg.model.lora else "full fine-tuning"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "mode": mode,
+        "template": template.name,
+        "held_out": {
+            "source": held.source,
+            "records": len(held.records),
+            "dropped_too_long": held.n_dropped,
+            "response_tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
+        },
+    }
+    if summary := _summary(run):
+        result["train_summary"] = summary
+    fine_tuned, _ = load_for_inference(str(run), base_name, False, device)  # as `qlora-ft generate` loads it
+    models = {"base": load_base(base_name, False, fine_tuned.dtype, device).eval(), "fine_tuned": fine_tuned}
+    _response_perplexity(models, batches, result)
+    _answer_held_out(models, tokenizer, template, held.records[: args.n_prompts], args.max_length, result)
+    result["generation"]["fine_tuned_model"] = "merged_" + merge_target(run, "auto")
+    _write_eval(result, run, Path(args.out_dir or run))
+    return result
+
+
+def _response_perplexity(models: dict[str, Any], batches, result: dict[str, Any]) -> None:
+    """Each model's loss and perplexity on the held-out responses: the loss training's validation computes."""
+    scores = {name: validation_loss(model, batches) for name, model in models.items()}
+    result["response_loss"] = {name: loss for name, (loss, _) in scores.items()}
+    ppl = {name: perplexity for name, (_, perplexity) in scores.items()}
+    result["response_perplexity"] = {**ppl, "reduction": 1 - ppl["fine_tuned"] / ppl["base"]}
+    log.info("response perplexity: base %.2f -> fine-tuned %.2f", ppl["base"], ppl["fine_tuned"])
+
+
+def _answer_held_out(models: dict[str, Any], tokenizer, template: Template, records: list[Record],
+                     max_new_tokens: int, result: dict[str, Any]) -> None:  # fmt: skip
+    """Each model's greedy answers to `records`, their ROUGE-L against the references and their format."""
+    chat = template.chat_template is not None
+    stop = template.chat_stop if chat else template.stop
+    prompts = [generation_prompt(record, template, tokenizer) for record in records]  # (prompt, reference)
+    log.info("answering %d held-out records greedily with each model", len(records))
+    answers = {name: [greedy_answer(model, tokenizer, prompt, max_new_tokens, stop) for prompt, _ in prompts]
+               for name, model in models.items()}  # fmt: skip
+    result["generation"] = {"decoding": "greedy", "n_prompts": len(records), "max_new_tokens": max_new_tokens,
+                            "stop": list(stop)}  # fmt: skip
+    result["rouge_l"], result["format"] = {}, {}
+    for name, items in answers.items():
+        result["rouge_l"][name], result["format"][name] = score_answers(items, [ref for _, ref in prompts])
+    rouge, adherence = result["rouge_l"], {k: 100 * v["adherence"] for k, v in result["format"].items()}
+    log.info("ROUGE-L: base %.3f -> fine-tuned %.3f; format adherence: base %.0f%% -> fine-tuned %.0f%%",
+             rouge["base"], rouge["fine_tuned"], adherence["base"], adherence["fine_tuned"])  # fmt: skip
+    result["responses"] = [
+        {**_describe_record(record), "prompt": prompt, "reference": reference, **{k: v[i] for k, v in answers.items()}}
+        for i, (record, (prompt, reference)) in enumerate(zip(records, prompts, strict=True))
+    ]
+    capped = sum(a["token_limit"] < max_new_tokens for items in answers.values() for a in items)
+    if capped:
+        log.warning("%d answers had fewer than --max-length %d new tokens: their prompts left less room in the "
+                    "model's context", capped, max_new_tokens)  # fmt: skip
+
+
+def _warn_text_only(args, mode: str) -> None:
+    """One warning naming the text-run options given (they do not apply to this run), if any."""
+    defaults = type(args)()
+    given = [f"--{name.replace('_', '-')}" for name in TEXT_ONLY_OPTIONS
+             if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
+    if given:
+        log.warning("ignored for %s runs: %s (style, copying and sampled generations measure text runs)", mode,
+                    ", ".join(given))  # fmt: skip
+
+
+def instruction_held_out(args, train_cfg: TrainConfig, template: Template, mode: str, run: Path,
+                         tokenizer) -> HeldOutRecords:  # fmt: skip
+    """The records to evaluate on: every record of `--data`, or else the run's own validation split."""
+    if args.data:
+        return _whole_file(args.data, train_cfg, template, mode, tokenizer)
+    return _run_validation(train_cfg, template, mode, run, tokenizer)
+
+
+def _run_validation(train_cfg: TrainConfig, template: Template, mode: str, run: Path, tokenizer) -> HeldOutRecords:
+    """The run's validation records, rebuilt from its saved configuration by `prepare_data` (the code training
+    ran) and checked against the split a checkpoint of the run saved, when one is found."""
+    cfg = copy.deepcopy(train_cfg)
+    cfg.data.data = _find_data(train_cfg, run)
+    if cfg.data.validation_data:
+        cfg.data.validation_data = _locate(cfg.data.validation_data, run) or cfg.data.validation_data
+    if cfg.data.template not in TEMPLATES:  # a template file, recorded relative to where training ran
+        cfg.data.template = _locate(cfg.data.template, run) or cfg.data.template
+    cfg.data.train_on_prompt = False  # responses only, even for a run that also trained on its prompts
+    data = prepare_data(cfg, tokenizer)
+    saved, where = _saved_split(run, train_cfg)
+    if saved is not None:
+        if saved.get("data_sha256") != data.split.fingerprint():
+            raise UserError(f"{cfg.data.data} has changed since the run trained on it (its records no longer match "
+                            f"{where}): pass it as --data to hold out every record")  # fmt: skip
+        if [saved.get("train"), saved.get("validation")] != [data.split.train_idx, data.split.val_idx]:
+            data = prepare_data(cfg, tokenizer, saved)  # the run's own split, should a recomputed one differ
+    if data.mode != mode or data.val_records is None:
+        raise UserError(f"{cfg.data.data} now holds {data.mode} data, but {run} was trained on {mode} records")
+    if data.template != template:
+        raise UserError(f"the template {cfg.data.template!r} differs from the one {run} was trained with "
+                        "(run_config.json): restore it to evaluate the run")  # fmt: skip
+    n_dropped = len(data.split.val_idx) - len(data.val_records)
+    return HeldOutRecords(data.val_records, data.validation, f"validation split of {train_cfg.data.data}", n_dropped)
+
+
+def _saved_split(run: Path, train_cfg: TrainConfig) -> tuple[dict[str, Any] | None, Path | None]:
+    """(split.json, its path) of the run: beside its weights (a checkpoint given as --model_path), else in the
+    newest checkpoint of its --check-dir that trained on the same data settings; (None, None) when none is."""
+    folders = [run]
+    check_dir = _locate(train_cfg.ckpt.check_dir, run) if train_cfg.ckpt.check_dir else None
+    if check_dir is not None:
+        try:
+            latest = checkpoint.resolve_checkpoint(Path(check_dir), checkpoint.LATEST)
+        except UserError:  # no complete checkpoint there
+            latest = None
+        same_data = latest is not None and (checkpoint.read_run_config(latest) or {}).get("data") == (
+            checkpoint.read_run_config(run) or {}).get("data")  # fmt: skip
+        folders += [latest] if same_data else []
+    for folder in folders:
+        path = folder / checkpoint.SPLIT_JSON
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({first_line(e)})") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{path} does not hold a split (a mapping with train and validation indices)")
+        return saved, path
+    log.info("no split.json of the run found: its validation split is recomputed from the data, seed and share")
+    return None, None
+
+
+def _whole_file(source: str, train_cfg: TrainConfig, template: Template, mode: str, tokenizer) -> HeldOutRecords:
+    """Every distinct record of `source` (any format training takes), encoded as the run's records were:
+    through its template, responses as targets, records past its --max-input-length left out and counted.
+    Instruction records are put to a chat run as one user turn, as `generate.instruction_prompt` does."""
+    records = load_records(source, "auto")
+    if records.format == "text":
+        raise UserError(f"{source}: holds plain text, not {mode} records: this run is evaluated on records like "
+                        "those it trained on (or leave out --data for its validation split)")  # fmt: skip
+    if records.format == "chat" and mode == "instruction":
+        raise UserError(f"{source}: holds chat records, but this run was trained on instruction records (its "
+                        "template has no turns)")  # fmt: skip
+    every = list({record_key(r): r for r in [*records.train, *(records.validation or [])]}.values())
+    if mode == "chat":
+        every = [_as_chat(r) if isinstance(r, Instruction) else r for r in every]
+    encoded = encode_records(tokenizer, every, template)
+    max_len = train_cfg.data.max_input_length
+    kept = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_len]
+    fitted, n_dropped = fit(encoded, max_len)  # logs the count of dropped records
+    if not fitted:
+        raise UserError(f"{source}: every record is longer than the run's --max-input-length {max_len} tokens")
+    sequences = Sequences([ids for ids, _ in fitted], [mask for _, mask in fitted])
+    return HeldOutRecords([every[i] for i in kept], sequences, source, n_dropped)
+
+
+def _as_chat(record: Instruction) -> Chat:
+    """An instruction as a user turn (the input on its own paragraph) answered by its output."""
+    content = f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
+    return Chat((("user", content), ("assistant", record.output)))
+
+
+def response_batches(sequences: Sequences, pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of the held-out records (labels -100 but on response tokens), each record scored once."""
+    rows = eval_batches(sequences.lengths, max(sequences.lengths), packing=False, batch_size=batch_size)
+    return [make_batch(batch, sequences.ids, pad_id, sequences.masks) for batch in rows]
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, stop) -> dict[str, Any]:
+    """The model's greedy answer to `prompt` (`<eos>` + prompt, as `generate.respond` prompts) and its format.
+
+    Generated without stop strings, up to EOS or `max_new_tokens` (fewer when the model's context leaves less
+    room: `token_limit`), so that a template header the model goes on to write shows in `generated`;
+    `response` is that text cut at the first header, which is what `respond` returns.
+    """
+    device = next(model.parameters()).device
+    input_ids = encode_prompt(tokenizer, prompt, device)  # (1, T)
+    limit = context_length(model.config)
+    budget = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - input_ids.shape[1]))
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                         max_new_tokens=budget, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    new_ids = out[0, input_ids.shape[1] :].tolist()
+    eos = tokenizer.eos_token_id
+    text = tokenizer.decode(new_ids[: new_ids.index(eos)] if eos in new_ids else new_ids, skip_special_tokens=True)
+    check = check_format(new_ids, text, eos, budget, stop)
+    return {"response": cut_at_stop(text, stop).strip(), "generated": text, "new_tokens": len(new_ids),
+            "token_limit": budget, "ended_with_eos": check.ended, "repeated_header": check.repeated_header,
+            "format_ok": check.ok}  # fmt: skip
+
+
+def score_answers(answers: list[dict[str, Any]], references: list[str]) -> tuple[float, dict[str, float]]:
+    """(mean ROUGE-L F1 of the responses against `references`, the shares of answers that kept the format,
+    ended with EOS, and wrote a template header). Each answer gets its own `rouge_l`."""
+    scores = rouge_l([a["response"] for a in answers], references)
+    for answer, score in zip(answers, scores, strict=True):
+        answer["rouge_l"] = float(score)
+    n = len(answers)
+    shares = {"adherence": sum(a["format_ok"] for a in answers) / n,
+              "ended_with_eos": sum(a["ended_with_eos"] for a in answers) / n,
+              "repeated_header": sum(a["repeated_header"] for a in answers) / n}  # fmt: skip
+    return sum(scores) / n, shares
+
+
+def _describe_record(record: Record) -> dict[str, Any]:
+    """A held-out record for eval.json: its instruction and input, or its turns before the answered one."""
+    if isinstance(record, Instruction):
+        return {"instruction": record.instruction, "input": record.input}
+    last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
+    return {"messages": [{"role": role, "content": content} for role, content in record.messages[:last]]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -59,7 +59,11 @@ def plot_training(run: Path, out: Path) -> bool:
 
 
 def plot_eval(result: dict[str, Any], out: Path) -> None:
-    """eval.png: held-out perplexity per model, and the share of generations judged the target style."""
+    """eval.png: held-out perplexity per model, and the share of generations judged the target style (an
+    instruction or chat run: response perplexity, ROUGE-L and format adherence)."""
+    if "response_perplexity" in result:
+        _plot_instruction_eval(result, out)
+        return
     plt = _pyplot()
     style = result.get("style")
     fig, axes = plt.subplots(1, 2 if style else 1, figsize=(12 if style else 6, 4), squeeze=False)
@@ -97,12 +101,39 @@ def plot_eval(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def _plot_instruction_eval(result: dict[str, Any], out: Path) -> None:
+    """eval.png of an instruction or chat run: base vs fine-tuned response perplexity; ROUGE-L and format."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names, labels = ["base", "fine_tuned"], ["base", "fine-tuned"]
+    bars = axes[0].bar(labels, [result["response_perplexity"][k] for k in names], color="tab:blue")
+    axes[0].bar_label(bars, fmt="%.1f")
+    tokens = result["held_out"]["response_tokens"]
+    axes[0].set(ylabel="perplexity (lower is better)", title=f"held-out response perplexity ({tokens:,} tokens)")
+    width = 0.38
+    for shift, (title, values) in zip((-width / 2, width / 2), (
+        ("ROUGE-L F1", [result["rouge_l"][k] for k in names]),
+        ("format adherence", [result["format"][k]["adherence"] for k in names]),
+    ), strict=True):  # fmt: skip
+        bars = axes[1].bar([i + shift for i in range(len(names))], values, width, label=title)
+        axes[1].bar_label(bars, fmt="%.2f")
+    n = result["generation"]["n_prompts"]
+    axes[1].set(xticks=range(len(names)), xticklabels=labels, ylim=(0, 1.1), title=f"greedy answers to {n} records")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def _pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def eval_markdown(r: dict[str, Any]) -> str:
-    """eval.json as Markdown: perplexity, merge parity, style, overfitting and diversity."""
+    """eval.json as Markdown: perplexity, merge parity, style, overfitting and diversity (an instruction or chat
+    run: `instruction_eval_markdown`)."""
+    if "response_perplexity" in r:
+        return instruction_eval_markdown(r)
     lines = _perplexity_lines(r)
     if "merge_parity" in r:
         lines += _parity_lines(r["merge_parity"])
@@ -198,6 +229,54 @@ def _diversity_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def instruction_eval_markdown(r: dict[str, Any]) -> str:
+    """eval.json of an instruction or chat run as Markdown: base vs fine-tuned, then every answered record."""
+    held, gen, fmt, ppl = r["held_out"], r["generation"], r["format"], r["response_perplexity"]
+    dropped = f" ({held['dropped_too_long']} longer than the run's --max-input-length left out)"
+    template = "its chat template" if r["mode"] == "chat" else f"template `{r['template']}`"
+    lines = [
+        f"Run `{r['run']}` ({r['method']}, {r['mode']} records, {template}), base `{r['base_model']}`, on "
+        f"{r['device']}.",
+        "",
+        f"Held-out: {held['source']}: {held['records']:,} records, {held['response_tokens']:,} response tokens"
+        f"{dropped if held['dropped_too_long'] else ''}.",
+        "",
+        "| | base | fine-tuned |",
+        "|---|---|---|",
+        f"| response perplexity (held-out responses) | {ppl['base']:.2f} | {ppl['fine_tuned']:.2f} |",
+        f"| ROUGE-L F1 (mean) | {r['rouge_l']['base']:.3f} | {r['rouge_l']['fine_tuned']:.3f} |",
+        f"| format adherence | {_pct(fmt['base']['adherence'])} | {_pct(fmt['fine_tuned']['adherence'])} |",
+        f"| ended with EOS | {_pct(fmt['base']['ended_with_eos'])} | {_pct(fmt['fine_tuned']['ended_with_eos'])} |",
+        f"| wrote a template header | {_pct(fmt['base']['repeated_header'])} | "
+        f"{_pct(fmt['fine_tuned']['repeated_header'])} |",
+        "",
+        f"Answers: greedy, to the first {gen['n_prompts']} held-out records, at most {gen['max_new_tokens']} new "
+        f"tokens; the fine-tuned model as `qlora-ft generate` loads it ({gen['fine_tuned_model']}). Format "
+        "adherence: the answer ended with EOS within that limit and wrote no template header "
+        f"({', '.join(repr(s.strip()) for s in gen['stop'])}); ROUGE-L is scored on the answer cut at a header.",
+        "",
+        "### Held-out records",
+    ]
+    for i, item in enumerate(r["responses"], 1):
+        lines += ["", f"#### {i}.", ""]
+        if "messages" in item:
+            lines += [f"**{m['role']}:**\n\n{_quote(m['content'])}\n" for m in item["messages"]]
+        else:
+            lines += ["**Instruction:**", "", _quote(item["instruction"]), ""]
+            lines += ["**Input:**", "", _quote(item["input"]), ""] if item["input"].strip() else []
+        lines += ["**Reference:**", "", _quote(item["reference"])]
+        for name, title in (("base", "Base"), ("fine_tuned", "Fine-tuned")):
+            a = item[name]
+            verdict = "format ok" if a["format_ok"] else ("wrote a header" if a["repeated_header"] else "no EOS")
+            lines += ["", f"**{title}** (ROUGE-L {a['rouge_l']:.3f}, {verdict}):", "", _quote(a["response"])]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    """`text` as a Markdown block quote, every line of it ("(empty)" for none)."""
+    return "\n".join("> " + line for line in (text.splitlines() or ["(empty)"]))
+
+
 def _describe(name: str) -> str:
     return {"merged_original": "original full-precision base", "merged_dequantized": "dequantised NF4 base"}[name]
 
@@ -227,10 +306,9 @@ def write_report(run: Path, out_dir: Path) -> Path:
             eval_markdown(result),
             "![evaluation](eval.png)",
             "",
-            "### Generations (first 3 per model)",
-            "",
         ]
-        for name, items in result["generations"].items():
+        lines += ["### Generations (first 3 per model)", ""] if "generations" in result else []
+        for name, items in result.get("generations", {}).items():
             lines += [f"**{name.replace('_', ' ')}**", ""]
             for item in items[:3]:
                 verdict = {True: " *(judged target style)*", False: ""}.get(item.get("judged_target"), "")
