@@ -13,6 +13,8 @@ same data. The loop then plans, packs and batches the sequences the same way in 
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -95,17 +97,36 @@ def data_mode(source: str, fmt: str, text_column: str | None) -> Mode:
     if text_column is not None:
         return "text"
     try:
-        rows = read_rows(source)
-    except UserError:
+        columns = _columns(source)
+        return "text" if columns is None else detect_format(columns, None, source)
+    except (UserError, ValueError, OSError):
         return "text"  # the text loader reports the problem as it always has
-    if rows is None:  # plain text (.txt, a folder of .txt)
-        return "text"
-    every = rows[0] + (rows[1] or [])
-    columns = list(dict.fromkeys(str(k) for row in every if isinstance(row, dict) for k in row))
-    try:
-        return detect_format(columns, None, source)
-    except UserError:
-        return "text"
+
+
+def _columns(source: str, sample_rows: int = 1000) -> list[str] | None:
+    """The field names of `source`'s rows, None for plain text. Large formats are not read whole: a parquet
+    file's schema, a saved dataset's column names, the first `sample_rows` lines of a JSONL file."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if path.is_file() and suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in itertools.islice(f, sample_rows) if line.strip()]
+    elif path.is_dir() and sources.resolve(source).kind == "hf_disk":
+        from datasets import DatasetDict, load_from_disk
+
+        saved = load_from_disk(str(path))  # memory-mapped: nothing is read but the metadata
+        parts = saved.values() if isinstance(saved, DatasetDict) else [saved]
+        return list(dict.fromkeys(c for part in parts for c in part.column_names))
+    else:
+        every = read_rows(source)
+        if every is None:  # plain text (.txt, a folder of .txt)
+            return None
+        rows = every[0] + (every[1] or [])
+    return list(dict.fromkeys(str(k) for row in rows if isinstance(row, dict) for k in row))
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, saved_split: dict[str, Any] | None = None) -> TrainData:

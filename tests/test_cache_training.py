@@ -104,3 +104,15 @@ def test_eval_max_tokens_bounds_validation_and_keeps_the_same_subset(tmp_path, d
     everything = validation_batches(config(tmp_path, data_pkl, tiny_model_dir, "--eval-max-tokens", "0"), data,
                                     tok.pad_token_id)  # fmt: skip
     assert sum(int(b["n_tokens"]) for b in everything) == sum(data.validation.lengths)
+
+
+def test_mode_detection_reads_a_sample_of_large_formats_not_all_of_it(tmp_path):
+    import pandas as pd
+
+    rows = [json.dumps({"instruction": f"Say {i}.", "output": str(i)}) for i in range(1500)]
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_text("\n".join(rows[:1200] + ["not json: beyond the sample"] + rows[1200:]) + "\n")
+    assert dataset.data_mode(str(jsonl), "auto", None) == "instruction"
+    parquet = tmp_path / "t.parquet"
+    pd.DataFrame({"text": ["a b c", "d e f"]}).to_parquet(parquet)
+    assert dataset._columns(str(parquet)) == ["text"] and dataset.data_mode(str(parquet), "auto", None) == "text"
