@@ -4,14 +4,15 @@ and its peak memory, when the token cache is built (cold), found (warm), and whe
 Corpora: `data_bench.write_corpus` (the shared novels' paragraphs, words shuffled, `scale` copies, one
 book-layout .txt). Every run is `python train.py --qlora True --model MODEL --data CORPUS` with the default batch
 and length, `--max-steps 2 --save-every-steps 1 --log-every 1 --sample-every 0`, a cache folder of its own per
-scale, in a subprocess: "to first step" is the time from launch until the first row appears in metrics.jsonl
-(polled every 50 ms); "peak RSS" is the subprocess's own maximum resident set (`os.wait4`). The three runs:
+scale, in a subprocess. "Ready": from launch until the log says where checkpoints go (data, model, optimizer
+and plan built); "to first step": until the first training-step row appears in metrics.jsonl (polled every
+50 ms); "peak RSS" is the subprocess's own maximum resident set (`os.wait4`). The three runs:
 
 - cold: empty cache folder, so the corpus is read, hashed and tokenized into the cache first;
 - warm: a new run on the same corpus (cache hit: hash the file, open the memory maps, split, cut windows);
 - resume: `--restore-file step-000001` into the warm run's folders, to the next step (no base validation).
 
-A fresh run (cold, warm) validates the base model on `--eval-max-tokens` tokens (default 16,384) before its
+A fresh run (cold, warm) validates the base model on `--eval-max-tokens` tokens (default 8,192) before its
 first step; that part does not grow with the corpus. The resume does not.
 
     python bench/start_bench.py --scales 1 16 --out bench/results/train-start.json
@@ -35,7 +36,8 @@ from data_bench import SHARED, write_corpus  # noqa: E402
 
 
 def run_to_first_step(argv: list[str], out_dir: Path, rows_before: int = 0, timeout: float = 3600) -> dict:
-    """Launch train.py with `argv`; seconds until metrics.jsonl has more than `rows_before` rows, total seconds,
+    """Launch train.py with `argv`; seconds until ready and until metrics.jsonl has more than `rows_before` step rows,
+    total seconds,
     peak RSS (MB) and the log's `data:` and `validation:` lines."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     metrics, log_path = out_dir / "metrics.jsonl", out_dir.with_name(out_dir.name + ".log")
@@ -49,7 +51,7 @@ def run_to_first_step(argv: list[str], out_dir: Path, rows_before: int = 0, time
             if pid:
                 break
             now = time.perf_counter() - started
-            if first is None and metrics.is_file() and len(metrics.read_text().splitlines()) > rows_before:
+            if first is None and metrics.is_file() and _step_rows(metrics) > rows_before:
                 first = now
             if built is None and "checkpoints go to" in log_path.read_text(errors="replace")[seen:]:
                 built = now  # logged when data, model and optimizer are ready, before the base model's validation
@@ -68,6 +70,11 @@ def run_to_first_step(argv: list[str], out_dir: Path, rows_before: int = 0, time
             "log": [x for x in lines if "data:" in x or "validation:" in x or "token cache" in x]}  # fmt: skip
 
 
+def _step_rows(metrics: Path) -> int:
+    """Training-step rows of metrics.jsonl (validation rows hold `val_loss` and no `loss`)."""
+    return sum('"loss"' in line for line in metrics.read_text().splitlines())
+
+
 def bench_scale(scale: int, tmp: Path, model: str) -> list[dict]:
     corpus = write_corpus(tmp, scale)
     cache, rows = tmp / f"cache-{scale}x", []
@@ -79,7 +86,7 @@ def bench_scale(scale: int, tmp: Path, model: str) -> list[dict]:
         rows.append({"scale": scale, "arm": arm, "corpus_mb": round(corpus.stat().st_size / 1e6, 1), **result})
         print(json.dumps(rows[-1]), flush=True)
     out, ckpt = tmp / f"warm-{scale}x", tmp / f"warm-{scale}x-ckpt"
-    done = len((out / "metrics.jsonl").read_text().splitlines())
+    done = _step_rows(out / "metrics.jsonl")
     resumed = [*common[:-8], "--max-steps", "3", "--save-every-steps", "1", "--log-every", "1", "--sample-every",
                "0", "--output-dir", str(out), "--check-dir", str(ckpt), "--restore-file", "step-000001"]  # fmt: skip
     result = run_to_first_step(resumed, out, rows_before=done)

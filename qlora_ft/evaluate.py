@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qlora_ft import checkpoint, metrics
+from qlora_ft import checkpoint, metrics, sources
 from qlora_ft.checkpoint import adapter_base_name, is_adapter_folder
 from qlora_ft.config import CompareConfig, EvalConfig, TrainConfig, train_config_from_dict
 from qlora_ft.data import collate, eval_batches, load_corpus, split_corpus, windows_for
@@ -178,7 +178,9 @@ def _held_out(args, train_cfg: TrainConfig, run: Path, tokenizer) -> dict[str, A
     """The run's split, the held-out paragraphs and their batches; the style classifier's texts (read before
     the slow part, so a bad path fails at once)."""
     data_source = _find_data(train_cfg, run)
-    corpus = load_corpus(data_source, train_cfg.data.text_column, train_cfg.data.keep_headings)
+    # local data as training read it (through the token cache's reader); a hub dataset as the in-memory path did
+    read = sources.read_corpus if Path(data_source).exists() else load_corpus
+    corpus = read(data_source, train_cfg.data.text_column, train_cfg.data.keep_headings)
     split = split_corpus(corpus, train_cfg.data.train_size, train_cfg.data.seed)
     held_out = paragraphs(args.data) if args.data else split.validation
     data = {"split": split, "texts": held_out, "name": args.data or f"validation split of {train_cfg.data.data}"}

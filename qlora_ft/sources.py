@@ -27,6 +27,7 @@ from typing import Any, Literal
 from qlora_ft.data import (
     PICKLE_SUFFIXES,
     VALIDATION_KEYS,
+    Corpus,
     _pick_column,
     clean_paragraph,
     is_heading,
@@ -123,6 +124,17 @@ def iter_paragraphs(
     if headings:
         log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)", source,
                  headings)  # fmt: skip
+
+
+def read_corpus(source: str, text_column: str | None = None, keep_headings: bool = False) -> Corpus:
+    """The paragraphs the token cache stores for `source`, in memory (for evaluation-sized work): a pre-split
+    source keeps its parts."""
+    opts = {"text_column": text_column, "keep_headings": keep_headings}
+    splits = source_splits(source)
+    if splits is None:
+        return Corpus(list(iter_paragraphs(source, **opts)))
+    return Corpus(list(iter_paragraphs(source, split=splits[0], **opts)),
+                  list(iter_paragraphs(source, split=splits[1], **opts)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

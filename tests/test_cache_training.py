@@ -116,3 +116,22 @@ def test_mode_detection_reads_a_sample_of_large_formats_not_all_of_it(tmp_path):
     parquet = tmp_path / "t.parquet"
     pd.DataFrame({"text": ["a b c", "d e f"]}).to_parquet(parquet)
     assert dataset._columns(str(parquet)) == ["text"] and dataset.data_mode(str(parquet), "auto", None) == "text"
+
+
+def test_eval_holds_out_the_paragraphs_training_validated_on_for_a_wikitext_file(tmp_path, tiny_model_dir, paragraphs):
+    from qlora_ft.data import windows_for
+    from qlora_ft.evaluate import _held_out
+
+    lines = [" = Title = ", " "]
+    for i, p in enumerate(paragraphs):
+        lines += ([" = = Section = = ", " "] if i % 10 == 0 else []) + [f" {p} ", " "]
+    wiki = tmp_path / "wiki.train.raw.txt"
+    wiki.write_text("\n".join(lines) + "\n")
+    cfg = config(tmp_path, wiki, tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    trained = dataset.prepare_data(cfg, tok)
+    assert len(trained.split.train_idx) + len(trained.split.val_idx) == len(paragraphs)  # headings dropped
+    args = parse_config(TrainConfig, ["--data", str(wiki)], "train.py").data  # stands in for eval's options
+    args.data, args.contrast, args.batch_size = None, None, 4
+    held = _held_out(args, cfg, tmp_path, tok)
+    assert windows_for(tok, held["texts"], 24) == list(trained.validation.ids)
