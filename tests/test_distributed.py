@@ -33,7 +33,8 @@ def launch(n_proc: int, tmp_path, data, model_dir, run: str, *extra: str, engine
         config, script = ENGINES[engine]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config), *launcher,
                "--num_processes", str(n_proc), "--mixed_precision", "no", str(ROOT / script), *args]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "QLORA_FT_CACHE": str(tmp_path / "token-cache")}  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -54,7 +55,10 @@ def no_dropout_copy(model_dir, out):
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_double_batch(tmp_path, data_pkl, tiny_model_dir):
     tiny_model_dir = no_dropout_copy(tiny_model_dir, tmp_path / "model")
-    launch(2, tmp_path, data_pkl, tiny_model_dir, "two", "--batch-size", "2", "--save-every-steps", "2")
+    two = launch(2, tmp_path, data_pkl, tiny_model_dir, "two", "--batch-size", "2", "--save-every-steps", "2")
+    # process 0 built the token cache while process 1 waited, then both mapped it: one build, one cache
+    assert two.stderr.count("token cache") and two.stderr.count(" built in ") == 1
+    assert len([p for p in (tmp_path / "token-cache").iterdir() if not p.name.startswith(".")]) == 1
     launch(1, tmp_path, data_pkl, tiny_model_dir, "one", "--batch-size", "4")
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("two", "one"))
     assert a.keys() == b.keys()
