@@ -135,3 +135,33 @@ def test_eval_holds_out_the_paragraphs_training_validated_on_for_a_wikitext_file
     args.data, args.contrast, args.batch_size = None, None, 4
     held = _held_out(args, cfg, tmp_path, tok)
     assert windows_for(tok, held["texts"], 24) == list(trained.validation.ids)
+
+
+def test_text_validation_data_is_the_validation_side(tmp_path, data_pkl, tiny_model_dir, paragraphs):
+    val = tmp_path / "val.txt"
+    val.write_text("\n\n".join(paragraphs[:5] + ["A paragraph only the validation file holds."]) + "\n")
+    cfg = config(tmp_path, data_pkl, tiny_model_dir, "--validation-data", str(val))
+    data = dataset.prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
+    # the 5 paragraphs in both files are kept on the validation side only
+    assert (len(data.split.train_idx), len(data.split.val_idx)) == (len(paragraphs) - 5, 6)
+
+
+def test_a_checkpoint_whose_split_lists_indices_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
+    """Checkpoints of earlier versions list paragraph indices in split.json: they resume through the in-memory
+    path, on the same split, bit-exact."""
+    from qlora_ft import checkpoint
+    from qlora_ft.data import load_corpus, split_corpus
+
+    args = ("--max-steps", "4", "--save-every-steps", "2")
+    train(config(tmp_path, data_pkl, tiny_model_dir, *args, run="full"))
+    shutil.copytree(tmp_path / "ckpt-full", tmp_path / "ckpt-old")
+    folder = tmp_path / "ckpt-old" / "step-000002"
+    shutil.rmtree(tmp_path / "ckpt-old" / "step-000004")
+    (tmp_path / "ckpt-old" / "latest").write_text("step-000002\n")
+    old = split_corpus(load_corpus(str(data_pkl)), 0.9, 42).to_json()  # what an earlier version wrote
+    (folder / "split.json").write_text(json.dumps(old))
+    checkpoint.write_manifest(folder, json.loads((folder / "run_config.json").read_text()), old)
+    train(config(tmp_path, data_pkl, tiny_model_dir, *args, "--check-dir", str(tmp_path / "ckpt-old"),
+                 "--restore-file", "step-000002", run="resumed"))  # fmt: skip
+    assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
+    assert json.loads((tmp_path / "ckpt-old" / "step-000004" / "split.json").read_text())["train"] == old["train"]
