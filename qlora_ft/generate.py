@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -66,38 +67,47 @@ def sample(
     """
     limit = context_length(model.config)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[list[str]] = []
-    devices = [device.index or 0] if device.type == "cuda" else []
     encoded = [fit_context(encode_prompt(tokenizer, prompt, device), limit, max_new_tokens, truncate, number)
                for number, prompt in enumerate(prompts, 1)]  # fmt: skip
+    with seeded_eval(model, seed):
+        for input_ids in encoded:
+            texts = []
+            # one sequence per call when streaming (streamers take batch size 1), else all at once
+            n_calls, per_call = (num_return_sequences, 1) if streamer_factory else (1, num_return_sequences)
+            for _ in range(n_calls):
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    do_sample=True,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
+                    temperature=sampling.temperature,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=per_call,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    streamer=streamer_factory() if streamer_factory else None,
+                )  # (per_call, T + new)
+                texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
+            out.append([t.strip() for t in texts])
+    return out
+
+
+@contextlib.contextmanager
+def seeded_eval(model, seed: int) -> Iterator[None]:
+    """The block runs in eval mode on an RNG seeded with `seed`; the model's mode and the caller's RNG streams
+    (e.g. the training loop's dropout) are as they were afterwards."""
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
     try:
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
             torch.manual_seed(seed)
-            for input_ids in encoded:
-                texts = []
-                # one sequence per call when streaming (streamers take batch size 1), else all at once
-                n_calls, per_call = (num_return_sequences, 1) if streamer_factory else (1, num_return_sequences)
-                for _ in range(n_calls):
-                    generated = model.generate(
-                        input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
-                        do_sample=True,
-                        top_k=sampling.top_k,
-                        top_p=sampling.top_p,
-                        temperature=sampling.temperature,
-                        max_new_tokens=max_new_tokens,
-                        num_return_sequences=per_call,
-                        eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id,
-                        streamer=streamer_factory() if streamer_factory else None,
-                    )  # (per_call, T + new)
-                    texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
-                out.append([t.strip() for t in texts])
+            yield
     finally:
         model.train(was_training)
-    return out
 
 
 def instruction_prompt(template: Template, tokenizer, instruction: str, input: str = "") -> tuple[str, tuple[str, ...]]:
@@ -140,24 +150,17 @@ def respond(
     if sampling is not None:
         knobs = {"do_sample": True, "top_k": sampling.top_k, "top_p": sampling.top_p,
                  "temperature": sampling.temperature, "num_return_sequences": num_return_sequences}  # fmt: skip
-    was_training = model.training
-    model.eval()
-    devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-            torch.manual_seed(seed)
-            generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                stop_strings=list(stop) or None,  # the next header: stop there (cut below, as it is generated)
-                tokenizer=tokenizer,
-                streamer=streamer,
-                **knobs,
-            )  # (n, T + new)
-    finally:
-        model.train(was_training)
+    with seeded_eval(model, seed):
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=list(stop) or None,  # the next header: stop there (cut below, as it is generated)
+            tokenizer=tokenizer,
+            streamer=streamer,
+            **knobs,
+        )  # (n, T + new)
     texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
     return [cut_at_stop(text, stop).strip() for text in texts]
