@@ -40,6 +40,21 @@ def launch(n_proc: int, tmp_path, data, model_dir, run: str, *extra: str, engine
     return done
 
 
+@pytest.mark.slow
+def test_bad_data_under_two_processes_fails_in_one_line_without_hanging(tmp_path, tiny_model_dir):
+    """Process 0 loads the data first while the others wait: its failure must release them, not hang them."""
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"not a pickle")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "train.py"),
+           "--data", str(bad), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"),
+           "--check-dir", str(tmp_path / "c")]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           "QLORA_FT_CACHE": str(tmp_path / "token-cache")}  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    # our one line (the launcher then reports the failed process in its own words)
+    assert done.returncode != 0 and f"train.py: error: {bad}: not a readable pickle" in done.stderr
+
+
 def no_dropout_copy(model_dir, out):
     """The tiny model without dropout (GPT-2 configs default to 0.1): runs on different processes draw
     different masks, so only a dropout-free model can be compared across process counts."""

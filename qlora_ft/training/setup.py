@@ -91,8 +91,7 @@ def set_up(cfg: TrainConfig) -> Run:
     engine = engines.make_engine(engines.make_accelerator(out_dir, precision.accelerate_name), cfg)
 
     # --- data (its mode settles the options left to the mode's default), model, optimizer -------------
-    with engine.accelerator.main_process_first():  # one process builds a token cache; the others then open it
-        tokenizer, data = load_data(cfg, resume.split if resume else None)
+    tokenizer, data = load_data_once(cfg, engine, resume.split if resume else None)
     if resume:
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
     model = build_model(cfg, engine, precision.dtype)
@@ -147,6 +146,18 @@ def validation_batches(cfg: TrainConfig, data: TrainData, pad_id: int) -> LazyBa
     rows = eval_batches([int(lengths[i]) for i in subset], d.max_input_length, d.packing, d.batch_size * 2)
     rows = [[[subset[i] for i in row] for row in batch] for batch in rows]  # back to indices into `val`
     return LazyBatches(rows, val.ids, pad_id, val.masks)
+
+
+def load_data_once(cfg: TrainConfig, engine: Engine, saved_split: dict[str, Any] | None) -> tuple[Any, TrainData]:
+    """`load_data` on process 0 first (it builds a missing token cache), then on the others (they open it). A
+    failure on process 0 still releases the others, which then meet the same bad input and fail as it did."""
+    if not engine.is_main:
+        engine.barrier()
+    try:
+        return load_data(cfg, saved_split)
+    finally:
+        if engine.is_main:
+            engine.barrier()
 
 
 def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
