@@ -39,11 +39,13 @@ def make_batch(
     >>> make_batch([[0, 1], [2]], [[9, 5], [9, 6, 7], [9, 8]], pad_id=0)["n_tokens"].item()
     7
     """
+    ids = [[windows[i] for i in row] for row in rows]  # once: from a token cache, each index reads the memory map
     if masks is None:
-        batch = collate([[windows[i] for i in row] for row in rows], pad_id)
+        batch = collate(ids, pad_id)
     else:
-        batch = collate_masked([[(windows[i], masks[i]) for i in row] for row in rows], pad_id)
-    batch["n_tokens"] = torch.tensor(sum(len(windows[i]) for row in rows for i in row))
+        batch = collate_masked([[(w, masks[i]) for w, i in zip(ws, row, strict=True)] for ws, row in
+                                zip(ids, rows, strict=True)], pad_id)  # fmt: skip
+    batch["n_tokens"] = torch.tensor(sum(len(w) for row in ids for w in row))
     return batch
 
 
