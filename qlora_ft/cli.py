@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from qlora_ft import __version__
 from qlora_ft.config import (
     CompareConfig,
     DataArgs,
@@ -238,6 +239,7 @@ def run_compare(cfg: CompareConfig) -> None:
 @exits_cleanly("qlora-ft")
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="qlora-ft", description="QLoRA fine-tuning and generation for GPT-2-family models.")
+    parser.add_argument("--version", action="version", version=f"qlora-ft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (cfg_cls, help_text) in COMMANDS.items():
         build_parser(cfg_cls, f"qlora-ft {name}", help_text, sub.add_parser(name, help=help_text))
