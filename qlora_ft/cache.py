@@ -680,7 +680,7 @@ def open_text_cache(
     if val_src is not None:
         covers["validation_data"] = {"data": _digests(val_src), "kind": val_src.kind}
     opts = {"text_column": text_column, "keep_headings": keep_headings, "layout": layout}
-    splits = sources.source_splits(source) if val_src is None else None
+    splits = sources.source_splits(source, text_column) if val_src is None else None
 
     def part(where: str, split: str | None) -> Callable[[], Iterator[Record]]:
         return lambda: ([(p, True)] for p in sources.iter_paragraphs(where, split=split, **opts))

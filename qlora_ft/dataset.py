@@ -99,8 +99,25 @@ def data_mode(source: str, fmt: str, text_column: str | None) -> Mode:
     try:
         columns = _columns(source)
         return "text" if columns is None else detect_format(columns, None, source)
+    except _BadLine:
+        raise  # a row that does not parse is named as such, not mistaken for text in the wrong columns
     except (UserError, ValueError, OSError):
         return "text"  # the text loader reports the problem as it always has
+
+
+class _BadLine(UserError):
+    """A line of a JSONL sample that is not JSON."""
+
+
+def _jsonl_sample(path: Path, sample_rows: int) -> list[Any]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(itertools.islice(f, sample_rows), start=1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise _BadLine(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    return rows
 
 
 def _columns(source: str, sample_rows: int = 1000) -> list[str] | None:
@@ -113,8 +130,7 @@ def _columns(source: str, sample_rows: int = 1000) -> list[str] | None:
 
         return list(pq.read_schema(path).names)
     if path.is_file() and suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in itertools.islice(f, sample_rows) if line.strip()]
+        rows = _jsonl_sample(path, sample_rows)
     elif path.is_dir() and sources.resolve(source).kind == "hf_disk":
         from datasets import DatasetDict, load_from_disk
 
@@ -184,7 +200,7 @@ def _cached_text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
     """Paragraphs -> token cache -> split (a function of the cache's fingerprint, seed and share) -> windows,
     all as offsets into the cache's memory maps: memory does not grow with the corpus."""
     d = cfg.data
-    val_source = _validation_source(cfg, sources.source_splits(d.data) is not None)
+    val_source = _validation_source(cfg, sources.source_splits(d.data, d.text_column) is not None)
     cache = open_text_cache(d.data, tokenizer, cache_dir=d.cache_dir, keep_headings=d.keep_headings,
                             text_column=d.text_column, validation_source=val_source)  # fmt: skip
     split = CacheSplit.of(cache, d.seed, d.train_size)

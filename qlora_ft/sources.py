@@ -76,15 +76,16 @@ def resolve(source: str) -> Source:
     return Source(path, kinds[suffix], (path,))
 
 
-def source_splits(source: str) -> tuple[str, str] | None:
-    """(train key, validation key) when the source is already split (DatasetDict, split pickle), else None."""
+def source_splits(source: str, text_column: str | None = None) -> tuple[str, str] | None:
+    """(train key, validation key) when the source is already split (DatasetDict, split pickle), else None.
+    A table is read through `text_column` (--text-column) as `iter_paragraphs` reads it."""
     src = resolve(source)
     if src.kind == "hf_disk" and (src.path / "dataset_dict.json").exists():
         keys = json.loads((src.path / "dataset_dict.json").read_text())["splits"]
         val = next((k for k in VALIDATION_KEYS if k in keys), None)
         return ("train", "validation") if "train" in keys and val else None
     if src.kind == "table":
-        return ("train", "validation") if load_corpus(source).validation is not None else None
+        return ("train", "validation") if load_corpus(source, text_column).validation is not None else None
     return None
 
 
@@ -130,7 +131,7 @@ def read_corpus(source: str, text_column: str | None = None, keep_headings: bool
     """The paragraphs the token cache stores for `source`, in memory (for evaluation-sized work): a pre-split
     source keeps its parts."""
     opts = {"text_column": text_column, "keep_headings": keep_headings}
-    splits = source_splits(source)
+    splits = source_splits(source, text_column)
     if splits is None:
         return Corpus(list(iter_paragraphs(source, **opts)))
     return Corpus(list(iter_paragraphs(source, split=splits[0], **opts)),

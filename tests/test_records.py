@@ -228,3 +228,19 @@ def test_record_keys_tell_records_apart():
     assert len(keys) == 6
     chat = Chat((("user", "Hi"), ("assistant", "Hé")))
     assert record_key(chat) == '{"messages": [["user", "Hi"], ["assistant", "Hé"]]}'
+
+
+def test_a_bad_jsonl_line_among_the_first_is_named_not_taken_for_text(tmp_path, tiny_model_dir, capsys):
+    """Format detection reads a sample of a JSONL file; a line in it that does not parse is named (file and
+    line), not taken as a sign of plain text and then reported as a missing text column."""
+    from qlora_ft.cli import train_main
+
+    good = json.dumps({"instruction": "Name a colour.", "input": "", "output": "Blue."})
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"{good}\n{good}\n{{oops\n{good}\n")
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--data", str(path), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"),
+                    "--check-dir", str(tmp_path / "ck")])  # fmt: skip
+    assert stop.value.code == 2
+    assert "d.jsonl: line 3 is not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()

@@ -136,3 +136,19 @@ def test_missing_and_unknown_sources(tmp_path):
         sources.resolve("nowhere/x.txt")
     with pytest.raises(UserError, match="unknown data format '.docx'"):
         sources.resolve(str(_write(tmp_path / "x.docx", "hi")))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".pkl"])
+def test_a_table_read_for_the_cache_uses_the_named_text_column(tmp_path, suffix):
+    """`--data reviews.csv --text-column body`: a table whose columns match no known text name is read through
+    the column the user named, when the cache checks whether it is pre-split as well as when it reads it."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [1, 2, 3], "body": ["First review.", "Second review.", "Third review."]})
+    path = tmp_path / f"reviews{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False), ".json": lambda: frame.to_json(path, orient="records"),
+     ".pkl": lambda: frame.to_pickle(path)}[suffix]()  # fmt: skip
+    assert sources.source_splits(str(path), text_column="body") is None
+    assert sources.read_corpus(str(path), text_column="body").train == list(frame["body"])
+    with pytest.raises(UserError, match="no text column"):
+        sources.source_splits(str(path))
