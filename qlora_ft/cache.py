@@ -136,11 +136,14 @@ class TokenCache:
         self.meta = _read_meta(self.path)
         n_tokens = self.meta["n_tokens"]
         dtype = np.dtype(self.meta["dtype"])
-        self._ids = np.memmap(self.path / "ids.bin", dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype)
-        has_mask = self.meta["has_mask"] and n_tokens
-        self._mask = np.memmap(self.path / "mask.bin", dtype=np.uint8, mode="r") if has_mask else None
-        self.index = np.load(self.path / "index.npy", mmap_mode="r")
-        self.hashes = np.load(self.path / "hashes.npy", mmap_mode="r")
+        try:  # a reader holds no lock: a builder may be replacing this folder right now (see `_publish`)
+            self._ids = np.memmap(self.path / "ids.bin", dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype)
+            has_mask = self.meta["has_mask"] and n_tokens
+            self._mask = np.memmap(self.path / "mask.bin", dtype=np.uint8, mode="r") if has_mask else None
+            self.index = np.load(self.path / "index.npy", mmap_mode="r")
+            self.hashes = np.load(self.path / "hashes.npy", mmap_mode="r")
+        except OSError as e:
+            raise CacheInvalid(f"{self.path}: {e.strerror or e}") from None
         if len(self.index) and int(self.index[-1].sum()) != n_tokens:
             raise CacheInvalid(f"{self.path}: index.npy disagrees with ids.bin")
 
@@ -244,7 +247,7 @@ def open_or_build(
         except CacheInvalid as e:
             if final.exists():
                 log.warning("token cache %s is incomplete or damaged (%s); rebuilding", final, e)
-        for stale in root.glob(f".{fp}.tmp-*"):  # left by a build that was killed; we hold the lock
+        for stale in [*root.glob(f".{fp}.tmp-*"), *root.glob(f".{fp}.old-*")]:  # a killed build's; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel))
         meta["covers"] = covers
@@ -288,17 +291,36 @@ def _publish(root: Path, fp: str, meta: dict[str, Any]) -> None:
     """Write meta.json (last: the folder is now complete) and rename the temporary folder to its final name,
     replacing a damaged folder there (the caller holds the lock)."""
     tmp, final = root / f".{fp}.tmp-{os.getpid()}", root / fp
+    old = root / f".{fp}.old-{os.getpid()}"
     try:
         _write_json(tmp / "meta.json", meta)
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        if final.exists():  # renamed aside, not deleted in place: the final name is missing only between renames
+            os.rename(final, old)
         os.rename(tmp, final)
+        _fsync_dir(root)  # the rename itself survives a power cut
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise _full_disk(root) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_disk_space(root: Path, input_bytes: int, itemsize: int) -> None:
@@ -341,6 +363,9 @@ def _build(
             if part is validation:
                 n_train_fixed = sum(len(x) for x in lengths)
             for ids, lens, mask, hs in _encoded(_chunks(part()), spec, *workers):
+                if len(ids) and int(ids.max()) > np.iinfo(dtype).max:  # astype would wrap it around silently
+                    raise UserError(f"the tokenizer gave token id {int(ids.max())}, past its vocabulary size "
+                                    f"{len(tokenizer)}; its vocabulary and added tokens disagree")  # fmt: skip
                 ids.astype(dtype, copy=False).tofile(ids_f)
                 mask.tofile(mask_f)
                 all_trained = all_trained and bool(mask.all())
@@ -348,12 +373,15 @@ def _build(
                 hashes.append(hs)
                 n_tokens += len(ids)
                 bar.update(len(ids))
+        for f in (ids_f, mask_f):
+            f.flush()
+            os.fsync(f.fileno())
     lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if len(lengths_all) == 0:
         raise UserError("no records to tokenize (the data is empty)")
     starts = np.concatenate([[0], np.cumsum(lengths_all)[:-1]]).astype(np.int64)
-    np.save(tmp / "index.npy", np.stack([starts, lengths_all.astype(np.int64)], axis=1))
-    np.save(tmp / "hashes.npy", np.concatenate(hashes).astype(np.uint64))
+    _save_npy(tmp / "index.npy", np.stack([starts, lengths_all.astype(np.int64)], axis=1))
+    _save_npy(tmp / "hashes.npy", np.concatenate(hashes).astype(np.uint64))
     if all_trained:
         (tmp / "mask.bin").unlink()
     files = {p.name: p.stat().st_size for p in tmp.iterdir()}
@@ -734,7 +762,7 @@ def clear_caches(cache_dir: str | Path | None = None, fingerprints: Sequence[str
         try:
             with filelock.FileLock(str(root / f".{fp}.lock"), timeout=0):
                 shutil.rmtree(root / fp)
-                for stale in root.glob(f".{fp}.tmp-*"):
+                for stale in [*root.glob(f".{fp}.tmp-*"), *root.glob(f".{fp}.old-*")]:
                     shutil.rmtree(stale, ignore_errors=True)
             deleted.append(fp)
         except filelock.Timeout:

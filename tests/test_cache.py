@@ -251,3 +251,73 @@ def test_cache_list_and_clear_commands(tmp_path, tok, book, capsys):
     assert e.value.code == 2 and "no token cache nosuchcache" in capsys.readouterr().err
     main(["cache", "clear", "--cache-dir", str(tmp_path)])
     assert not c.path.exists() and cache.list_caches(tmp_path) == []
+
+
+def test_a_build_fsyncs_every_file_and_the_rename(tmp_path, tok, book, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    opened = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path / "c")
+    written = {p.name for p in opened.path.iterdir()}
+    assert written <= set(synced), f"not fsynced: {written - set(synced)}"
+    assert "c" in synced, "the cache folder's parent was not fsynced after the rename"
+
+
+def test_token_ids_past_the_storage_type_are_refused_not_wrapped(tmp_path):
+    class Tokenizer:  # a slow tokenizer whose ids run past what its size promised
+        eos_token_id = 0
+
+        def __len__(self):
+            return 300
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[5, 70_000] for _ in texts]}
+
+        def get_vocab(self):
+            return {"a": 0}
+
+    with pytest.raises(UserError, match="token id 70000, past its vocabulary size 300"):
+        cache.open_or_build({"x": 1}, Tokenizer(), lambda: [[("text", True)]], cache_dir=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_a_reader_meeting_a_rebuild_waits_for_it_instead_of_failing(tmp_path, tok, book, monkeypatch):
+    """An unlocked reader that finds meta.json but then misses the data files (a builder swapping the folder
+    in `_publish`) treats the cache as incomplete: it takes the lock, and opens what the builder published."""
+    first = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path)
+    real_read_meta = cache._read_meta
+    calls = []
+
+    def read_meta_then_vanish(path):
+        meta = real_read_meta(path)
+        if not calls:  # the first open: the folder goes away right after its meta.json was read
+            calls.append(path)
+            (path / "ids.bin").rename(path.parent / "ids.bin.away")
+        return meta
+
+    monkeypatch.setattr(cache, "_read_meta", read_meta_then_vanish)
+    again = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path)
+    assert calls and again.fingerprint == first.fingerprint
+    assert np.array_equal(again.tokens(0), first.tokens(0))
+
+
+def test_the_fingerprint_covers_the_tokenizers_merges(tmp_path, tok, book):
+    """Two tokenizers of one class, size and EOS that differ only in their merges give different caches."""
+    import json as json_
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json_.loads(tok.backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    merges[0], merges[-1] = merges[-1], merges[0]  # same vocabulary, another order of merging
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json_.dumps(spec)), eos_token="<|endoftext|>")
+    assert (type(other), len(other), other.eos_token_id) == (type(tok), len(tok), tok.eos_token_id)
+    a = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path)
+    b = cache.open_text_cache(str(book[0]), other, cache_dir=tmp_path)
+    assert a.fingerprint != b.fingerprint
