@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from qlora_ft import checkpoint, metrics, sources
 from qlora_ft.checkpoint import adapter_base_name, is_adapter_folder
 from qlora_ft.config import CompareConfig, EvalConfig, TrainConfig, train_config_from_dict
-from qlora_ft.data import collate, eval_batches, load_corpus, split_corpus, windows_for
+from qlora_ft.data import Corpus, collate, eval_batches, load_corpus, split_corpus, windows_for
 from qlora_ft.dataset import Sequences, prepare_data, read_template
 from qlora_ft.errors import UserError, first_line
 from qlora_ft.generate import encode_prompt, sample
@@ -180,7 +180,12 @@ def _held_out(args, train_cfg: TrainConfig, run: Path, tokenizer) -> dict[str, A
     data_source = _find_data(train_cfg, run)
     # local data as training read it (through the token cache's reader); a hub dataset as the in-memory path did
     read = sources.read_corpus if Path(data_source).exists() else load_corpus
-    corpus = read(data_source, train_cfg.data.text_column, train_cfg.data.keep_headings)
+    opts = (train_cfg.data.text_column, train_cfg.data.keep_headings)
+    corpus = read(data_source, *opts)
+    if train_cfg.data.validation_data:  # the run validated on this source: training's split keeps it on that side
+        val_source = _locate(train_cfg.data.validation_data, run) or train_cfg.data.validation_data
+        val = (sources.read_corpus if Path(val_source).exists() else load_corpus)(val_source, *opts)
+        corpus = Corpus(corpus.train, val.train + (val.validation or []))
     split = split_corpus(corpus, train_cfg.data.train_size, train_cfg.data.seed)
     held_out = paragraphs(args.data) if args.data else split.validation
     data = {"split": split, "texts": held_out, "name": args.data or f"validation split of {train_cfg.data.data}"}

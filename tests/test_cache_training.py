@@ -146,6 +146,24 @@ def test_text_validation_data_is_the_validation_side(tmp_path, data_pkl, tiny_mo
     assert (len(data.split.train_idx), len(data.split.val_idx)) == (len(paragraphs) - 5, 6)
 
 
+def test_eval_of_a_run_with_validation_data_holds_out_that_data(tmp_path, data_pkl, tiny_model_dir, paragraphs):
+    """A text run trained with --validation-data is evaluated on the windows it validated on (that file's
+    paragraphs), not on a seeded share of --data that it trained on."""
+    from qlora_ft.data import windows_for
+    from qlora_ft.evaluate import _held_out
+
+    val = tmp_path / "val.txt"
+    val.write_text("\n\n".join(paragraphs[:5] + ["A paragraph only the validation file holds."]) + "\n")
+    cfg = config(tmp_path, data_pkl, tiny_model_dir, "--validation-data", str(val))
+    tok = load_tokenizer(str(tiny_model_dir))
+    trained = dataset.prepare_data(cfg, tok)
+    args = parse_config(TrainConfig, ["--data", str(data_pkl)], "train.py").data  # stands in for eval's options
+    args.data, args.contrast, args.batch_size = None, None, 4
+    held = _held_out(args, cfg, tmp_path, tok)
+    assert windows_for(tok, held["texts"], 24) == list(trained.validation.ids)
+    assert not set(held["texts"]) & set(held["split"].train)
+
+
 def test_a_checkpoint_whose_split_lists_indices_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
     """Checkpoints of earlier versions list paragraph indices in split.json: they resume through the in-memory
     path, on the same split, bit-exact."""
