@@ -201,6 +201,31 @@ def test_resume_is_bit_exact_in_instruction_mode(tmp_path, tiny_model_dir):
     assert all(losses("full")[s] == loss for s, loss in losses("resumed").items())
 
 
+@pytest.mark.slow
+def test_a_resume_refuses_another_seed_or_template_content_and_takes_a_moved_template(tmp_path, tiny_model_dir,
+                                                                                       capsys):  # fmt: skip
+    """The seed orders every epoch and the template renders every record: a resume that changes either would
+    train other sequences from the saved position, so it is refused in one line; the template is compared by
+    content (a copy at another path resumes)."""
+    data = write(tmp_path / "d.json", instruction_rows(24))
+    template = tmp_path / "t.json"
+    spec = {"name": "mine", "prompt_input": "Q: {instruction} {input}\nA:", "prompt_no_input": "Q: {instruction}\nA:"}
+    template.write_text(json.dumps(spec))
+    base = argv(tmp_path, data, tiny_model_dir, "--max-steps", "2", "--save-every-steps", "1", "--rank-lora", "2",
+                "--template", str(template))  # fmt: skip
+    train_main(base)
+    capsys.readouterr()
+    resume = [*base, "--max-steps", "3", "--restore-file", "step-000002", "--load-checkpoint", "True"]
+    assert "--seed 42 (this run: 7)" in one_error_line(capsys, train_main, [*resume, "--seed", "7"])
+    template.write_text(json.dumps({**spec, "prompt_no_input": "Question: {instruction}\nAnswer:"}))
+    line = one_error_line(capsys, train_main, resume)
+    assert "template 'mine' (same name, other content)" in line
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(spec))
+    train_main([*resume, "--template", str(moved)])
+    assert (tmp_path / "ckpt" / "step-000003").is_dir()
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

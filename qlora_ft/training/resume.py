@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_ft import checkpoint
 from qlora_ft.config import TrainConfig, train_config_from_dict
+from qlora_ft.dataset import TEMPLATE_KEY, TrainData
 from qlora_ft.errors import UserError
 from qlora_ft.training.state import TrainState
 
@@ -27,6 +28,7 @@ class Resume:
     tensors: dict[str, Any]  # trainer_state.pt: optimizer and RNG states
     config: TrainConfig  # the settings it was trained with (run_config.json)
     split: dict[str, Any]  # split.json
+    template: dict[str, Any] | None = None  # the template it rendered records with, as data (None: plain text)
 
     @property
     def world(self) -> int:
@@ -42,7 +44,8 @@ def read_resume(cfg: TrainConfig, check_dir: Path) -> Resume | None:
     path = checkpoint.resolve_checkpoint(check_dir, cfg.ckpt.restore_file)
     meta, tensors, saved_cfg, saved_split = checkpoint.load_checkpoint(path)
     checkpoint.resume_point(path, meta)  # a checkpoint this version cannot resume: say so now
-    return Resume(path, meta, tensors, train_config_from_dict(saved_cfg), saved_split)
+    template = saved_cfg.get("data", {}).get(TEMPLATE_KEY)
+    return Resume(path, meta, tensors, train_config_from_dict(saved_cfg), saved_split, template)
 
 
 def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_world: int = 1, world: int = 1):
@@ -59,7 +62,8 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wor
         "alpha_lora": (saved.model.alpha_lora, cfg.model.alpha_lora),
         "targets_lora": (sorted(saved.model.targets_lora), sorted(cfg.model.targets_lora)),
         "max_input_length": (saved.data.max_input_length, cfg.data.max_input_length),
-        "template": (saved.data.template, cfg.data.template),
+        "seed": (saved.data.seed, cfg.data.seed),  # it orders every epoch, and splits records
+        "train_size": (saved.data.train_size, cfg.data.train_size),
         "train_on_prompt": (saved.data.train_on_prompt, cfg.data.train_on_prompt),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
     }
@@ -69,6 +73,24 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wor
                     f"(this run: {cfg.data.batch_size} on {world})")  # fmt: skip
     if diff:
         raise UserError(f"checkpoint {path} was trained with {'; '.join(diff)}: use the same settings to resume")
+
+
+def check_same_records(resume: Resume, data: TrainData) -> None:
+    """Refuse a resume whose records render differently: the template is compared by its content (stored in
+    the checkpoint), not by its file's path, and so is the mode (text, instruction, chat) it implies."""
+    current = None if data.template is None else data.template.to_dict()
+    if current == resume.template:
+        return
+
+    def describe(template: dict[str, Any] | None) -> str:
+        return "plain text" if template is None else f"records rendered by template {template.get('name')!r}"
+
+    changed = " (same name, other content)" if current and resume.template and \
+        current.get("name") == resume.template.get("name") else ""  # fmt: skip
+    raise UserError(
+        f"checkpoint {resume.path} was trained on {describe(resume.template)}, this run has "
+        f"{describe(current)}{changed}: restore the data and template it trained with to resume"
+    )
 
 
 def check_packing(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:

@@ -35,7 +35,7 @@ from qlora_ft.model import (
 )
 from qlora_ft.precision import Precision, precision_policy
 from qlora_ft.training.plan import EpochPlan, LazyBatches, Rows, lr_at, make_batch, validation_subset
-from qlora_ft.training.resume import Resume, check_compatible, check_packing, read_resume
+from qlora_ft.training.resume import Resume, check_compatible, check_packing, check_same_records, read_resume
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def set_up(cfg: TrainConfig) -> Run:
     tokenizer, data = load_data_once(cfg, engine, resume.split if resume else None)
     if resume:
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
+        check_same_records(resume, data)
     model = build_model(cfg, engine, precision.dtype)
     head = probe_shortcuts(cfg, model, engine)
     log_setup(cfg, engine, precision)
