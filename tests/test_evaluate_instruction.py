@@ -81,6 +81,33 @@ def perplexity_by_hand(model, tokenizer, records) -> float:
     return math.exp(nll / n)
 
 
+def test_response_perplexity_of_a_bf16_model_sums_in_float32(tiny_model_dir):
+    """A 16-bit model scored without autocast (eval's merged model on a GPU) still sums its log-probabilities
+    in float32: the same loss as cross-entropy over its logits upcast first."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ft.dataset import Sequences
+    from qlora_ft.evaluate import _response_perplexity, response_batches
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    rng = random.Random(0)
+    ids = [[rng.randrange(1, 300) for _ in range(rng.randint(20, 60))] for _ in range(8)]
+    masks = [[0] * 8 + [1] * (len(s) - 8) for s in ids]  # a prompt of 8 tokens, then the response
+    batches = response_batches(Sequences(ids, masks), pad_id=0, batch_size=4)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            targets = b["labels"][:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1][targets != -100], targets[targets != -100],
+                                                           reduction="sum"))  # fmt: skip
+            n += int((targets != -100).sum())
+    result = {}
+    _response_perplexity({"base": model, "fine_tuned": model}, batches, result)
+    assert result["response_loss"]["base"] == pytest.approx(nll / n, rel=1e-5)  # bf16 sums were ~0.5% off
+    assert result["response_perplexity"]["base"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_eval_of_an_instruction_run(instruction_run, tiny_model_dir, tmp_path, capsys):
     """Through the CLI: the run's own validation records, response perplexity as computed by hand with

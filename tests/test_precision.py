@@ -2,8 +2,6 @@
 (fp16 with loss scaling), float32 trainable weights, and an exact fp16 resume."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from qlora_ft.options import parse_config
 from qlora_ft.precision import BF16, FP16, FP32, precision_policy
 from qlora_ft.training.setup import method_name
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
@@ -174,18 +171,6 @@ def test_fp16_resume_is_bit_exact(tmp_path, data_pkl, tiny_model_dir):
     assert sorted(losses) == [3, 4] and all(_losses(tmp_path / "full")[s] == losses[s] for s in losses)
 
 
-@pytest.mark.slow
-def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is present: run bench/gpu_check.py itself")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "CUDA" in lines[0] and not proc.stdout
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.cuda
 def test_cuda_bf16_policy_and_autocast_loss():
     """On a real GPU: the policy matches the card, and the chunked loss matches the plain one under autocast."""
@@ -202,23 +187,3 @@ def test_cuda_bf16_policy_and_autocast_loss():
         plain = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
         chunked = linear_cross_entropy(hidden, weight, targets, chunk=128)
     torch.testing.assert_close(chunked, plain.float(), rtol=1e-3, atol=0)
-
-
-def test_gpu_check_inputs_and_report_on_cpu(tmp_path):
-    """The parts of bench/gpu_check.py that need no GPU: the random model it builds loads with transformers and
-    its tokenizer; the markdown report has a row per check."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    path = gpu_check.build_model(tmp_path / "m", n_layer=1, n_embd=32, n_head=2)
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(gpu_check.paragraphs(1, 20)[0], return_tensors="pt").input_ids
-    assert 0 < ids.max() < model.config.vocab_size and model(ids).logits.isfinite().all()
-    results = {"device": "X", "checks": {"a": {"ok": True, "seconds": 1.0, "n": 3},
-                                         "b": {"ok": False, "seconds": 2.0, "error": "E: boom"}}}  # fmt: skip
-    md = gpu_check.report_markdown(results)
-    assert "| a | yes | 1.0 |" in md and "| b | NO | 2.0 | `E: boom` |" in md
