@@ -171,7 +171,7 @@ def run_chat(args: ChatArgs) -> None:
         log.warning("--system has no effect: %s is a%s %s run", args.model_path, "n" * (session.mode[0] == "i"),
                     session.mode)  # fmt: skip
     interactive = sys.stdin.isatty()
-    log.info("%s run: %s; /reset clears the conversation, /exit or Ctrl-D ends", session.mode, _what_a_line_is(session))
+    log.info("%s run: %s; /exit or Ctrl-D ends", session.mode, _what_a_line_is(session))
     for line in _lines(interactive):
         command = line.strip()
         if command == "/exit":
@@ -201,7 +201,8 @@ def _write(text: str) -> None:
 
 
 def _what_a_line_is(session: Session) -> str:
-    return {"chat": "each line is your next turn", "instruction": "each line is a new instruction",
+    return {"chat": "each line is your next turn, /reset starts a new conversation",
+            "instruction": "each line is a new instruction",
             "text": "each line is the opening of a text the model continues"}[session.mode]  # fmt: skip
 
 

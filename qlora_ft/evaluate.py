@@ -356,12 +356,10 @@ def _answer_held_out(models: dict[str, Any], tokenizer, template: Template, reco
                      max_new_tokens: int, result: dict[str, Any]) -> None:  # fmt: skip
     """Each model's greedy answers to `records`, their ROUGE-L against the references and their format."""
     stop = stop_strings(template, tokenizer)
-    prompts = [
-        (prompt_ids(record, template, tokenizer), generation_prompt(record, template, tokenizer)[1])
-        for record in records
-    ]  # (prompt ids as training encoded them, reference)
+    prompts = [generation_prompt(record, template, tokenizer) for record in records]  # (prompt, reference)
+    ids = [prompt_ids(record, template, tokenizer) for record in records]  # the prompts as training encoded them
     log.info("answering %d held-out records greedily with each model", len(records))
-    answers = {name: [greedy_answer(model, tokenizer, ids, max_new_tokens, stop) for ids, _ in prompts]
+    answers = {name: [greedy_answer(model, tokenizer, prompt, max_new_tokens, stop) for prompt in ids]
                for name, model in models.items()}  # fmt: skip
     result["generation"] = {"decoding": "greedy", "n_prompts": len(records), "max_new_tokens": max_new_tokens,
                             "stop": list(stop)}  # fmt: skip
