@@ -1,4 +1,4 @@
-"""Entry points: `qlora-ft train|generate|prepare|export|eval|compare`, `train.py`, `inference.py`."""
+"""Entry points: `qlora-ft train|generate|chat|prepare|export|eval|compare`, `train.py`, `inference.py`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qlora_ft import __version__
 from qlora_ft.config import (
+    ChatConfig,
     CompareConfig,
     DataArgs,
     EvalConfig,
@@ -215,6 +216,7 @@ def _cache_parser(parser: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "train": (TrainConfig, "fine-tune a model (same options as train.py)"),
     "generate": (GenerateConfig, "generate text from a fine-tuned model (same options as inference.py)"),
+    "chat": (ChatConfig, "talk to a trained run: a conversation, instructions or text, from a terminal or a pipe"),
     "export": (ExportConfig, "merge an adapter into its base and save a full model"),
     "eval": (EvalConfig, "perplexity, merge parity, style score and copying of a run vs its base"),
     "compare": (CompareConfig, "Markdown of base vs fine-tuned generations for the same prompts and seed"),
@@ -228,6 +230,12 @@ def run_eval(cfg: EvalConfig) -> None:
 
     with logging_redirect_tqdm():
         run_eval(cfg)
+
+
+def run_chat(cfg: ChatConfig) -> None:
+    from qlora_ft.chat import run_chat
+
+    run_chat(cfg.chat)
 
 
 def run_compare(cfg: CompareConfig) -> None:
@@ -258,6 +266,6 @@ def main(argv: list[str] | None = None) -> None:
         run_cache(args["action"], args["cache_dir"], args["fingerprints"])
         return
     cfg = config_from_flat(COMMANDS[command][0], args)
-    runners = {"train": run_train, "generate": run_generate, "export": run_export, "eval": run_eval,
-               "compare": run_compare}  # fmt: skip
+    runners = {"train": run_train, "generate": run_generate, "chat": run_chat, "export": run_export,
+               "eval": run_eval, "compare": run_compare}  # fmt: skip
     runners[command](cfg)

@@ -361,6 +361,29 @@ class GenerateConfig:
 
 
 @dataclass
+class ChatArgs(InferenceArgs, SamplingArgs):
+    # (its own help: chat also takes a merged model written by export)
+    model_path: str | None = arg(None, "the run's output dir, a checkpoint dir, or a model dir written by export")
+    system: str | None = arg(None, "chat runs: the system prompt that opens the conversation (default: none)")
+    max_length: int = arg(256, "new tokens per reply at most")
+    do_sample: bool = arg(True, "sample replies with --top-k/--top-p/--temperature; False: greedy")
+    seed: int = arg(42, "sampling seed (reply N samples with seed + N: a session replays exactly)")
+    qlora: bool = arg(False, "keep the base in 4-bit with the adapter unmerged (least memory)")
+    merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "where the model runs (auto: CUDA when present)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length < 1:
+            raise UserError("--max_length must be at least 1")
+
+
+@dataclass
+class ChatConfig:
+    chat: ChatArgs = field(default_factory=ChatArgs)
+
+
+@dataclass
 class ExportArgs(InferenceArgs):
     out: str | None = arg(None, "folder for the merged model and tokenizer (safetensors)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)

@@ -31,7 +31,7 @@ from qlora_ft.config import CompareConfig, EvalConfig, TrainConfig, train_config
 from qlora_ft.data import Corpus, collate, eval_batches, load_corpus, split_corpus, windows_for
 from qlora_ft.dataset import Sequences, prepare_data, read_template
 from qlora_ft.errors import UserError, first_line
-from qlora_ft.generate import encode_prompt, sample
+from qlora_ft.generate import sample, stop_strings
 from qlora_ft.model import (
     compute_dtype,
     context_length,
@@ -53,6 +53,7 @@ from qlora_ft.templates import (
     encode_records,
     fit,
     generation_prompt,
+    prompt_ids,
     rouge_l,
 )
 from qlora_ft.training.plan import make_batch
@@ -359,11 +360,11 @@ def _response_perplexity(models: dict[str, Any], batches, result: dict[str, Any]
 def _answer_held_out(models: dict[str, Any], tokenizer, template: Template, records: list[Record],
                      max_new_tokens: int, result: dict[str, Any]) -> None:  # fmt: skip
     """Each model's greedy answers to `records`, their ROUGE-L against the references and their format."""
-    chat = template.chat_template is not None
-    stop = template.chat_stop if chat else template.stop
+    stop = stop_strings(template, tokenizer)
     prompts = [generation_prompt(record, template, tokenizer) for record in records]  # (prompt, reference)
+    ids = [prompt_ids(record, template, tokenizer) for record in records]  # the prompts as training encoded them
     log.info("answering %d held-out records greedily with each model", len(records))
-    answers = {name: [greedy_answer(model, tokenizer, prompt, max_new_tokens, stop) for prompt, _ in prompts]
+    answers = {name: [greedy_answer(model, tokenizer, prompt, max_new_tokens, stop) for prompt in ids]
                for name, model in models.items()}  # fmt: skip
     result["generation"] = {"decoding": "greedy", "n_prompts": len(records), "max_new_tokens": max_new_tokens,
                             "stop": list(stop)}  # fmt: skip
@@ -493,15 +494,16 @@ def response_batches(sequences: Sequences, pad_id: int, batch_size: int) -> list
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, stop) -> dict[str, Any]:
-    """The model's greedy answer to `prompt` (`<eos>` + prompt, as `generate.respond` prompts) and its format.
+def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, stop) -> dict[str, Any]:
+    """The model's greedy answer to the token ids `prompt_ids` (`templates.prompt_ids`, as `generate.respond`
+    prompts) and its format.
 
     Generated without stop strings, up to EOS or `max_new_tokens` (fewer when the model's context leaves less
     room: `token_limit`), so that a template header the model goes on to write shows in `generated`;
     `response` is that text cut at the first header, which is what `respond` returns.
     """
     device = next(model.parameters()).device
-    input_ids = encode_prompt(tokenizer, prompt, device)  # (1, T)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     limit = context_length(model.config)
     budget = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - input_ids.shape[1]))
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,

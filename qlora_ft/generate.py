@@ -1,4 +1,5 @@
-"""Sampling, shared by in-training samples and inference; `respond` answers an instruction through a run's template."""
+"""Sampling, shared by in-training samples and inference; `respond` answers an instruction through a run's
+template, `complete` continues a prompt's token ids (the chat's turns)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
+import jinja2
 import torch
 
 from qlora_ft.config import SamplingArgs
 from qlora_ft.errors import UserError
 from qlora_ft.model import context_length
 from qlora_ft.records import Chat, Instruction
-from qlora_ft.templates import Template, cut_at_stop, generation_prompt
+from qlora_ft.templates import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, Template, cut_at_stop, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +112,56 @@ def seeded_eval(model, seed: int) -> Iterator[None]:
         model.train(was_training)
 
 
-def instruction_prompt(template: Template, tokenizer, instruction: str, input: str = "") -> tuple[str, tuple[str, ...]]:
-    """(prompt text, stop strings) for one instruction, as training rendered it: through the template's
-    instruction prompt, or, for a chat-trained run (its template holds the chat template it used), as a user
-    turn (the input on its own paragraph after the instruction) plus the assistant header."""
+def instruction_prompt(
+    template: Template, tokenizer, instruction: str, input: str = ""
+) -> tuple[list[int], tuple[str, ...]]:
+    """(prompt token ids, stop strings) for one instruction, as training encoded it (`templates.prompt_ids`):
+    through the template's instruction prompt, or, for a chat-trained run (its template holds the chat
+    template it used), as a user turn (the input on its own paragraph after the instruction) plus the
+    assistant header."""
     if template.chat_template is None:
-        return template.prompt(Instruction(instruction, "-", input)), template.stop
-    content = f"{instruction}\n\n{input}" if input.strip() else instruction
-    prompt, _ = generation_prompt(Chat((("user", content), ("assistant", "-"))), template, tokenizer)
-    return prompt, template.chat_stop
+        record: Instruction | Chat = Instruction(instruction, "-", input)
+    else:
+        content = f"{instruction}\n\n{input}" if input.strip() else instruction
+        record = Chat((("user", content), ("assistant", "-")))
+    return prompt_ids(record, template, tokenizer), stop_strings(template, tokenizer)
+
+
+def stop_strings(template: Template, tokenizer) -> tuple[str, ...]:
+    """The strings that end a generated response: an instruction template's `stop`; a chat run's `chat_stop`,
+    unless its chat template is not the built-in one and `chat_stop` was left at the built-in headers
+    (`<|user|>`, ...), which that template never writes: then the marks it does write (`chat_turn_marks`)."""
+    if template.chat_template is None:
+        return template.stop
+    if template.chat_template == DEFAULT_CHAT_TEMPLATE or template.chat_stop != DEFAULT_CHAT_STOP:
+        return template.chat_stop
+    return chat_turn_marks(template.chat_template, tokenizer) or template.chat_stop
+
+
+def chat_turn_marks(chat_template: str, tokenizer) -> tuple[str, ...]:
+    """What a chat template writes after an assistant's words, stripped: the turn's end (none when it is the
+    EOS, which stops generation anyway), the next user turn's header and the assistant header; found by
+    rendering a conversation of marker words. () when the template cannot render it.
+
+    >>> chat_turn_marks(CHATML, tokenizer)  # doctest: +SKIP
+    ('<|im_end|>', '<|im_start|>user', '<|im_start|>assistant')
+    """
+    user, reply, again = "qlora-ft-user", "qlora-ft-reply", "qlora-ft-again"
+
+    def text(turns, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], chat_template=chat_template,
+                                             tokenize=False, add_generation_prompt=generation_prompt)  # fmt: skip
+
+    try:
+        asked, headed = text([("user", user)]), text([("user", user)], True)
+        answered = text([("user", user), ("assistant", reply)])
+        again_asked = text([("user", user), ("assistant", reply), ("user", again)])
+    except (jinja2.TemplateError, ValueError, TypeError):
+        return ()
+    marks = (answered[answered.rfind(reply) + len(reply) :],  # the assistant turn's end
+             again_asked[len(answered) : again_asked.rfind(again)] if again_asked.startswith(answered) else "",
+             headed[len(asked) :])  # fmt: skip
+    return tuple(dict.fromkeys(m.strip() for m in marks if m.strip() and m.strip() != tokenizer.eos_token))
 
 
 @torch.no_grad()
@@ -135,17 +178,38 @@ def respond(
     truncate: bool = False,
     streamer=None,
 ) -> list[str]:
-    """The model's responses to one instruction, prompted through `template` exactly as training saw it
-    (`<eos>` + prompt): greedy (one response) unless `sampling` is given. Generation stops at `<eos>` or at
-    the template's next header, which is cut off: each string is the response alone.
+    """The model's responses to one instruction, prompted through `template` with the token ids training saw
+    (`instruction_prompt`): greedy (one response) unless `sampling` is given. Generation stops at `<eos>` or
+    at the template's next header, which is cut off: each string is the response alone.
 
     >>> respond(model, tokenizer, get_template("alpaca"), "Name a colour.")  # doctest: +SKIP
     ['Blue.']
     """
-    prompt, stop = instruction_prompt(template, tokenizer, instruction, input)
+    ids, stop = instruction_prompt(template, tokenizer, instruction, input)
+    return complete(model, tokenizer, ids, stop, max_new_tokens, sampling, num_return_sequences, seed, truncate,
+                    streamer)  # fmt: skip
+
+
+@torch.no_grad()
+def complete(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    stop: Sequence[str] = (),
+    max_new_tokens: int = 256,
+    sampling: SamplingArgs | None = None,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    truncate: bool = False,
+    streamer=None,
+) -> list[str]:
+    """The model's continuations of the token ids `prompt_ids` (`templates.prompt_ids`, `encode_prompt`):
+    greedy (one) unless `sampling` is given, on an RNG seeded with `seed`. Generation stops at `<eos>` or at
+    a stop string, which is cut off; each string is the new text alone, stripped. A prompt past the model's
+    context is refused or, with `truncate`, cut (`fit_context`)."""
     device = next(model.parameters()).device
-    input_ids = fit_context(encode_prompt(tokenizer, prompt, device), context_length(model.config), max_new_tokens,
-                            truncate, 1)  # fmt: skip
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
+    input_ids = fit_context(input_ids, context_length(model.config), max_new_tokens, truncate, 1)
     knobs = {"do_sample": False, "num_return_sequences": 1}
     if sampling is not None:
         knobs = {"do_sample": True, "top_k": sampling.top_k, "top_p": sampling.top_p,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qlora_ft.config import (
+    ChatConfig,
     CompareConfig,
     EvalConfig,
     ExportConfig,
@@ -261,6 +262,7 @@ def options_reference() -> str:
     parts = [
         ("train.py, qlora-ft train", TrainConfig),
         ("inference.py, qlora-ft generate", GenerateConfig),
+        ("qlora-ft chat", ChatConfig),
         ("qlora-ft export", ExportConfig),
         ("qlora-ft eval", EvalConfig),
         ("qlora-ft compare", CompareConfig),

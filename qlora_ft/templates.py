@@ -371,6 +371,22 @@ def generation_prompt(record: Record, template: Template, tokenizer) -> tuple[st
     return "".join(text for text, _ in segments[:-1]), record.messages[last][1]
 
 
+def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
+    """The token ids training saw before `record`'s last response, encoded as training encodes them: `encode`
+    of the segments before that response, leading EOS included. This, not `generation_prompt`'s text
+    tokenized whole, is what inference must feed the model: segment by segment, GPT-2 tokenizes a user turn
+    ending in a newline, or an empty system prompt, with `\\n\\n` as one token (628) where the joined
+    text gives two (198, 198), and a template that writes a BOS gets no EOS before it.
+
+    >>> prompt_ids(Instruction("Add 2 and 3.", "-"), TEMPLATES["plain"], tokenizer)  # doctest: +SKIP
+    [50256, 21017, 46486, 25, 198, 4550, 362, 290, 513, 13, 198, 198, 21017, 18261, 25, 198]
+    """
+    if isinstance(record, Chat):
+        last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
+        record = Chat(record.messages[: last + 1])
+    return encode(tokenizer, render(record, template, tokenizer)[:-1])[0]
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the first stop string (the template's next header), if any.
 
