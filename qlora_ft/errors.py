@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -29,6 +30,16 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _flush_logs() -> None:
+    """Flush every log handler, so the lines logged so far come before the error line. Not `logging.shutdown()`:
+    that closes handlers, and a library's handler (absl's, imported by rouge-score) closes the stream it was
+    made with, which may be a stream the caller still uses (an in-process caller, a test's captured stderr)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}:
+        with contextlib.suppress(OSError, ValueError):
+            handler.flush()
+
+
 def exits_cleanly(prog: str) -> Callable[[F], F]:
     """Decorate an entry point so a UserError becomes `prog: error: message` on stderr and exit 2.
 
@@ -41,11 +52,11 @@ def exits_cleanly(prog: str) -> Callable[[F], F]:
             try:
                 return main(*args, **kwargs)
             except UserError as e:
-                logging.shutdown()
+                _flush_logs()
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 sys.exit(2)
             except Interrupted as e:
-                logging.shutdown()
+                _flush_logs()
                 print(f"{prog}: {e}", file=sys.stderr)
                 sys.exit(e.code)
             except KeyboardInterrupt:

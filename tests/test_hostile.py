@@ -113,3 +113,36 @@ def test_adapter_dir_with_a_wrong_adapter_config(tmp_path, tiny_model_dir):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(broken))
         with pytest.raises(UserError, match="cannot apply the adapter"):
             load_for_inference(str(tmp_path / "a"), None, False, torch.device("cpu"))
+
+
+def test_an_error_exit_flushes_the_logs_and_closes_no_stream(capsys):
+    """The error line follows the log lines, and no handler is closed: a library's handler may close the stream
+    it was made with (absl's does), which an in-process caller may still be using."""
+    import io
+    import logging
+
+    from qlora_ft.errors import UserError, exits_cleanly
+
+    class ClosesItsStream(logging.StreamHandler):
+        def close(self):
+            self.stream.close()
+            super().close()
+
+    stream = io.StringIO()
+    handler = ClosesItsStream(stream)
+    logger = logging.getLogger("qlora_ft.test_errors")
+    logger.addHandler(handler)
+
+    @exits_cleanly("prog")
+    def entry():
+        logger.warning("before the error")
+        raise UserError("bad input")
+
+    try:
+        with pytest.raises(SystemExit) as stop:
+            entry()
+        assert stop.value.code == 2 and not stream.closed
+        assert stream.getvalue() == "before the error\n"
+        assert capsys.readouterr().err == "prog: error: bad input\n"
+    finally:
+        logger.removeHandler(handler)
