@@ -366,3 +366,31 @@ def test_deepspeed_loss_scaler_state_round_trips_through_a_checkpoint(tmp_path, 
         fresh.update_scale(overflow)
         assert fresh.cur_scale == scaler.cur_scale and fresh.cur_hysteresis == scaler.cur_hysteresis
     assert vars(fresh) == vars(scaler) and scaler.cur_scale != 2.0**16
+
+
+def cpu_fp16_or_skip():
+    """DeepSpeed trains fp16 on CPU only where its CPU accelerator says the CPU supports it."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU has no fp16 support in DeepSpeed's CPU accelerator (is_fp16_supported() is False)")
+
+
+@pytest.mark.slow
+def test_deepspeed_fp16_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
+    """With fp16, DeepSpeed scales the loss with its own dynamic loss scaler (accelerate's is None there):
+    checkpoints hold its scale and counters, so a resumed run ends with the uninterrupted run's adapter and
+    scaler state."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    cpu_fp16_or_skip()
+    fp16 = ("--batch-size", "4", "--compute-dtype", "float16", "--save-every-steps", "2")  # one process: the scaler is alike on all
+    ds = launch(1, tmp_path, data_pkl, tiny_model_dir, "ds", *fp16, engine="deepspeed")
+    assert "loss scaling dynamic (fp16 DeepSpeed's loss scaler)" in ds.stderr
+    launch(1, tmp_path, data_pkl, tiny_model_dir, "resumed", *fp16, "--restore-file",
+           str(tmp_path / "ckpt-ds" / "step-000002"), engine="deepspeed")  # fmt: skip
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ds", "resumed"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    scalers = [load_checkpoint(tmp_path / f"ckpt-{run}" / "step-000003")[1]["deepspeed_loss_scaler"]
+               for run in ("ds", "resumed")]  # fmt: skip
+    assert scalers[0] == scalers[1] and scalers[0]["cur_iter"] == 3, scalers
