@@ -380,10 +380,11 @@ def cpu_fp16_or_skip():
 def test_deepspeed_fp16_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
     """With fp16, DeepSpeed scales the loss with its own dynamic loss scaler (accelerate's is None there):
     checkpoints hold its scale and counters, so a resumed run ends with the uninterrupted run's adapter and
-    scaler state."""
+    scaler state (without them, the resumed scaler would count from 0 again)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
     cpu_fp16_or_skip()
-    fp16 = ("--batch-size", "4", "--compute-dtype", "float16", "--save-every-steps", "2")  # one process: the scaler is alike on all
+    # one process: the scaler is the same on every process, and one is the cheaper launch
+    fp16 = ("--batch-size", "4", "--compute-dtype", "float16", "--save-every-steps", "2")
     ds = launch(1, tmp_path, data_pkl, tiny_model_dir, "ds", *fp16, engine="deepspeed")
     assert "loss scaling dynamic (fp16 DeepSpeed's loss scaler)" in ds.stderr
     launch(1, tmp_path, data_pkl, tiny_model_dir, "resumed", *fp16, "--restore-file",
