@@ -120,6 +120,7 @@ class Engine:
     """
 
     name = "one process / DDP"
+    scaler_key = "scaler"  # the checkpoint's entry for the loss-scaler state (fp16)
     lockstep = False  # whether every forward is collective, so that all processes must run the same number
     chunked_loss = True  # whether the chunked loss may read the output layer's weight outside the forward
 
@@ -143,9 +144,23 @@ class Engine:
         return self.accelerator.device
 
     @property
+    def description(self) -> str:
+        """The engine and the process count, for the setup line: a launch that silently started one process
+        shows as one."""
+        return "single process" if self.world == 1 else f"DDP on {self.world} processes"
+
+    @property
     def scaler(self) -> torch.amp.GradScaler | None:
-        """fp16's loss scaler (None in other precisions); checkpoints keep its state, for an exact resume."""
+        """fp16's loss scaler (None in other precisions)."""
         return getattr(self.accelerator, "scaler", None)
+
+    def scaler_state(self) -> dict[str, Any] | None:
+        """The fp16 loss scaler's state (None without loss scaling): checkpoints keep it, for an exact resume."""
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def restore_scaler(self, state: dict[str, Any]) -> None:
+        """The inverse of `scaler_state`."""
+        self.scaler.load_state_dict(state)
 
     @property
     def is_main(self) -> bool:
@@ -222,6 +237,11 @@ class FsdpEngine(Engine):
 
     name = "FSDP"
     lockstep = True
+
+    @property
+    def description(self) -> str:
+        return f"FSDP 2 on {self.world} processes"
+
     chunked_loss = False  # outside the forward, the output layer's weight is only this process's shard
 
     def quantized_storage(self, dtype: torch.dtype) -> torch.dtype:
@@ -249,6 +269,19 @@ class DeepSpeedEngine(Engine):
     optimizer step (clipping, update, zeroing) at the end of the step's last backward."""
 
     name = "DeepSpeed"
+    scaler_key = "deepspeed_loss_scaler"  # DeepSpeed scales fp16 losses itself (accelerate's scaler is None)
+
+    @property
+    def description(self) -> str:
+        stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        return f"DeepSpeed ZeRO-{stage} on {self.world} process{'es' if self.world > 1 else ''}"
+
+    def scaler_state(self) -> dict[str, Any] | None:
+        scaler = _zero_optimizer(self.optimizer)[0].loss_scaler
+        return loss_scaler_state(scaler) if scaler.dynamic else None  # bf16, fp32: a fixed scale of 1
+
+    def restore_scaler(self, state: dict[str, Any]) -> None:
+        set_loss_scaler_state(_zero_optimizer(self.optimizer)[0].loss_scaler, state)
 
     def prepare(self, model, optimizer):
         masters = fp32_masters(model)  # before DeepSpeed casts the model to 16 bits
@@ -322,6 +355,21 @@ def set_fp32_masters(model, masters: list[torch.Tensor]) -> None:
 
     for (_, p), value in zip(trained_parameters(model), masters, strict=True):
         safe_set_full_fp32_param(p, value.to(p.device))
+
+
+# DeepSpeed's dynamic loss scaler: what changes as it trains (its settings come from the config). DeepSpeed's own
+# checkpoints pickle the whole object; these numbers are what a checkpoint loaded with weights_only can hold.
+LOSS_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(scaler) -> dict[str, Any]:
+    return {k: getattr(scaler, k) for k in LOSS_SCALER_STATE if hasattr(scaler, k)}
+
+
+def set_loss_scaler_state(scaler, state: dict[str, Any]) -> None:
+    for k, v in state.items():
+        if k in LOSS_SCALER_STATE and hasattr(scaler, k):
+            setattr(scaler, k, v)
 
 
 def _deepspeed_weights(module) -> dict[str, torch.Tensor]:

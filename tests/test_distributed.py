@@ -1,5 +1,6 @@
 """Data-parallel training with several processes: 2 CPU processes (torchrun, gloo) against one."""
 
+import pickle
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, make_paragraphs
 from qlora_ft.checkpoint import load_checkpoint
 from qlora_ft.config import TrainConfig, apply_mode_defaults
 from qlora_ft.errors import UserError
@@ -68,13 +69,20 @@ def no_dropout_copy(model_dir, out):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_with_the_double_batch(tmp_path, data_pkl, tiny_model_dir):
+def test_two_processes_equal_one_with_the_double_batch_and_resume_on_either(tmp_path, tiny_model_dir):
+    """2 processes x batch 2 train what 1 process x batch 4 does, and each one's step-2 checkpoint resumes on the
+    other count (and on its own) to the same adapter. Unpacked, the epoch's first global batch holds one row,
+    so the second of 2 processes takes that step without one."""
     tiny_model_dir = no_dropout_copy(tiny_model_dir, tmp_path / "model")
-    two = launch(2, tmp_path, data_pkl, tiny_model_dir, "two", "--batch-size", "2", "--save-every-steps", "2")
+    data = tmp_path / "small.pkl"
+    data.write_bytes(pickle.dumps([{"sentence": p} for p in make_paragraphs(12)]))  # 21 rows: 1 + 5 x 4
+    common = ("--packing", "False", "--save-every-steps", "2")
+    two = launch(2, tmp_path, data, tiny_model_dir, "two", "--batch-size", "2", *common)
     # process 0 built the token cache while process 1 waited, then both mapped it: one build, one cache
     assert two.stderr.count("token cache") and two.stderr.count(" built in ") == 1
     assert len([p for p in (tmp_path / "token-cache").iterdir() if not p.name.startswith(".")]) == 1
-    launch(1, tmp_path, data_pkl, tiny_model_dir, "one", "--batch-size", "4")
+    one = launch(1, tmp_path, data, tiny_model_dir, "one", "--batch-size", "4", *common)
+    assert "setup: single process, device cpu" in one.stderr and "setup: DDP on 2 processes, device cpu" in two.stderr
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("two", "one"))
     assert a.keys() == b.keys()
     for k in a:
@@ -90,12 +98,13 @@ def test_two_processes_equal_one_with_the_double_batch(tmp_path, data_pkl, tiny_
     )
     assert len(two) == len(one) == 2  # step 0 and the end, scored on all validation paragraphs by both
 
-    # resume step 2 -> 3 on 1 process with the same global batch (1 x 4): allowed, same data position;
-    # and on 2 processes (each takes back its own RNG state)
-    for n_proc, batch in ((1, "4"), (2, "2")):
-        run = f"resumed-{n_proc}"
-        launch(n_proc, tmp_path, data_pkl, tiny_model_dir, run, "--batch-size", batch, "--check-dir",
-               str(tmp_path / "ckpt-two"), "--restore-file", "step-000002")  # fmt: skip
+    # resume step 2 -> 3 with the same global batch: 2 -> 1, 2 -> 2 (each process takes back its own RNG
+    # state) and 1 -> 2 (the second process, which the checkpoint lacks, gets a stream of its own)
+    for n_proc, batch, saved in ((1, "4", "two"), (2, "2", "two"), (2, "2", "one")):
+        run = f"resumed-{saved}-on-{n_proc}"
+        done = launch(n_proc, tmp_path, data, tiny_model_dir, run, "--batch-size", batch, "--packing", "False",
+                      "--check-dir", str(tmp_path / f"ckpt-{saved}"), "--restore-file", "step-000002")  # fmt: skip
+        assert ("processes 1 to 1 draw fresh dropout RNG streams" in done.stderr) == (saved == "one" and n_proc == 2)
         c = load_file(tmp_path / run / "adapter_model.safetensors")
         for k in a:
             torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
@@ -262,3 +271,127 @@ def test_deepspeed_config_takes_the_batch_and_clipping_from_the_flags():
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
     assert [ds[k] for k in keys] == [3, 1, 12, 0.5]  # 3 rows x 4 processes per micro-batch; the loop accumulates 5
+
+
+# --- resuming under another process count --------------------------------------------------------------
+
+
+def test_every_process_gets_defined_rng_state_under_any_process_count():
+    """A one-process checkpoint resumed on 4 processes: process 0 takes back the saved state; the others, which
+    the checkpoint did not have, get fresh streams, distinct and the same at every resume. 2 -> 1 keeps row 0."""
+    from qlora_ft.training.state import TrainState
+
+    def draws(state, world, seed=0):
+        out = []
+        for rank in range(world):
+            state.restore_rng(rank, torch.device("cpu"), seed)
+            out.append(torch.rand(4))
+        return out
+
+    torch.manual_seed(123)
+    saved = torch.get_rng_state()
+    expected = torch.rand(4)  # what the saved state draws next
+    one = TrainState(step=2, rng={"rng_cpu": saved[None]})
+    four = draws(one, 4)
+    torch.testing.assert_close(four[0], expected, rtol=0, atol=0)
+    assert len({tuple(d.tolist()) for d in four}) == 4  # four distinct streams
+    for a, b in zip(four, draws(one, 4), strict=True):  # the same ones at every resume
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(draws(one, 2, seed=1)[1], four[1])  # ... and another seed, another stream
+    torch.manual_seed(7)
+    two = TrainState(step=2, rng={"rng_cpu": torch.stack([saved, torch.get_rng_state()])})
+    torch.testing.assert_close(draws(two, 1)[0], expected, rtol=0, atol=0)
+    earlier = TrainState(step=2, rng={"rng_cpu": saved})  # earlier versions: one state, process 0's
+    torch.testing.assert_close(draws(earlier, 2)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_plan_holds_the_same_global_batches_under_any_process_count(packing):
+    """With the same global batch, 1, 2 and 4 processes train the same global batches in the same order, an
+    epoch's short batch (fewer rows than processes) included: a checkpoint's position means the same data."""
+    from qlora_ft.training.plan import EpochPlan
+
+    lengths = [5 + i % 7 for i in range(37)]  # 37 rows: batches of 4, and one of 1 (shuffled in, unpacked)
+    plans = [EpochPlan(lengths, 12, packing, 4 // world, world, 2, seed=3) for world in (1, 2, 4)]
+    for epoch in (0, 1):
+        assert min(len(b) for b in plans[0].batches(epoch)) < 4  # a short batch the other counts must keep
+        assert plans[1].batches(epoch) == plans[0].batches(epoch) == plans[2].batches(epoch)
+        assert plans[1].steps_in(epoch) == plans[0].steps_in(epoch)
+
+
+def test_a_process_without_a_row_steps_with_no_targets():
+    from types import SimpleNamespace
+
+    from qlora_ft.training.setup import Run
+
+    train = SimpleNamespace(ids=[[9, 5, 6], [9, 7]], masks=None)
+    runs = [SimpleNamespace(data=SimpleNamespace(train=train), pad_id=0, engine=SimpleNamespace(rank=r, world=2))
+            for r in (0, 1)]  # fmt: skip
+    mine, none = (Run.micro_batch(run, [[1]]) for run in runs)  # a global batch of one row, on 2 processes
+    assert mine["input_ids"].tolist() == [[9, 7]] and int(mine["n_tokens"]) == 2
+    assert none["input_ids"].shape == mine["input_ids"].shape  # a forward like the others'
+    assert (none["labels"] == -100).all() and int(none["n_tokens"]) == 0  # that trains and counts nothing
+
+
+def test_deepspeed_loss_scaler_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
+    """DeepSpeed's fp16 loss scaler (its own, not accelerate's): the scale and its counters go into
+    trainer_state.pt and come back, so the resumed scaler moves exactly as the uninterrupted one."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    from qlora_ft.engines import DeepSpeedEngine
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)  # it logs overflows on process 0; no group here
+
+    def engine():  # DeepSpeed's dynamic scaler as ZeRO-1/2 holds it, behind accelerate's optimizer wrapper
+        args = {"init_scale": 2.0**16, "scale_window": 2, "min_scale": 1.0, "delayed_shift": 2,
+                "consecutive_hysteresis": False}  # fmt: skip
+        scaler = CreateLossScaler(torch.float16, 0, True, args)
+        ds = DeepSpeedEngine(accelerator=None)
+        ds.optimizer = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler, optimizer=None))
+        return ds, scaler
+
+    overflows = [False, True, True, False, False, False, True, False, False, False]
+    run, scaler = engine()
+    for overflow in overflows[:5]:
+        scaler.update_scale(overflow)
+    torch.save({run.scaler_key: run.scaler_state()}, tmp_path / "state.pt")
+    resumed, fresh = engine()
+    resumed.restore_scaler(torch.load(tmp_path / "state.pt", weights_only=True)[resumed.scaler_key])
+    for overflow in overflows[5:]:
+        scaler.update_scale(overflow)
+        fresh.update_scale(overflow)
+        assert fresh.cur_scale == scaler.cur_scale and fresh.cur_hysteresis == scaler.cur_hysteresis
+    assert vars(fresh) == vars(scaler) and scaler.cur_scale != 2.0**16
+
+
+def cpu_fp16_or_skip():
+    """DeepSpeed trains fp16 on CPU only where its CPU accelerator says the CPU supports it."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU has no fp16 support in DeepSpeed's CPU accelerator (is_fp16_supported() is False)")
+
+
+@pytest.mark.slow
+def test_deepspeed_fp16_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
+    """With fp16, DeepSpeed scales the loss with its own dynamic loss scaler (accelerate's is None there):
+    checkpoints hold its scale and counters, so a resumed run ends with the uninterrupted run's adapter and
+    scaler state (without them, the resumed scaler would count from 0 again)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    cpu_fp16_or_skip()
+    # one process: the scaler is the same on every process, and one is the cheaper launch
+    fp16 = ("--batch-size", "4", "--compute-dtype", "float16", "--save-every-steps", "2")
+    ds = launch(1, tmp_path, data_pkl, tiny_model_dir, "ds", *fp16, engine="deepspeed")
+    assert "loss scaling dynamic (fp16 DeepSpeed's loss scaler)" in ds.stderr
+    launch(1, tmp_path, data_pkl, tiny_model_dir, "resumed", *fp16, "--restore-file",
+           str(tmp_path / "ckpt-ds" / "step-000002"), engine="deepspeed")  # fmt: skip
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ds", "resumed"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    scalers = [load_checkpoint(tmp_path / f"ckpt-{run}" / "step-000003")[1]["deepspeed_loss_scaler"]
+               for run in ("ds", "resumed")]  # fmt: skip
+    assert scalers[0] == scalers[1] and scalers[0]["cur_iter"] == 3, scalers

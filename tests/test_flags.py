@@ -162,7 +162,8 @@ def test_a_run_shorter_than_sample_every_still_samples_at_the_end(run):
 def test_startup_line_says_what_auto_chose(run):
     _, messages = run
     (line,) = [m for m in messages if m.startswith("setup:")]
-    assert line == "setup: device cpu, compute dtype float32, loss scaling none, 32-bit LoRA, packing on"
+    assert line == ("setup: single process, device cpu, compute dtype float32, loss scaling none, 32-bit LoRA, "
+                    "packing on")  # fmt: skip
 
 
 def test_plain_text_headings_are_dropped_in_training(run):

@@ -167,8 +167,9 @@ def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
     meta = {**state.to_meta(len(run.plan.batches(state.epoch))), "world_size": engine.world,
             "total_steps": run.total_steps}  # fmt: skip
     tensors = {"optimizer": optimizer_state, **state.to_tensors()}
-    if engine.scaler is not None:  # fp16: the loss scale and its growth counter, for an exact resume
-        tensors["scaler"] = engine.scaler.state_dict()
+    scaler = engine.scaler_state()  # fp16: the loss scale and its counters, for an exact resume
+    if scaler is not None:
+        tensors[engine.scaler_key] = scaler
     path = checkpoint.save_checkpoint(run.check_dir, name, engine.unwrap(), meta, tensors, run.config_dict(),
                                       run.data.split.to_json(), state_dict=weights)  # fmt: skip
     log.info("saved checkpoint %s", path)

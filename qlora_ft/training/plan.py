@@ -83,8 +83,10 @@ class LazyBatches(Sequence):
 class EpochPlan:
     """The global batches of each epoch, a pure function of (seed, epoch).
 
-    A global batch holds `batch_size` x `world` rows; process r trains on rows r, r + world, ... of it (so a
-    checkpoint's position means the same data under any process count with the same global batch). An
+    A global batch holds `batch_size` x `world` rows; process r trains on rows r, r + world, ... of it. The plan
+    depends on the global batch alone, not on the process count, so a checkpoint's position means the same data
+    under any process count with the same global batch (a process left without a row in an epoch's short last
+    batch steps with a zero gradient: `Run.micro_batch`). An
     optimizer step takes `grad_accum_steps` global batches (micro-batches); the last step of an epoch may
     take fewer.
     """
@@ -106,7 +108,7 @@ class EpochPlan:
                                     epoch)  # fmt: skip
             if len(self._cache) == 2:
                 del self._cache[min(self._cache)]
-            self._cache[epoch] = [b for b in batches if len(b) >= self.world]  # every process needs a row
+            self._cache[epoch] = batches
         return self._cache[epoch]
 
     def steps_in(self, epoch: int) -> int:

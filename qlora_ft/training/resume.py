@@ -107,11 +107,17 @@ def restore(run: Run) -> TrainState:
         return TrainState()
     resume, engine = run.resume, run.engine
     state = TrainState.from_checkpoint(resume.path, resume.meta, resume.tensors)
-    state.restore_rng(engine.rank, engine.device)
+    state.restore_rng(engine.rank, engine.device, run.cfg.data.seed)
+    if engine.world > resume.world:
+        log.info("the checkpoint was saved by %d process(es): processes %d to %d draw fresh dropout RNG streams, "
+                 "seeded from --seed, the step and the process", resume.world, resume.world,
+                 engine.world - 1)  # fmt: skip
     engine.restore_optimizer(resume.tensors["optimizer"])
-    if engine.scaler is not None and "scaler" in resume.tensors:
-        engine.scaler.load_state_dict(resume.tensors["scaler"])
+    restore_loss_scaler(engine, resume.tensors)
     batches = len(run.plan.batches(state.epoch))
+    if resume.meta.get("batches_in_epoch", batches) != batches:  # a plan made by an earlier version
+        log.warning("epoch %d has %d micro-batches in this run's plan, %s in the checkpoint's: the data order "
+                    "may not continue exactly", state.epoch + 1, batches, resume.meta["batches_in_epoch"])  # fmt: skip
     log.info("resumed from %s: step %d, epoch %d, %d of %d micro-batches done", resume.path, state.step,
              state.epoch + 1, state.position, batches)  # fmt: skip
     if state.position >= batches:  # saved at the end of an epoch
@@ -119,3 +125,14 @@ def restore(run: Run) -> TrainState:
     if resume.meta.get("total_steps") != run.total_steps:
         log.warning("schedule length changed from %s to %d steps", resume.meta.get("total_steps"), run.total_steps)
     return state
+
+
+def restore_loss_scaler(engine, tensors: dict[str, Any]) -> None:
+    """fp16: put back the loss scale and its counters, when the checkpoint holds this engine's kind of them
+    (accelerate's GradScaler, or DeepSpeed's own loss scaler); else the scale starts afresh."""
+    if engine.scaler_state() is None:  # no loss scaling in this run
+        return
+    if engine.scaler_key in tensors:
+        engine.restore_scaler(tensors[engine.scaler_key])
+    else:
+        log.info("the checkpoint holds no loss-scaler state of this engine: fp16 loss scaling starts afresh")

@@ -61,9 +61,17 @@ class Run:
     resume: Resume | None  # the checkpoint this run continues, if any
 
     def micro_batch(self, rows: Rows) -> dict[str, torch.Tensor]:
-        """This process's share of a global micro-batch: its rows rank, rank + world, ..."""
-        train = self.data.train
-        return make_batch(rows[self.engine.rank :: self.engine.world], train.ids, self.pad_id, train.masks)
+        """This process's share of a global micro-batch: its rows rank, rank + world, ... A process left without
+        a row (an epoch's last batch may hold fewer rows than there are processes) gets the first row with no
+        targets: it takes part in the step's collectives with a zero gradient, and the plan need not depend on
+        the process count."""
+        train, mine = self.data.train, rows[self.engine.rank :: self.engine.world]
+        if mine:
+            return make_batch(mine, train.ids, self.pad_id, train.masks)
+        batch = make_batch(rows[:1], train.ids, self.pad_id, train.masks)
+        batch["labels"].fill_(-100)
+        batch["n_tokens"].zero_()
+        return batch
 
     def sample_prompts(self) -> list[str]:
         """In-training sample prompts: --sample-prompts for text; a few validation prompts, through the template,
@@ -203,10 +211,12 @@ def probe_shortcuts(cfg: TrainConfig, model, engine: Engine) -> torch.nn.Linear 
 
 def log_setup(cfg: TrainConfig, engine: Engine, precision: Precision) -> None:
     """One line on how the run trains, once the probes have settled packing."""
-    scaling = "dynamic (fp16 GradScaler)" if precision.use_scaler else "none"
+    scaler = "DeepSpeed's loss scaler" if isinstance(engine, engines.DeepSpeedEngine) else "GradScaler"
+    scaling = f"dynamic (fp16 {scaler})" if precision.use_scaler else "none"
     packing = "on" if cfg.data.packing else "off"
-    log.info("setup: device %s, compute dtype %s, loss scaling %s, %s, packing %s", engine.device,
-             str(precision.dtype).removeprefix("torch."), scaling, method_name(cfg), packing)  # fmt: skip
+    log.info("setup: %s, device %s, compute dtype %s, loss scaling %s, %s, packing %s", engine.description,
+             engine.device, str(precision.dtype).removeprefix("torch."), scaling, method_name(cfg),
+             packing)  # fmt: skip
 
 
 def warn_if_warmup_outlasts(cfg: TrainConfig, total_steps: int) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qlora_ft import checkpoint
@@ -83,13 +84,31 @@ class TrainState:
         if engine.device.type == "cuda":
             self.rng["rng_cuda"] = engine.gather_rows(torch.cuda.get_rng_state(engine.device))
 
-    def restore_rng(self, rank: int, device: torch.device) -> None:
-        """Set this process's RNG states from its row (a single state: checkpoints of earlier versions)."""
+    def restore_rng(self, rank: int, device: torch.device, seed: int) -> None:
+        """Set this process's RNG states from its row. A process the checkpoint did not have (it was saved by
+        fewer processes; or a single state, from earlier versions, which is process 0's) starts a fresh stream
+        instead, seeded by `new_process_seed`: every process then has defined, distinct dropout masks."""
+        cpu = self.rng.get("rng_cpu")
+        rows = 0 if cpu is None else len(cpu) if cpu.dim() == 2 else 1
+        if rank >= rows:
+            torch.manual_seed(new_process_seed(seed, self.step, rank))  # the CPU and every CUDA device
+            return
 
         def row(states: torch.Tensor) -> torch.Tensor:
             # cloned: set_rng_state reads a row's storage from its start, ignoring the view's offset
             return (states[rank] if states.dim() == 2 else states).clone()
 
-        torch.set_rng_state(row(self.rng["rng_cpu"]))
+        torch.set_rng_state(row(cpu))
         if device.type == "cuda" and "rng_cuda" in self.rng:
             torch.cuda.set_rng_state(row(self.rng["rng_cuda"]), device)
+
+
+def new_process_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of process `rank` resuming at optimizer step `step` from a checkpoint that lacks it (saved by
+    fewer processes): a hash of (--seed, step, rank), so the same resume draws the same dropout masks every
+    time, and no two processes (nor resumes from different steps) share a stream.
+
+    >>> new_process_seed(0, 2, 1) == new_process_seed(0, 2, 1) != new_process_seed(0, 2, 2)
+    True
+    """
+    return int(np.random.SeedSequence([seed % 2**63, step, rank]).generate_state(1, np.uint64)[0])
