@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qlora_ft.errors import UserError
+from qlora_ft.fs import fsync, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +74,16 @@ def default_cache_dir() -> Path:
 # Fingerprint
 
 
-def file_digests(files: Sequence[Path], root: Path | None = None, block: int = 1 << 20) -> list[dict[str, Any]]:
-    """Name (relative to `root`), size and SHA-256 of each file's bytes, read in `block`-byte pieces."""
+def file_digests(files: Sequence[Path], root: Path | None = None) -> list[dict[str, Any]]:
+    """Name (relative to `root`), size and SHA-256 of each file's bytes."""
     out = []
     for path in files:
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                while piece := f.read(block):
-                    h.update(piece)
+            digest = sha256_file(path)
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror}") from None
         name = path.relative_to(root).as_posix() if root is not None and root != path else path.name
-        out.append({"name": name, "bytes": path.stat().st_size, "sha256": h.hexdigest()})
+        out.append({"name": name, "bytes": path.stat().st_size, "sha256": digest})
     return out
 
 
@@ -294,11 +292,11 @@ def _publish(root: Path, fp: str, meta: dict[str, Any]) -> None:
     old = root / f".{fp}.old-{os.getpid()}"
     try:
         _write_json(tmp / "meta.json", meta)
-        _fsync_dir(tmp)
+        fsync(tmp)
         if final.exists():  # renamed aside, not deleted in place: the final name is missing only between renames
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(root)  # the rename itself survives a power cut
+        fsync(root)  # the rename itself survives a power cut
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise _full_disk(root) from None
@@ -306,14 +304,6 @@ def _publish(root: Path, fp: str, meta: dict[str, Any]) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

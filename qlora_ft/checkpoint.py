@@ -30,7 +30,6 @@ the best by validation loss and the one `latest` names.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -41,8 +40,8 @@ from typing import Any
 
 import torch
 
-from qlora_ft.data import follow_umask
 from qlora_ft.errors import UserError, first_line
+from qlora_ft.fs import follow_umask, fsync, fsync_tree, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +74,6 @@ def step_name(step: int) -> str:
 
 def epoch_name(epochs_completed: int) -> str:
     return f"Epoch_{epochs_completed}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in [*path.rglob("*"), path]:
-        _fsync(p)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -162,7 +148,7 @@ def save_checkpoint(
         write_json(tmp / CONFIG_JSON, run_config)
         write_json(tmp / SPLIT_JSON, split)
         write_manifest(tmp, run_config, split)  # last: it covers every file above
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = check_dir / f".old-{name}-{os.getpid()}"
         if final.exists():
             os.rename(final, old)
@@ -171,7 +157,7 @@ def save_checkpoint(
         latest_tmp = check_dir / f".{LATEST}.tmp"
         latest_tmp.write_text(name + "\n", encoding="utf-8")
         os.replace(latest_tmp, check_dir / LATEST)
-        _fsync(check_dir)  # the renames themselves
+        fsync(check_dir)  # the renames themselves
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror or str(e)
@@ -183,15 +169,10 @@ def save_checkpoint(
 # manifest.json: what a checkpoint holds, so that a damaged file is found before training resumes from it
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def write_manifest(folder: Path, run_config: dict[str, Any], split: dict[str, Any]) -> None:
     """`folder/manifest.json`: every file in `folder` (relative path -> size and sha256), the format version and
     the data identity (the split's data fingerprint, the seed and train share of `run_config`)."""
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
     data = run_config.get("data", {})
     fingerprint = split.get("cache_fingerprint") or split.get("data_sha256")  # token cache's, or the records'
@@ -234,7 +215,7 @@ def verify_checkpoint(path: Path) -> None:
         size = file.stat().st_size
         if size != expected["size"]:
             raise _damaged(path, f"{name} has {size} bytes, {MANIFEST} says {expected['size']}")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             raise _damaged(path, f"{name} differs from {MANIFEST} (sha256)")
 
 

@@ -145,8 +145,8 @@ def run_export(cfg: ExportConfig) -> None:
     import torch
 
     from qlora_ft import checkpoint
-    from qlora_ft.data import follow_umask
     from qlora_ft.dataset import read_template
+    from qlora_ft.fs import follow_umask
     from qlora_ft.model import load_for_inference
     from qlora_ft.templates import instruction_chat_template
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qlora_ft.errors import UserError, first_line
+from qlora_ft.fs import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -537,16 +538,6 @@ def eval_batches(lengths: Sequence[int], block_len: int, packing: bool, batch_si
 
 # ----------------------------------------------------------------------------------------------------------
 # `qlora-ft prepare`
-
-
-def follow_umask(paths) -> None:
-    """Give files the mode a plain `open()` would (0666 less the umask, usually 0644). Files written through a
-    private temp file (`tempfile.mkstemp`, safetensors' `save_file`) are 0600, unreadable to the rest of a
-    team, while their neighbours are 0644."""
-    umask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(umask)
-    for path in paths:
-        os.chmod(path, 0o666 & ~umask)
 
 
 def write_pickle_dataset(texts: list[str], out: str) -> None:

@@ -322,7 +322,7 @@ def test_the_plan_holds_the_same_global_batches_under_any_process_count(packing)
 def test_a_process_without_a_row_steps_with_no_targets():
     from types import SimpleNamespace
 
-    from qlora_ft.training.setup import Run
+    from qlora_ft.training.run import Run
 
     train = SimpleNamespace(ids=[[9, 5, 6], [9, 7]], masks=None)
     runs = [SimpleNamespace(data=SimpleNamespace(train=train), pad_id=0, engine=SimpleNamespace(rank=r, world=2))

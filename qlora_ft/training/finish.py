@@ -13,11 +13,12 @@ from typing import Any, NoReturn
 import torch
 
 from qlora_ft import checkpoint
-from qlora_ft.data import follow_umask
 from qlora_ft.errors import Interrupted
+from qlora_ft.fs import follow_umask
 from qlora_ft.report import write_report
 from qlora_ft.training.fit import Session, save, validate, write_samples
-from qlora_ft.training.setup import Run, method_name
+from qlora_ft.training.run import Run
+from qlora_ft.training.setup import method_name
 from qlora_ft.training.state import TrainState
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from qlora_ft.generate import sample
 from qlora_ft.loss import accumulate_gradients
 from qlora_ft.training.outputs import append_jsonl, log_metrics
 from qlora_ft.training.plan import Rows, lr_at
-from qlora_ft.training.setup import Run
+from qlora_ft.training.run import Run
 from qlora_ft.training.state import TrainState
 from qlora_ft.training.stop import StopRequest
 from qlora_ft.training.validate import validation_loss

@@ -13,7 +13,7 @@ from qlora_ft import checkpoint
 from qlora_ft.config import TrainConfig
 
 if TYPE_CHECKING:
-    from qlora_ft.training.setup import Run
+    from qlora_ft.training.run import Run
     from qlora_ft.training.state import TrainState
 
 log = logging.getLogger(__name__)

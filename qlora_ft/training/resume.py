@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qlora_ft import checkpoint
 from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.dataset import TEMPLATE_KEY, TrainData
 from qlora_ft.errors import UserError
+from qlora_ft.training.run import Resume, Run
 from qlora_ft.training.state import TrainState
 
-if TYPE_CHECKING:
-    from qlora_ft.training.setup import Run
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Resume:
-    """A checkpoint to continue from, as read from disk."""
-
-    path: Path
-    meta: dict[str, Any]  # trainer_state.json
-    tensors: dict[str, Any]  # trainer_state.pt: optimizer and RNG states
-    config: TrainConfig  # the settings it was trained with (run_config.json)
-    split: dict[str, Any]  # split.json
-    template: dict[str, Any] | None = None  # the template it rendered records with, as data (None: plain text)
-
-    @property
-    def world(self) -> int:
-        """The number of processes it was trained on (its position counts global batches)."""
-        return self.meta.get("world_size", 1)
 
 
 def read_resume(cfg: TrainConfig, check_dir: Path) -> Resume | None:
