@@ -254,22 +254,27 @@ def is_plain_text(source: str) -> bool:
     return not _is_saved_dataset(path) if path.is_dir() else path.suffix.lower() == ".txt"
 
 
-def text_paragraphs(files: list[Path], source: str, keep_headings: bool = False) -> list[str]:
-    """The paragraphs of plain-text books, heading-only ones (`is_heading`) dropped unless `keep_headings`."""
-    paragraphs = [p for f in files for p in split_text(read_text_file(f))]
-    if keep_headings:
-        return paragraphs
-    kept = [p for p in paragraphs if not is_heading(p)]
-    if len(kept) < len(paragraphs):
-        log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)",
-                 source, len(paragraphs) - len(kept))  # fmt: skip
-    return kept
+def text_paragraphs(files: list[Path]) -> list[str]:
+    """The paragraphs of plain-text books."""
+    return [p for f in files for p in split_text(read_text_file(f))]
+
+
+def drop_headings(corpus: Corpus, source: str) -> Corpus:
+    """`corpus` without its heading-only paragraphs (`is_heading`): the one rule for text from every source, as
+    `sources.iter_paragraphs` applies it to what the token cache stores."""
+    train = [p for p in corpus.train if not is_heading(p)]
+    validation = None if corpus.validation is None else [p for p in corpus.validation if not is_heading(p)]
+    dropped = len(corpus.train) + len(corpus.validation or []) - len(train) - len(validation or [])
+    if dropped:
+        log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)", source,
+                 dropped)  # fmt: skip
+    return Corpus(train, validation)
 
 
 def load_corpus(source: str, text_column: str | None = None, keep_headings: bool = False) -> Corpus:
     """Read paragraphs from any supported source (see `DataArgs.data`). Raises UserError on bad input.
 
-    Plain text (.txt, a folder of .txt) loses its heading-only paragraphs unless `keep_headings`."""
+    Heading-only paragraphs are dropped from every source unless `keep_headings`."""
     import pandas as pd
 
     path = Path(source)
@@ -281,12 +286,12 @@ def load_corpus(source: str, text_column: str | None = None, keep_headings: bool
             files = sorted(path.glob("*.txt"))
             if not files:
                 raise UserError(f"{source}: folder has no .txt files and is not a saved dataset")
-            corpus = Corpus(text_paragraphs(files, source, keep_headings))
+            corpus = Corpus(text_paragraphs(files))
     elif path.is_file():
         if suffix in PICKLE_SUFFIXES:
             corpus = _from_object(safe_unpickle(_read_bytes(path), str(path)), text_column, str(path))
         elif suffix == ".txt":
-            corpus = Corpus(text_paragraphs([path], source, keep_headings))
+            corpus = Corpus(text_paragraphs([path]))
         elif suffix in TABLE_SUFFIXES:
             try:
                 if suffix == ".csv":
@@ -304,6 +309,8 @@ def load_corpus(source: str, text_column: str | None = None, keep_headings: bool
         raise UserError(f"data file not found: {source}")
     else:
         corpus = _load_datasets(source, text_column)
+    if not keep_headings:
+        corpus = drop_headings(corpus, source)
     n = len(corpus.train) + len(corpus.validation or [])
     if n == 0:
         raise UserError(f"{source}: no paragraphs found (the data is empty)")

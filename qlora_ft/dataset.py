@@ -217,6 +217,8 @@ def _cached_text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
 def _record_data(cfg: TrainConfig, tokenizer, mode: Mode, saved_split) -> TrainData:
     """Records -> split by record -> template -> (ids, mask), over-long records dropped and counted."""
     d = cfg.data
+    if d.keep_headings:  # (its default is False: it was given)
+        log.warning("--keep-headings: no effect, %s holds %s records, not text paragraphs", d.data, mode)
     records = load_records(d.data, mode, d.text_column)
     if records.format != mode:  # --format text is handled by the caller; this is a mode the data cannot hold
         raise UserError(f"{d.data}: holds {records.format} data, not {mode} records")

@@ -226,8 +226,6 @@ def warn_ineffective(cfg: TrainConfig, given: set[str]) -> list[str]:
     plain_text = cfg.data.data is not None and is_plain_text(cfg.data.data)
     if "text_column" in given and cfg.data.text_column is not None and plain_text:
         notes.append(f"--text-column: no effect on plain text ({cfg.data.data} is read as paragraphs)")
-    if "keep_headings" in given and cfg.data.keep_headings and cfg.data.data is not None and not plain_text:
-        notes.append(f"--keep-headings: no effect, {cfg.data.data} is not plain text (.txt or a folder of .txt)")
     for note in notes:
         log.warning(note)
     return notes

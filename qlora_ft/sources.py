@@ -85,7 +85,7 @@ def source_splits(source: str, text_column: str | None = None) -> tuple[str, str
         val = next((k for k in VALIDATION_KEYS if k in keys), None)
         return ("train", "validation") if "train" in keys and val else None
     if src.kind == "table":
-        return ("train", "validation") if load_corpus(source, text_column).validation is not None else None
+        return ("train", "validation") if load_corpus(source, text_column, keep_headings=True).validation is not None else None
     return None
 
 
@@ -112,7 +112,7 @@ def iter_paragraphs(
     elif src.kind == "hf_disk":
         texts = iter_saved_dataset(src.path, text_column, split)
     else:
-        corpus = load_corpus(source, text_column)
+        corpus = load_corpus(source, text_column, keep_headings=True)  # the heading rule is applied below
         parts = {"train": corpus.train, "validation": corpus.validation or []}
         texts = parts[split] if split else corpus.train + (corpus.validation or [])
     headings = 0

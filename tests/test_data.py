@@ -81,15 +81,27 @@ def test_txt_file_and_folder(tmp_path):
     assert len(load_corpus(str(folder), keep_headings=True).train) == 6
 
 
-def test_headings_are_dropped_from_text_only(tmp_path, caplog):
-    """Only plain text loses headings: a table or pickle row that is a heading was put there on purpose."""
+def test_headings_are_dropped_from_every_source_by_one_rule(tmp_path, caplog):
+    """Books, tables, pickles and saved datasets lose their heading-only paragraphs alike, read whole or streamed
+    for the token cache; --keep-headings keeps them from every source."""
+    import datasets
+
+    from qlora_ft import sources
     caplog.set_level("INFO", logger="qlora_ft")
     (tmp_path / "b.txt").write_text("CHAPTER I\n\nIV\n\nI said so.\n\nCHAPTER 2. I OBSERVE\n\nBook I: Boy and Girl"
                                     "\n\nChapter and verse were quoted.\n\nPart of it was true.")  # fmt: skip
     assert load_corpus(str(tmp_path / "b.txt")).train == ["I said so.", "Chapter and verse were quoted.",
                                                          "Part of it was true."]  # fmt: skip
     assert "b.txt: dropped 4 heading-only paragraphs" in caplog.text
-    assert load_corpus(write_pickle(tmp_path / "d.pkl", ["CHAPTER I", "Text."])).train == ["CHAPTER I", "Text."]
+    rows = ["CHAPTER I", "Text.", "IV", "12.", "Book two.", "More text."]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(saved))
+    pd.DataFrame({"text": rows}).to_csv(tmp_path / "d.csv", index=False)
+    for source in (write_pickle(tmp_path / "d.pkl", rows), str(tmp_path / "d.csv"), str(saved)):
+        assert load_corpus(source).train == ["Text.", "More text."], source
+        assert sources.read_corpus(source).train == ["Text.", "More text."], source
+        assert load_corpus(source, keep_headings=True).train == rows, source
+        assert sources.read_corpus(source, keep_headings=True).train == rows, source
 
 
 def test_austen_chapter_headings_are_gone_and_paragraphs_stay():

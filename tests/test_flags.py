@@ -73,7 +73,6 @@ def test_qlora_false_alone_is_still_full_fine_tuning_and_saved_configs_are_untou
         (["--max-steps", "3", "--epochs", "2"], "--epochs"),
         (["--keep-checkpoints", "2"], "--keep-checkpoints"),
         (["--data", "BOOK", "--text-column", "body"], "--text-column"),
-        (["--data", "PKL", "--keep-headings"], "--keep-headings"),
     ],
 )
 def test_flags_without_effect_get_one_warning(argv, flag, tmp_path, caplog):
@@ -87,8 +86,10 @@ def test_flags_without_effect_get_one_warning(argv, flag, tmp_path, caplog):
 
 def test_flags_with_effect_get_no_warning(tmp_path, caplog):
     (tmp_path / "book.txt").write_text(BOOK)
+    (tmp_path / "d.pkl").write_bytes(pickle.dumps(["One.", "Two."]))
     train_cfg("--data", str(tmp_path / "book.txt"), "--keep-headings", "--sample-every", "5", "--top-k", "5",
               "--max-steps", "3", "--keep-checkpoints", "2", "--save-every-steps", "1")  # fmt: skip
+    train_cfg("--data", str(tmp_path / "d.pkl"), "--keep-headings")  # headings are dropped from tables too
     train_cfg("--data", str(tmp_path / "book.txt"), "--epochs", "2")
     assert not warnings_of(caplog)
 

@@ -88,7 +88,8 @@ def test_txt_is_text_and_cannot_be_forced_to_instructions(tmp_path):
 def test_forced_formats(tmp_path):
     path = write(tmp_path / "d.json", [{**r, "text": r["output"]} for r in ROWS])
     assert load_records(path).format == "instruction"  # instruction columns win over a text column
-    assert load_records(path, format="text") == Records("text", ["Red.", "5"])
+    # as text, "5" is a heading-only paragraph (a lone numeral), dropped as from any text source
+    assert load_records(path, format="text") == Records("text", ["Red."])
     assert load_records(path, text_column="instruction") == Records("text", ["Name a colour.", "Add the numbers."])
     with pytest.raises(UserError, match=r"d\.json: record 0: 'messages' is missing"):
         load_records(path, format="chat")
@@ -244,3 +245,16 @@ def test_a_bad_jsonl_line_among_the_first_is_named_not_taken_for_text(tmp_path, 
     assert stop.value.code == 2
     assert "d.jsonl: line 3 is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
+def test_keep_headings_on_records_warns_that_it_does_nothing(tmp_path, caplog):
+    from conftest import build_tokenizer
+    from qlora_ft.config import TrainConfig
+    from qlora_ft.dataset import prepare_data
+    from qlora_ft.options import parse_config
+
+    path = write(tmp_path / "d.json", ROWS * 3)
+    cfg = parse_config(TrainConfig, ["--data", path, "--keep-headings", "--template", "plain"], "train.py")
+    caplog.set_level("WARNING", logger="qlora_ft")
+    prepare_data(cfg, build_tokenizer())
+    assert "--keep-headings: no effect" in caplog.text and "instruction records" in caplog.text
