@@ -85,7 +85,8 @@ def source_splits(source: str, text_column: str | None = None) -> tuple[str, str
         val = next((k for k in VALIDATION_KEYS if k in keys), None)
         return ("train", "validation") if "train" in keys and val else None
     if src.kind == "table":
-        return ("train", "validation") if load_corpus(source, text_column, keep_headings=True).validation is not None else None
+        pre_split = load_corpus(source, text_column, keep_headings=True).validation is not None
+        return ("train", "validation") if pre_split else None
     return None
 
 
