@@ -139,8 +139,9 @@ class DataArgs:
     packing: bool = arg(True, "pack paragraphs into full sequences (no attention across them); False: pad")
     seed: int = arg(42, "seed for the split, the data order, LoRA init and dropout")
     keep_headings: bool = arg(
-        False, "keep heading-only paragraphs of text data from any source (CHAPTER I, VOLUME II, a lone numeral); "
-        "by default they are dropped"
+        False,
+        "keep heading-only paragraphs of text data from any source (CHAPTER I, VOLUME II, a lone numeral); "
+        "by default they are dropped",
     )
     format: Literal["auto", "text", "instruction", "chat"] = arg(
         "auto",

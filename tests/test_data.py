@@ -87,6 +87,7 @@ def test_headings_are_dropped_from_every_source_by_one_rule(tmp_path, caplog):
     import datasets
 
     from qlora_ft import sources
+
     caplog.set_level("INFO", logger="qlora_ft")
     (tmp_path / "b.txt").write_text("CHAPTER I\n\nIV\n\nI said so.\n\nCHAPTER 2. I OBSERVE\n\nBook I: Boy and Girl"
                                     "\n\nChapter and verse were quoted.\n\nPart of it was true.")  # fmt: skip
