@@ -222,10 +222,7 @@ def load_dataset_splits(source: str):
         if Path(source).is_dir():
             ds = datasets.load_from_disk(source)
         else:
-            from qlora_ft.model import check_hub_reachable
-
-            check_hub_reachable(source, "dataset")
-            ds = datasets.load_dataset(source)
+            ds = datasets.load_dataset(_hub_dataset(source))
     except UserError:
         raise
     except Exception as e:
@@ -236,6 +233,27 @@ def load_dataset_splits(source: str):
             return ds["train"], ds[val_key]
         ds = datasets.concatenate_datasets(list(ds.values()))
     return ds, None
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether `source`, not found locally, reads as a hub repository id (`name` or `owner/name`), not a path."""
+    return source.count("/") <= 1 and not source.startswith((".", "/", "~")) and "\\" not in source
+
+
+def _hub_dataset(name: str) -> str:
+    """Where `datasets.load_dataset` reads hub dataset `name` from: its snapshot in the local Hugging Face cache
+    (read as a local folder of data files, so a cached dataset loads offline), else the Hub, once it is known
+    to be reachable (one line when it is not)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from qlora_ft.model import check_hub_reachable
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):  # not cached (ValueError: not a repository name)
+        check_hub_reachable(name, "dataset")
+        return name
 
 
 def _load_datasets(source: str, text_column: str | None) -> Corpus:
@@ -305,7 +323,7 @@ def load_corpus(source: str, text_column: str | None = None, keep_headings: bool
             corpus = Corpus(_texts(frame, text_column, str(path)))
         else:
             raise UserError(f"{source}: unknown data format {suffix!r} (use .pkl, .txt, .csv, .jsonl or .parquet)")
-    elif suffix in PICKLE_SUFFIXES | TABLE_SUFFIXES | {".txt"} or os.sep in source or source.startswith("."):
+    elif suffix in PICKLE_SUFFIXES | TABLE_SUFFIXES | {".txt"} or not is_hub_name(source):
         raise UserError(f"data file not found: {source}")
     else:
         corpus = _load_datasets(source, text_column)

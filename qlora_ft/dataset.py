@@ -172,10 +172,12 @@ def _validation_source(cfg: TrainConfig, has_own: bool) -> str | None:
 
 def _text_data(cfg: TrainConfig, tokenizer, saved_split) -> TrainData:
     """Paragraphs -> split -> windows: through the token cache for local data (tokenized once, read from memory
-    maps); in memory for a hub dataset name (no local files to fingerprint) and to resume a checkpoint whose
-    split lists its paragraphs (made by earlier versions). Both give the same split and windows."""
+    maps); in memory where --data or --validation-data names a hub dataset (no local files to fingerprint) and
+    to resume a checkpoint whose split lists its paragraphs (made by earlier versions). Both give the same
+    split and windows."""
     d = cfg.data
-    if Path(d.data).exists() and (saved_split is None or "cache_fingerprint" in saved_split):
+    local = Path(d.data).exists() and (d.validation_data is None or Path(d.validation_data).exists())
+    if local and (saved_split is None or "cache_fingerprint" in saved_split):
         return _cached_text_data(cfg, tokenizer, saved_split)
     return _memory_text_data(cfg, tokenizer, saved_split)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from qlora_ft.data import (
     TABLE_SUFFIXES,
     TEXT_KEYS,
     VALIDATION_KEYS,
+    is_hub_name,
     load_corpus,
     load_dataset_splits,
     read_text_file,
@@ -291,7 +291,7 @@ def read_rows(source: str) -> tuple[list, list | None] | None:
         if suffix in TABLE_SUFFIXES:
             return _rows_of(_read_table(path, suffix), source)
         raise UserError(f"{source}: unknown data format {suffix!r} (use .json, .jsonl, .csv, .parquet, .pkl or .txt)")
-    if suffix in PICKLE_SUFFIXES | TABLE_SUFFIXES | {".txt"} or os.sep in source or source.startswith("."):
+    if suffix in PICKLE_SUFFIXES | TABLE_SUFFIXES | {".txt"} or not is_hub_name(source):
         raise UserError(f"data file not found: {source}")
     return _rows_from_datasets(source)
 

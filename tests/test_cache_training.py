@@ -6,6 +6,7 @@ import json
 import logging
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,30 @@ def test_a_checkpoint_whose_split_lists_indices_resumes_exactly(tmp_path, data_p
                  "--restore-file", "step-000002", run="resumed"))  # fmt: skip
     assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
     assert json.loads((tmp_path / "ckpt-old" / "step-000004" / "split.json").read_text())["train"] == old["train"]
+
+
+def cached_hub_dataset(cache: Path, name: str, rows: list[str]) -> None:
+    """`name` as the Hugging Face cache holds a downloaded hub dataset: a snapshot of its data files under a
+    revision that refs/main points at."""
+    import pandas as pd
+
+    repo = cache / f"datasets--{name.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    pd.DataFrame({"text": rows}).to_csv(snapshot / "train.csv", index=False)
+
+
+def test_hub_validation_data_beside_local_text(tmp_path, data_pkl, tiny_model_dir, paragraphs, monkeypatch):
+    """--validation-data naming a hub dataset (here one in the local cache, loaded offline) beside local --data
+    is the validation side, as a local file would be."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    held = ["A paragraph only the hub dataset holds.", "And a second one, also only there."]
+    cached_hub_dataset(tmp_path / "hub", "someone/held-out", held)
+    cfg = config(tmp_path, data_pkl, tiny_model_dir, "--validation-data", "someone/held-out")
+    data = dataset.prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
+    assert data.split.validation == held and len(data.split.train_idx) == len(paragraphs)
