@@ -202,7 +202,7 @@ def check_inference(out: Path) -> dict:
     from qlora_ft.model import load_for_inference
 
     adapter, exported, device = out / "qlora-bfloat16", out / "exported", torch.device("cuda")
-    cli_main(["export", "--model_path", str(adapter), "--out", str(exported)])
+    cli_main(["export", "--model_path", str(adapter), "--out", str(exported), "--overwrite"])
     variants = {"adapter-merged": (adapter, False), "adapter-4bit": (adapter, True), "export": (exported, False)}
     logits, texts, errors = {}, {}, {}
     for name, (path, quantize) in variants.items():
