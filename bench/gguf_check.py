@@ -18,6 +18,7 @@ Writes bench/results/gguf-check.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import tempfile
@@ -262,12 +263,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens per run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf-check.json"))
     args = parser.parse_args()
-    import gguf
     import llama_cpp
     import transformers
 
     results = {"command": "python bench/gguf_check.py " + " ".join(sys.argv[1:]), "device": "2-core CPU, no GPU",
-               "versions": {"gguf": gguf.__version__ if hasattr(gguf, "__version__") else "?",
+               "versions": {"gguf": importlib.metadata.version("gguf"),
                             "llama_cpp_python": llama_cpp.__version__, "transformers": transformers.__version__},
                "thresholds": {"f16_max_dlogit": F16_MAX_DLOGIT, "q8_0_ppl": Q8_PPL, "q4_0_ppl": Q4_PPL,
                               "near_tie_top2_gap": NEAR_TIE}, "runs": {}}  # fmt: skip
