@@ -288,7 +288,7 @@ def check_inference(s: Setup) -> dict:
     adapter, exported, device = s.work / "qlora-bfloat16", s.work / "exported", torch.device(s.device)
     if not (adapter / "adapter_config.json").exists():
         raise RuntimeError(f"no adapter at {adapter}: the training check's bf16 QLoRA run did not finish")
-    cli_main(["export", "--model_path", str(adapter), "--out", str(exported)])
+    cli_main(["export", "--model_path", str(adapter), "--out", str(exported), "--overwrite"])
     variants = {"adapter-merged": (adapter, False), "adapter-4bit": (adapter, True), "export": (exported, False)}
     logits, texts, errors = {}, {}, {}
     for name, (path, quantize) in variants.items():

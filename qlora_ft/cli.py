@@ -33,7 +33,8 @@ def setup_logging() -> None:
     tag = f"[rank {rank}] " if rank else ""
     logging.basicConfig(level=logging.WARNING if rank else logging.INFO,
                         format=f"%(asctime)s %(levelname)s {tag}%(message)s", datefmt="%H:%M:%S")  # fmt: skip
-    noisy = ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx", "huggingface_hub", "DeepSpeed")
+    noisy = ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx", "huggingface_hub", "DeepSpeed",
+             "gguf")  # fmt: skip
     for name in noisy:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -148,11 +149,17 @@ def run_export(cfg: ExportConfig) -> None:
     from qlora_ft.dataset import read_template
     from qlora_ft.fs import follow_umask
     from qlora_ft.model import load_for_inference
-    from qlora_ft.templates import instruction_chat_template
+    from qlora_ft.templates import exported_chat_template
 
     args = cfg.export
     if args.model_path is None or args.out is None:
         raise UserError("--model_path and --out are required")
+    check_export_out(Path(args.out), args.format, args.overwrite)
+    if args.format == "gguf":
+        from qlora_ft.gguf_export import export_gguf
+
+        export_gguf(args.model_path, args.base_model, args.merge_into, Path(args.out), args.gguf_type)
+        return
     model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"), args.merge_into)
     # the folder is a plain transformers model: its generation config names the tokens `pipeline` stops and pads with
     generation = model.generation_config
@@ -160,13 +167,31 @@ def run_export(cfg: ExportConfig) -> None:
     generation.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
     template = read_template(args.model_path)
     if template is not None:  # an instruction/chat run: `apply_chat_template` and `pipeline` prompt as trained
-        tokenizer.chat_template = template.chat_template or instruction_chat_template(template)
+        tokenizer.chat_template = exported_chat_template(template, tokenizer)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     follow_umask(Path(args.out).glob("*.safetensors"))  # safetensors writes 0600
     if template is not None:  # the run's config, template included: inference.py --instruction on this folder
         checkpoint.write_run_config(Path(args.out), checkpoint.read_run_config(Path(args.model_path)))
     log.info("merged model and tokenizer written to %s", args.out)
+
+
+def check_export_out(out: Path, format: str, overwrite: bool) -> None:
+    """Refuse, before anything loads, an --out that would replace something the user did not ask to replace."""
+    if format == "gguf":
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder: --format gguf writes one file (e.g. {out / 'model.gguf'})")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.parent} not found")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists: pass --overwrite to replace it")
+        return
+    if out.suffix == ".gguf":
+        raise UserError(f"--out {out} names a GGUF file: add --format gguf (the default writes a folder)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: the safetensors export writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is a folder that is not empty: pass --overwrite to write into it")
 
 
 def run_prepare(inputs: list[str], out: str, text_column: str | None, keep_headings: bool = False) -> None:

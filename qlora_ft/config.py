@@ -387,8 +387,13 @@ class ChatConfig:
 
 @dataclass
 class ExportArgs(InferenceArgs):
-    out: str | None = arg(None, "folder for the merged model and tokenizer (safetensors)")
+    out: str | None = arg(None, "folder for the merged model and tokenizer (safetensors), or the file to write (gguf)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
+    format: Literal["safetensors", "gguf"] = arg(
+        "safetensors", "safetensors: a transformers model folder; gguf: one llama.cpp file (GPT-2 models only)"
+    )
+    gguf_type: Literal["f16", "q8_0", "q4_0"] = arg("f16", "--format gguf: the weight matrices' type (docs/gguf.md)")
+    overwrite: bool = arg(False, "replace an existing --out (an existing non-empty folder or file is refused)")
 
 
 @dataclass

@@ -183,6 +183,19 @@ def instruction_chat_template(template: Template) -> str:
     )
 
 
+def exported_chat_template(template: Template, tokenizer) -> str:
+    """The chat template an exported model carries, writing training's leading `<eos>` itself: an instruction
+    run's `instruction_chat_template`; a chat run's own template, after `{{ eos_token }}` unless it already
+    starts with the BOS or EOS token (as `encode` adds the leading `<eos>` only when the text lacks one).
+    So `apply_chat_template(..., add_generation_prompt=True)` gives the ids training saw before a response."""
+    if template.chat_template is None:
+        return instruction_chat_template(template)
+    chat = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False)
+    starts = tuple(t for t in (tokenizer.bos_token, tokenizer.eos_token) if t)
+    return template.chat_template if text.startswith(starts) else "{{ eos_token }}" + template.chat_template
+
+
 def get_template(name_or_path: str) -> Template:
     """A registered template by name (`alpaca`, `plain`) or one read from a JSON file."""
     if name_or_path in TEMPLATES:
