@@ -207,6 +207,8 @@ def add_lora(model, args: ModelArgs):
         target_modules=targets,
         task_type="CAUSAL_LM",
         fan_in_fan_out=_stores_transposed(model, targets),  # else peft corrects it per layer, with a warning
+        use_dora=args.dora,  # peft's DoRA runs on bitsandbytes 4-bit layers and GPT-2 Conv1D alike
+        use_rslora=args.rslora,
     )
     return get_peft_model(model, config)
 
