@@ -338,6 +338,7 @@ def load_for_inference(
     target = merge_target(path, merge_into)
     if quantize:
         base = load_base(base_name, True, dtype, device)
+        keep_training_layout(base)  # as trained; bitsandbytes' CPU repacking breaks peft's DoRA (it dequantises)
     elif target == "dequantized":
         base = load_dequantized_base(base_name, dtype, device)
     else:
