@@ -64,8 +64,15 @@ class Share:
 _INSTRUCTION_DEFAULTS = {"lr": 1e-3, "rank_lora": 16, "alpha_lora": 32, "targets_lora": ["all-linear"],
                          "epochs": 2, "warmup_steps": Share(0.03), "batch_size": 4}  # fmt: skip
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "text": {"lr": 2e-4, "rank_lora": 64, "alpha_lora": 16, "targets_lora": ["auto"], "epochs": 3, "warmup_steps": 100,
-             "batch_size": 8},  # fmt: skip
+    "text": {
+        "lr": 2e-4,
+        "rank_lora": 64,
+        "alpha_lora": 16,
+        "targets_lora": ["auto"],
+        "epochs": 3,
+        "warmup_steps": 100,
+        "batch_size": 8,
+    },  # fmt: skip
     "instruction": _INSTRUCTION_DEFAULTS,
     "chat": _INSTRUCTION_DEFAULTS,
 }
@@ -214,7 +221,9 @@ class ModelArgs:
     dora: bool = arg(
         False, "DoRA (peft use_dora): LoRA on the weights' direction plus a trained magnitude vector per output"
     )
-    rslora: bool = arg(False, "rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(r), not alpha / r")
+    rslora: bool = arg(
+        False, "rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(r), not alpha / r"
+    )
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
     loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
@@ -251,7 +260,8 @@ class OptimArgs:
     grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 disables)")
     loraplus_ratio: float = arg(
-        0.0, "LoRA+ (peft create_loraplus_optimizer): the B matrices learn at this multiple of --lr (0: off; the paper: 16)"
+        0.0,
+        "LoRA+ (peft create_loraplus_optimizer): the B matrices learn at this multiple of --lr (0: off; the paper: 16)",
     )
     neftune_alpha: float = arg(
         0.0,
@@ -340,7 +350,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.optim.loraplus_ratio and not self.model.lora:
-            raise UserError("--loraplus-ratio sets the LoRA B matrices' learning rate: it needs LoRA (drop --lora False)")
+            raise UserError("--loraplus-ratio sets the LoRA B matrices' rate: it needs LoRA (drop --lora False)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

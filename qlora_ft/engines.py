@@ -411,8 +411,8 @@ def _deepspeed_optimizer_state(model, optimizer) -> dict[str, Any]:
     params = [p for _, p in trained_parameters(model)]
     position = {id(p): i for i, p in enumerate(params)}
     # ZeRO keeps one flat slice per parameter group (LoRA+: several), over the group's parameters in order
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [position[id(p)] for p in zero.bit16_groups[i]]}
-              for i, g in enumerate(adamw.param_groups)]  # fmt: skip
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [position[id(p)] for p in members]}
+              for g, members in zip(adamw.param_groups, zero.bit16_groups, strict=True)]  # fmt: skip
     if not adamw.state:  # no step taken yet
         return {"state": {}, "param_groups": groups}
     state = {}

@@ -106,8 +106,8 @@ def test_dora_and_rslora_train_load_with_peft_and_export_to_transformers(tmp_pat
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["use_dora"] and config["use_rslora"]
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert any("lora_magnitude_vector" in n for n, _ in PeftModel.from_pretrained(base, tmp_path / "run").named_parameters())
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run")
+    assert any("lora_magnitude_vector" in n for n, _ in loaded.named_parameters())
     main(["export", "--model_path", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     unmerged, _ = load_for_inference(str(tmp_path / "run"), None, True, torch.device("cpu"))  # NF4 + adapter

@@ -78,7 +78,7 @@ def fit(run: Run, state: TrainState) -> Session:
                     log_progress(run, state, session, lr)
                 session.bar.update(1)
                 if due(state.step, cfg.ckpt.eval_every):
-                    record_validation(run, state, validate(run, state), sampled=due(state.step, cfg.sample.sample_every))
+                    record_validation(run, state, validate(run, state), due(state.step, cfg.sample.sample_every))
                     session.validated = True
                 if due(state.step, cfg.sample.sample_every):
                     write_samples(run, state.step)
@@ -88,7 +88,7 @@ def fit(run: Run, state: TrainState) -> Session:
             # --- the end of an epoch: validate (unless just done), save Epoch_N, on to the next ---------------
             if state.position >= len(batches):
                 if not due(state.step, cfg.ckpt.eval_every):
-                    record_validation(run, state, validate(run, state), sampled=due(state.step, cfg.sample.sample_every))
+                    record_validation(run, state, validate(run, state), due(state.step, cfg.sample.sample_every))
                     session.validated = True
                 if due(state.epoch + 1, cfg.ckpt.save_interval):
                     save(run, state, session, checkpoint.epoch_name(state.epoch + 1))

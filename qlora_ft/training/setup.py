@@ -96,7 +96,7 @@ def set_up(cfg: TrainConfig) -> Run:
     if resume is None:  # a fresh run: into empty folders, or --overwrite; checked before anything is written
         checkpoint.check_fresh_folders({"--output-dir": out_dir, "--check-dir": check_dir}, cfg.ckpt.overwrite)
     elif taken := take_unset_from(cfg, resume.config):  # per-mode options not given: as the checkpoint trained
-        log.info("resuming with the checkpoint's %s", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()))
+        log.info("resuming with the checkpoint's %s", " ".join(f"--{k} {v}" for k, v in taken.items()))
 
     # --- engine: accelerate's Accelerator, set up by `accelerate launch --config_file` (else one process / DDP)
     precision = precision_policy(cfg.model.compute_dtype, default_device())
