@@ -60,10 +60,19 @@ class Share:
         return f"{self.of_run:g} of the run's steps"
 
 
+# the instruction values were measured at --batch-size 4 (docs/instructions.md), so that is the mode's batch size
 _INSTRUCTION_DEFAULTS = {"lr": 1e-3, "rank_lora": 16, "alpha_lora": 32, "targets_lora": ["all-linear"],
-                         "epochs": 2, "warmup_steps": Share(0.03)}  # fmt: skip
+                         "epochs": 2, "warmup_steps": Share(0.03), "batch_size": 4}  # fmt: skip
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "text": {"lr": 2e-4, "rank_lora": 64, "alpha_lora": 16, "targets_lora": ["auto"], "epochs": 3, "warmup_steps": 100},
+    "text": {
+        "lr": 2e-4,
+        "rank_lora": 64,
+        "alpha_lora": 16,
+        "targets_lora": ["auto"],
+        "epochs": 3,
+        "warmup_steps": 100,
+        "batch_size": 8,
+    },  # fmt: skip
     "instruction": _INSTRUCTION_DEFAULTS,
     "chat": _INSTRUCTION_DEFAULTS,
 }
@@ -91,10 +100,24 @@ def apply_mode_defaults(cfg: TrainConfig, mode: Mode) -> None:
     """Fill every unset per-mode option of `cfg` with `mode`'s default, except a warmup given as a share of
     the run, which `warmup_steps_for` resolves once the run's length is known."""
     defaults = mode_defaults(mode)
-    for group in (cfg.model, cfg.optim):
+    for group in (cfg.data, cfg.model, cfg.optim):
         for name, value in defaults.items():
             if hasattr(group, name) and getattr(group, name) is None and not isinstance(value, Share):
                 setattr(group, name, value)
+
+
+def take_unset_from(cfg: TrainConfig, saved: TrainConfig) -> dict[str, Any]:
+    """Fill the per-mode options left unset in `cfg` (None) from `saved`, a checkpoint's configuration, which
+    holds each one as that run resolved it: a resume continues with the settings it trained with, not with
+    the mode's defaults of today. Returns the options taken, with their values."""
+    taken = {}
+    for group, saved_group in ((cfg.data, saved.data), (cfg.model, saved.model), (cfg.optim, saved.optim)):
+        for name in MODE_DEFAULTS["text"]:
+            value = getattr(saved_group, name, None)
+            if hasattr(group, name) and getattr(group, name) is None and value is not None:
+                setattr(group, name, list(value) if isinstance(value, list) else value)
+                taken[name] = value
+    return taken
 
 
 def with_mode_defaults(args: ModelArgs, mode: Mode = "text") -> ModelArgs:
@@ -135,7 +158,7 @@ class DataArgs:
         "tokens per training sequence; longer paragraphs are cut into windows, longer instruction or chat "
         "records are dropped (never cut) and counted in the log",
     )
-    batch_size: int = arg(8, "sequences per micro-batch")
+    batch_size: int | None = per_mode("sequences per micro-batch", "batch_size")
     packing: bool = arg(True, "pack paragraphs into full sequences (no attention across them); False: pad")
     seed: int = arg(42, "seed for the split, the data order, LoRA init and dropout")
     keep_headings: bool = arg(
@@ -173,7 +196,7 @@ class DataArgs:
             raise UserError(f"--train-size must be between 0 and 1 (exclusive), got {self.train_size}")
         if self.max_input_length < 2:
             raise UserError(f"--max-input-length must be at least 2, got {self.max_input_length}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.eval_max_tokens < 0:
             raise UserError(f"--eval-max-tokens must be 0 (all) or more, got {self.eval_max_tokens}")
@@ -197,6 +220,12 @@ class ModelArgs:
         "targets_lora",
     )
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    dora: bool = arg(
+        False, "DoRA (peft use_dora): LoRA on the weights' direction plus a trained magnitude vector per output"
+    )
+    rslora: bool = arg(
+        False, "rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(r), not alpha / r"
+    )
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
     loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
@@ -218,6 +247,8 @@ class ModelArgs:
             raise UserError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora and (self.dora or self.rslora):
+            raise UserError("--dora and --rslora change LoRA adapters: they need LoRA (drop --lora False)")
 
 
 @dataclass
@@ -230,8 +261,19 @@ class OptimArgs:
     warmup_steps: int | None = per_mode("linear warmup steps, then linear decay to 0", "warmup_steps")
     grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 disables)")
+    loraplus_ratio: float = arg(
+        0.0,
+        "LoRA+ (peft create_loraplus_optimizer): the B matrices learn at this multiple of --lr (0: off; the paper: 16)",
+    )
+    neftune_alpha: float = arg(
+        0.0,
+        "NEFTune: uniform noise of magnitude alpha / sqrt(row length x width) on the input embeddings, in the "
+        "training forward only (0: off; the paper: 5)",
+    )
 
     def __post_init__(self):
+        if self.loraplus_ratio < 0 or self.neftune_alpha < 0:
+            raise UserError("--loraplus-ratio and --neftune-alpha must be >= 0 (0: off)")
         if self.epochs is not None and self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -278,6 +320,11 @@ class CheckpointArgs:
         3, "keep the newest K checkpoints (Epoch_N and step-NNNNNN alike) plus the best by validation loss (0: all)"
     )
     output_dir: str = arg("GPT2_fine_tuned_Austen", "where the final adapter, tokenizer, metrics and summary go")
+    output_best: bool = arg(
+        False,
+        "the output folder holds the adapter of the best validation loss so far (written when validation "
+        "improves), not the last step's; the summary and report name its step",
+    )
     overwrite: bool = arg(
         False, "start a fresh run in a used --output-dir / --check-dir: remove what qlora-ft wrote there (only that)"
     )
@@ -302,6 +349,10 @@ class TrainConfig:
     optim: OptimArgs = field(default_factory=OptimArgs)
     sample: SampleArgs = field(default_factory=SampleArgs)
     ckpt: CheckpointArgs = field(default_factory=CheckpointArgs)
+
+    def __post_init__(self):
+        if self.optim.loraplus_ratio and not self.model.lora:
+            raise UserError("--loraplus-ratio sets the LoRA B matrices' rate: it needs LoRA (drop --lora False)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

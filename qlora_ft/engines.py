@@ -79,9 +79,10 @@ def check_engine(accelerator, cfg: TrainConfig) -> str | None:
 
 
 def configure_deepspeed(plugin, cfg: TrainConfig, world: int) -> None:
-    """Check a DeepSpeed config against this loop and write into it what train.py's flags decide: the
-    batch per process, gradient clipping, and one micro-batch per engine step (the loop accumulates
-    --grad-accum-steps micro-batches itself and tells the engine which backward ends the step)."""
+    """Check a DeepSpeed config against this loop and write into it what train.py's flags decide: gradient
+    clipping, and one micro-batch per engine step (the loop accumulates --grad-accum-steps micro-batches itself
+    and tells the engine which backward ends the step). The batch per process follows once the data's mode
+    has settled it (`DeepSpeedEngine.configure`)."""
     ds = plugin.deepspeed_config
     zero = ds.get("zero_optimization", {})
     if plugin.zero_stage not in (1, 2):
@@ -98,12 +99,7 @@ def configure_deepspeed(plugin, cfg: TrainConfig, world: int) -> None:
             raise UserError(f"remove '{part}' from the DeepSpeed config: train.py sets it from {flags}")
     if ds.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
         raise UserError("set gradient_accumulation_steps to 1 in the DeepSpeed config and use --grad-accum-steps")
-    ds.update(
-        train_micro_batch_size_per_gpu=cfg.data.batch_size,
-        gradient_accumulation_steps=1,
-        train_batch_size=cfg.data.batch_size * world,
-        gradient_clipping=cfg.optim.max_grad_norm,  # 0: none, as --max-grad-norm 0 means
-    )
+    ds.update(gradient_accumulation_steps=1, gradient_clipping=cfg.optim.max_grad_norm)  # 0: none, as in the loop
 
 
 def trained_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -171,6 +167,9 @@ class Engine:
         """The dtype that the packed 4-bit weights are stored in (bitsandbytes' default: bytes)."""
         return torch.uint8
 
+    def configure(self, cfg: TrainConfig) -> None:
+        """Take the settings the data's mode decides (the batch size), before `prepare`."""
+
     def prepare(self, model, optimizer):
         """Wrap the model and optimizer for this engine; returns the wrapped pair."""
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -204,7 +203,7 @@ class Engine:
 
     def gathered_optimizer_state(self) -> dict[str, Any]:
         """The optimizer state in a single process's layout, parameters by position (collective)."""
-        return self.optimizer.state_dict()
+        return by_position(self.optimizer.state_dict(), self.optimizer.param_groups, self.params)
 
     def restore_optimizer(self, state: dict[str, Any]) -> None:
         """The inverse of `gathered_optimizer_state`, after `prepare`: each process keeps its shard."""
@@ -276,6 +275,10 @@ class DeepSpeedEngine(Engine):
         stage = self.accelerator.state.deepspeed_plugin.zero_stage
         return f"DeepSpeed ZeRO-{stage} on {self.world} process{'es' if self.world > 1 else ''}"
 
+    def configure(self, cfg: TrainConfig) -> None:
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, train_batch_size=cfg.data.batch_size * self.world)
+
     def scaler_state(self) -> dict[str, Any] | None:
         scaler = _zero_optimizer(self.optimizer)[0].loss_scaler
         return loss_scaler_state(scaler) if scaler.dynamic else None  # bf16, fp32: a fixed scale of 1
@@ -306,6 +309,20 @@ class DeepSpeedEngine(Engine):
 
     def restore_optimizer(self, state: dict[str, Any]) -> None:
         _deepspeed_set_optimizer_state(self.model, self.optimizer, state)
+
+
+def by_position(state: dict[str, Any], groups: list[dict[str, Any]], params: list[torch.nn.Parameter]):
+    """torch's optimizer `state` numbers parameters in the order of its `groups`; the checkpoint numbers them by
+    their position among the trained parameters (`params`), as every engine does: the same for one group, not
+    for several (LoRA+). torch's `load_state_dict` reads either, as it pairs the numbers group by group."""
+    position = {id(p): i for i, p in enumerate(params)}
+    number = {k: position[id(p)] for k, p in enumerate(p for g in groups for p in g["params"])}
+    if all(k == v for k, v in number.items()):
+        return state
+    return {
+        "state": {number[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [number[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 # --- FSDP 2 ---------------------------------------------------------------------------------------------
@@ -390,19 +407,20 @@ def _zero_optimizer(optimizer):
 def _deepspeed_optimizer_state(model, optimizer) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    _, adamw = _zero_optimizer(optimizer)
-    params = trained_parameters(model)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
-              for g in adamw.param_groups]  # fmt: skip
-    if len(groups) != 1:
-        raise RuntimeError(f"expected one optimizer parameter group under DeepSpeed, found {len(groups)}")
+    zero, adamw = _zero_optimizer(optimizer)
+    params = [p for _, p in trained_parameters(model)]
+    position = {id(p): i for i, p in enumerate(params)}
+    # ZeRO keeps one flat slice per parameter group (LoRA+: several), over the group's parameters in order
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [position[id(p)] for p in members]}
+              for g, members in zip(adamw.param_groups, zero.bit16_groups, strict=True)]  # fmt: skip
     if not adamw.state:  # no step taken yet
         return {"state": {}, "param_groups": groups}
-    step = next(iter(adamw.state.values()))["step"]  # every flat slice has taken the same steps
-    state = {
-        i: {"step": step.clone().cpu(), **{k: safe_get_full_optimizer_state(p, k).cpu() for k in ADAM_MOMENTS}}
-        for i, (_, p) in enumerate(params)
-    }
+    state = {}
+    for flat, group in zip(zero.single_partition_of_fp32_groups, groups, strict=True):
+        step = adamw.state[flat]["step"]  # every parameter of a group has taken its flat slice's steps
+        for i in group["params"]:
+            state[i] = {"step": step.clone().cpu(),
+                        **{k: safe_get_full_optimizer_state(params[i], k).cpu() for k in ADAM_MOMENTS}}  # fmt: skip
     return {"state": state, "param_groups": groups}
 
 
@@ -410,13 +428,14 @@ def _deepspeed_set_optimizer_state(model, optimizer, state: dict[str, Any]) -> N
     from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
 
     zero, adamw = _zero_optimizer(optimizer)
-    adamw.param_groups[0].update({k: v for k, v in state["param_groups"][0].items() if k != "params"})
+    for group, saved in zip(adamw.param_groups, state["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
     if not state["state"]:
         return
     # DeepSpeed creates AdamW's state at its first step and links each parameter's slice of it then;
     # to restore a state before that, create it as torch's AdamW would and have DeepSpeed link it now.
-    step = next(iter(state["state"].values()))["step"]
     for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        step = state["state"][state["param_groups"][i]["params"][0]]["step"]
         adamw.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, adamw.state)
     for i, (_, p) in enumerate(trained_parameters(model)):

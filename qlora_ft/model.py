@@ -207,6 +207,8 @@ def add_lora(model, args: ModelArgs):
         target_modules=targets,
         task_type="CAUSAL_LM",
         fan_in_fan_out=_stores_transposed(model, targets),  # else peft corrects it per layer, with a warning
+        use_dora=args.dora,  # peft's DoRA runs on bitsandbytes 4-bit layers and GPT-2 Conv1D alike
+        use_rslora=args.rslora,
     )
     return get_peft_model(model, config)
 
@@ -336,6 +338,7 @@ def load_for_inference(
     target = merge_target(path, merge_into)
     if quantize:
         base = load_base(base_name, True, dtype, device)
+        keep_training_layout(base)  # as trained; bitsandbytes' CPU repacking breaks peft's DoRA (it dequantises)
     elif target == "dequantized":
         base = load_dequantized_base(base_name, dtype, device)
     else:

@@ -186,7 +186,7 @@ def config_from_flat(cfg_cls: type, given: dict[str, Any], check_given: bool = T
     return cfg
 
 
-LORA_FLAGS = ("rank_lora", "alpha_lora", "targets_lora", "lora_dropout")
+LORA_FLAGS = ("rank_lora", "alpha_lora", "targets_lora", "lora_dropout", "dora", "rslora", "loraplus_ratio")
 SAMPLE_FLAGS = ("sample_prompts", "max_output_length", "top_k", "top_p", "temperature")
 
 
@@ -197,7 +197,7 @@ def _flag(name: str) -> str:
 def _lora_from_flags(values: dict[str, Any]) -> None:
     """LoRA flags mean LoRA: with `--qlora False` and no `--lora`, they turn LoRA on (16/32-bit LoRA); with an
     explicit `--lora False` (full fine-tuning) they would do nothing, which is an error."""
-    given = [_flag(k) for k in LORA_FLAGS if f"model.{k}" in values]
+    given = [_flag(k.split(".", 1)[1]) for k in values if k.split(".", 1)[-1] in LORA_FLAGS]
     if not given or values.get("model.qlora", ModelArgs.qlora):  # QLoRA always trains LoRA
         return
     if values.get("model.lora") is False:

@@ -290,11 +290,14 @@ def write_report(run: Path, out_dir: Path) -> Path:
     has_curves = plot_training(run, out_dir / "training.png")
     lines = [f"# Report: {run.resolve().name}", ""]
     summary = run / "train_summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text(encoding="utf-8"))
+    s = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    if s:
         lines += ["## Training", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v:,.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
         lines.append("")
+    if s.get("output_step") not in (None, s.get("steps")):
+        lines += [f"The weights in this folder are step {s['output_step']}'s, the best validation loss "
+                  f"(--output-best); the run ended at step {s['steps']}.", ""]  # fmt: skip
     if has_curves:
         lines += ["![training curves](training.png)", ""]
     eval_json = out_dir / "eval.json"
@@ -315,9 +318,11 @@ def write_report(run: Path, out_dir: Path) -> Path:
                 text = f"**{item['prompt']}** {item['text']}" if item["prompt"] else item["text"]
                 lines += ["> " + text.replace("\n", " ") + verdict, ""]
     samples = read_jsonl(run / "samples.jsonl")
-    if samples:
-        last = max(r["step"] for r in samples)
-        lines += [f"## In-training samples at step {last}", ""]
+    if samples:  # those of the weights in this folder where there are some (--output-best), else the latest
+        steps = {r["step"] for r in samples}
+        last = s["output_step"] if s.get("output_step") in steps else max(steps)
+        mark = " (the weights in this folder)" if last == s.get("output_step") else ""
+        lines += [f"## In-training samples at step {last}{mark}", ""]
         lines += [f"> {r['text']}".replace("\n", " ") + "\n" for r in samples if r["step"] == last]
     config = checkpoint.read_run_config(run)
     if config is not None:

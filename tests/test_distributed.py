@@ -263,11 +263,12 @@ def test_deepspeed_configs_this_loop_does_not_drive_are_refused(stage, config, e
 
 
 def test_deepspeed_config_takes_the_batch_and_clipping_from_the_flags():
-    from qlora_ft.engines import check_engine
+    from qlora_ft.engines import DeepSpeedEngine, check_engine
 
     args = ["--data", "x.pkl", "--batch-size", "3", "--grad-accum-steps", "5", "--max-grad-norm", "0.5"]
-    accelerator = deepspeed_accelerator(2)
-    assert check_engine(accelerator, parse_config(TrainConfig, args, "train.py")) == "deepspeed"
+    accelerator, cfg = deepspeed_accelerator(2), parse_config(TrainConfig, args, "train.py")
+    assert check_engine(accelerator, cfg) == "deepspeed"
+    DeepSpeedEngine(accelerator).configure(cfg)  # the batch size, once the data's mode has settled it
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
     assert [ds[k] for k in keys] == [3, 1, 12, 0.5]  # 3 rows x 4 processes per micro-batch; the loop accumulates 5

@@ -16,7 +16,7 @@ from qlora_ft import checkpoint
 from qlora_ft.errors import Interrupted
 from qlora_ft.fs import follow_umask
 from qlora_ft.report import write_report
-from qlora_ft.training.fit import Session, save, validate, write_samples
+from qlora_ft.training.fit import Session, record_validation, save, validate, write_samples
 from qlora_ft.training.run import Run
 from qlora_ft.training.setup import method_name
 from qlora_ft.training.state import TrainState
@@ -37,10 +37,12 @@ def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
     if every and state.step % every:
         write_samples(run, state.step)
     if not session.validated:
-        state.record_validation(validate(run, state))
+        record_validation(run, state, validate(run, state), sampled=True)  # (sampled just above)
     if session.last_saved_step != state.step:
         save(run, state, session, checkpoint.step_name(state.step))
-    weights = run.engine.gathered_weights()  # collective
+    if run.neftune is not None:  # the returned model computes what it was trained to, with no noise
+        run.neftune.remove()
+    weights = None if run.cfg.ckpt.output_best else run.engine.gathered_weights()  # collective
     summary = write_outputs(run, state, session, weights) if run.engine.is_main else {}
     run.engine.finish()
     return TrainResult(run.engine.unwrap(), summary)
@@ -62,7 +64,8 @@ def write_outputs(run: Run, state: TrainState, session: Session, weights) -> dic
     """The adapter (full fine-tuning: the model), tokenizer, run_config.json, train_summary.json and report.md;
     returns the summary. Main process only."""
     cfg, out_dir = run.cfg, run.out_dir
-    run.engine.unwrap().save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
+    if not cfg.ckpt.output_best:  # (--output-best: written when validation improved)
+        run.engine.unwrap().save_pretrained(out_dir, safe_serialization=True, state_dict=weights)
     run.tokenizer.save_pretrained(out_dir)
     follow_umask(out_dir.glob("*.safetensors"))  # safetensors writes 0600; the folder is meant to be shared
     checkpoint.write_run_config(out_dir, run.config_dict())
@@ -72,8 +75,9 @@ def write_outputs(run: Run, state: TrainState, session: Session, weights) -> dic
         write_report(out_dir, out_dir)
     except Exception as e:  # plotting must not cost a finished run its exit status; the adapter is saved
         log.warning("could not write report.md: %s", e)
-    log.info("done: %d steps, validation loss %.4f, perplexity %.2f; %s in %s", state.step, state.val_loss,
-             summary["final_val_perplexity"], "adapter" if cfg.model.lora else "model", out_dir)  # fmt: skip
+    log.info("done: %d steps, validation loss %.4f, perplexity %.2f; %s of step %d in %s", state.step, state.val_loss,
+             summary["final_val_perplexity"], "adapter" if cfg.model.lora else "model", summary["output_step"],
+             out_dir)  # fmt: skip
     return summary
 
 
@@ -92,6 +96,9 @@ def train_summary(run: Run, state: TrainState, session: Session) -> dict[str, An
         "peak_memory_bytes": peak_memory_bytes(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": state.step,
+        "best_val_loss": state.best_val_loss,
+        # the step whose weights the output folder holds: the best validation's with --output-best, else the last
+        "output_step": state.best_step if run.cfg.ckpt.output_best else state.step,
         "epochs": state.epoch + state.position / max(1, len(run.plan.batches(state.epoch))),
         "trainable_parameters": run.parameters[0],
         "total_parameters": run.parameters[1],

@@ -26,6 +26,7 @@ from qlora_ft import checkpoint
 from qlora_ft.errors import UserError
 from qlora_ft.generate import sample
 from qlora_ft.loss import accumulate_gradients
+from qlora_ft.training.methods import set_learning_rate
 from qlora_ft.training.outputs import append_jsonl, log_metrics
 from qlora_ft.training.plan import Rows, lr_at
 from qlora_ft.training.run import Run
@@ -77,7 +78,7 @@ def fit(run: Run, state: TrainState) -> Session:
                     log_progress(run, state, session, lr)
                 session.bar.update(1)
                 if due(state.step, cfg.ckpt.eval_every):
-                    state.record_validation(validate(run, state))
+                    record_validation(run, state, validate(run, state), due(state.step, cfg.sample.sample_every))
                     session.validated = True
                 if due(state.step, cfg.sample.sample_every):
                     write_samples(run, state.step)
@@ -87,7 +88,7 @@ def fit(run: Run, state: TrainState) -> Session:
             # --- the end of an epoch: validate (unless just done), save Epoch_N, on to the next ---------------
             if state.position >= len(batches):
                 if not due(state.step, cfg.ckpt.eval_every):
-                    state.record_validation(validate(run, state))
+                    record_validation(run, state, validate(run, state), due(state.step, cfg.sample.sample_every))
                     session.validated = True
                 if due(state.epoch + 1, cfg.ckpt.save_interval):
                     save(run, state, session, checkpoint.epoch_name(state.epoch + 1))
@@ -107,8 +108,7 @@ def optimizer_step(run: Run, group: list[Rows], lr: float, step: int) -> tuple[f
     Returns (summed loss, target tokens, real input tokens), all processes together."""
     cfg, engine = run.cfg, run.engine
     micro = [run.micro_batch(rows) for rows in group]
-    for param_group in run.optimizer.param_groups:  # set first: DeepSpeed steps inside the last backward
-        param_group["lr"] = lr
+    set_learning_rate(run.optimizer, lr)  # first: DeepSpeed steps inside the last backward
     loss_sum, n_targets, n_tokens = accumulate_gradients(run.model, micro, engine, run.head, cfg.model.loss_chunk)
     if not math.isfinite(loss_sum):  # stop before saving: the last checkpoint stays the last good one
         raise UserError(f"the loss became non-finite at step {step + 1}; try a lower --lr (now {cfg.optim.lr})")
@@ -134,6 +134,24 @@ def validate(run: Run, state: TrainState) -> float:
     log_metrics(run, {"step": state.step, "epoch": state.epoch + 1, "val_loss": loss, "val_perplexity": perplexity})
     log.info("step %d | validation loss %.4f | perplexity %.2f", state.step, loss, perplexity)
     return loss
+
+
+def record_validation(run: Run, state: TrainState, loss: float, sampled: bool) -> None:
+    """Record a validation loss; with --output-best, an improvement writes the weights to the output folder (and,
+    when sampling is on and `sampled` says this step's samples are not written anyway, samples of them).
+    Collective: every process sees the same loss, so all take the same branch."""
+    improved = state.best_val_loss is None or loss < state.best_val_loss
+    state.record_validation(loss)
+    if not (run.cfg.ckpt.output_best and improved):
+        return
+    state.best_step = state.step
+    weights = run.engine.gathered_weights()
+    if run.engine.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        run.engine.unwrap().save_pretrained(run.out_dir, safe_serialization=True, state_dict=weights)
+        log.info("step %d: best validation so far, written to %s (--output-best)", state.step, run.out_dir)
+    if run.cfg.sample.sample_every and not sampled:
+        write_samples(run, state.step)
 
 
 def write_samples(run: Run, step: int) -> None:

@@ -46,6 +46,12 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path, saved_wor
         "train_size": (saved.data.train_size, cfg.data.train_size),
         "train_on_prompt": (saved.data.train_on_prompt, cfg.data.train_on_prompt),
         "grad_accum_steps": (saved.optim.grad_accum_steps, cfg.optim.grad_accum_steps),
+        # what the weights, the optimizer state and the output folder hold (absent from older checkpoints: off)
+        "dora": (saved.model.dora, cfg.model.dora),
+        "rslora": (saved.model.rslora, cfg.model.rslora),
+        "loraplus_ratio": (saved.optim.loraplus_ratio, cfg.optim.loraplus_ratio),
+        "neftune_alpha": (saved.optim.neftune_alpha, cfg.optim.neftune_alpha),
+        "output_best": (saved.ckpt.output_best, cfg.ckpt.output_best),
     }
     diff = [f"--{k} {a} (this run: {b})" for k, (a, b) in fields.items() if a != b]
     if saved.data.batch_size * saved_world != cfg.data.batch_size * world:

@@ -54,6 +54,7 @@ class Run:
     out_dir: Path
     check_dir: Path
     resume: Resume | None  # the checkpoint this run continues, if any
+    neftune: Any = None  # the NEFTune hook's handle (--neftune-alpha), removed when the run ends
 
     def micro_batch(self, rows: Rows) -> dict[str, torch.Tensor]:
         """This process's share of a global micro-batch: its rows rank, rank + world, ... A process left without

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from qlora_ft import checkpoint, engines
-from qlora_ft.config import TrainConfig, apply_mode_defaults, warmup_steps_for
+from qlora_ft.config import TrainConfig, apply_mode_defaults, take_unset_from, warmup_steps_for
 from qlora_ft.data import collate, eval_batches
 from qlora_ft.dataset import TrainData, prepare_data
-from qlora_ft.engines import Engine, trained_parameters
+from qlora_ft.engines import Engine
 from qlora_ft.errors import UserError
 from qlora_ft.loss import output_layer
 from qlora_ft.model import (
@@ -33,6 +33,7 @@ from qlora_ft.model import (
     resolve_base_name,
 )
 from qlora_ft.precision import Precision, precision_policy
+from qlora_ft.training.methods import add_neftune, make_optimizer
 from qlora_ft.training.plan import EpochPlan, LazyBatches, lr_at, validation_subset
 from qlora_ft.training.resume import check_compatible, check_packing, check_same_records, read_resume
 from qlora_ft.training.run import Run
@@ -50,6 +51,8 @@ def set_up(cfg: TrainConfig) -> Run:
     resume = read_resume(cfg, check_dir)
     if resume is None:  # a fresh run: into empty folders, or --overwrite; checked before anything is written
         checkpoint.check_fresh_folders({"--output-dir": out_dir, "--check-dir": check_dir}, cfg.ckpt.overwrite)
+    elif taken := take_unset_from(cfg, resume.config):  # per-mode options not given: as the checkpoint trained
+        log.info("resuming with the checkpoint's %s", " ".join(f"--{k} {v}" for k, v in taken.items()))
 
     # --- engine: accelerate's Accelerator, set up by `accelerate launch --config_file` (else one process / DDP)
     precision = precision_policy(cfg.model.compute_dtype, default_device())
@@ -57,6 +60,7 @@ def set_up(cfg: TrainConfig) -> Run:
 
     # --- data (its mode settles the options left to the mode's default), model, optimizer -------------
     tokenizer, data = load_data_once(cfg, engine, resume.split if resume else None)
+    engine.configure(cfg)  # (DeepSpeed: the batch size, which the data's mode may have set)
     if resume:
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
         check_same_records(resume, data)
@@ -68,8 +72,8 @@ def set_up(cfg: TrainConfig) -> Run:
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%), %s; %s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, method_name(cfg), precision.describe())  # fmt: skip
-    params = [p for _, p in trained_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(cfg, model)  # AdamW; LoRA+ groups with --loraplus-ratio
+    neftune = add_neftune(model, cfg.optim.neftune_alpha)  # on the unwrapped model, before `prepare`
 
     # --- the plan: micro-batches per epoch, a pure function of (seed, epoch) ----------------------------
     plan = EpochPlan(data.train.lengths, cfg.data.max_input_length, cfg.data.packing,
@@ -83,7 +87,7 @@ def set_up(cfg: TrainConfig) -> Run:
         checkpoint.load_model_weights(model, resume.path)
     model, optimizer = engine.prepare(model, optimizer)
     return Run(cfg, engine, tokenizer, data, tokenizer.pad_token_id, plan, total_steps, val_batches,
-               model, optimizer, head, (trainable, total), out_dir, check_dir, resume)  # fmt: skip
+               model, optimizer, head, (trainable, total), out_dir, check_dir, resume, neftune)  # fmt: skip
 
 
 def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None) -> tuple[Any, TrainData]:

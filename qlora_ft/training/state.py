@@ -29,6 +29,7 @@ class TrainState:
     initial_val_loss: float | None = None  # the base model's validation loss, before any step
     best_val_loss: float | None = None  # the lowest validation loss measured so far
     val_loss: float | None = None  # the latest validation loss
+    best_step: int | None = None  # --output-best: the step whose weights the output folder holds
     rng: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG states as of the last save: (processes, n)
 
     def advance(self, micro_batches: int, tokens: int) -> None:
@@ -54,7 +55,7 @@ class TrainState:
                   for k, v in (("initial_val_loss", self.initial_val_loss), ("best_val_loss", self.best_val_loss),
                                ("val_loss", self.val_loss))}  # fmt: skip
         position = checkpoint.position_meta(self.epoch, self.position, batches_in_epoch)
-        return {"step": self.step, **position, "tokens": self.tokens, **losses}
+        return {"step": self.step, **position, "tokens": self.tokens, **losses, "best_step": self.best_step}
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The RNG states, for trainer_state.pt."""
@@ -73,6 +74,7 @@ class TrainState:
             initial_val_loss=meta.get("initial_val_loss"),
             best_val_loss=meta.get("best_val_loss", meta.get("val_loss")),
             val_loss=meta.get("val_loss"),
+            best_step=meta.get("best_step"),
             rng={k: tensors[k] for k in RNG_KEYS if k in tensors},
         )
 
