@@ -32,11 +32,11 @@ from typing import Any, Literal
 import torch
 from transformers import TextStreamer
 
-from qlora_ft.config import ChatArgs
 from qlora_ft.errors import UserError
 from qlora_ft.generate import complete, encode_prompt, instruction_prompt, stop_strings
 from qlora_ft.model import context_length, default_device, load_for_inference
 from qlora_ft.records import Chat
+from qlora_ft.run_options import ChatArgs
 from qlora_ft.templates import Template, cut_at_stop, prompt_ids
 
 log = logging.getLogger(__name__)

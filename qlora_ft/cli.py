@@ -10,18 +10,10 @@ import warnings
 from pathlib import Path
 
 from qlora_ft import __version__
-from qlora_ft.config import (
-    ChatConfig,
-    CompareConfig,
-    DataArgs,
-    EvalConfig,
-    ExportConfig,
-    GenerateConfig,
-    TrainConfig,
-    parse_bool,
-)
+from qlora_ft.config import DataArgs, TrainConfig, parse_bool
 from qlora_ft.errors import UserError, exits_cleanly
 from qlora_ft.options import _Parser, build_parser, config_from_flat, parse_config
+from qlora_ft.run_options import ChatConfig, CompareConfig, EvalConfig, ExportConfig, GenerateConfig
 
 log = logging.getLogger("qlora_ft")
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from qlora_ft import checkpoint, metrics, sources
 from qlora_ft.checkpoint import adapter_base_name, is_adapter_folder
-from qlora_ft.config import CompareConfig, EvalConfig, TrainConfig, train_config_from_dict
+from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.data import Corpus, collate, eval_batches, load_corpus, split_corpus, windows_for
 from qlora_ft.dataset import Sequences, prepare_data, read_template
 from qlora_ft.errors import UserError, first_line
@@ -45,6 +45,7 @@ from qlora_ft.model import (
     resolve_base_name,
 )
 from qlora_ft.records import Chat, Instruction, Record, load_records, record_key
+from qlora_ft.run_options import CompareConfig, EvalConfig
 from qlora_ft.templates import (
     TEMPLATES,
     Template,

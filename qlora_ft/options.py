@@ -21,20 +21,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_ft.config import (
-    ChatConfig,
-    CompareConfig,
-    EvalConfig,
-    ExportConfig,
-    GenerateConfig,
-    ModelArgs,
-    TrainConfig,
-    build_config,
-    concerns,
-    flatten_options,
-    parse_bool,
-)
+from qlora_ft.config import ModelArgs, TrainConfig, build_config, concerns, flatten_options, parse_bool
 from qlora_ft.errors import UserError
+from qlora_ft.run_options import ChatConfig, CompareConfig, EvalConfig, ExportConfig, GenerateConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from qlora_ft.config import GenerateConfig, TrainConfig, apply_mode_defaults, parse_bool, train_config_from_dict
+from qlora_ft.config import TrainConfig, apply_mode_defaults, parse_bool, train_config_from_dict
 from qlora_ft.errors import UserError
 from qlora_ft.options import parse_config
+from qlora_ft.run_options import GenerateConfig
 
 
 def train_cfg(*argv: str) -> TrainConfig:
