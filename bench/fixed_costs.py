@@ -11,7 +11,9 @@ temporary folder, and fresh --output-dir, --check-dir and --cache-dir folders fo
 Each launch is a subprocess that does what train.py does (`qlora_ft.cli.train_main`) with timers wrapped
 around the package functions that make up each part (the package itself is unchanged; the wrappers only
 record `time.monotonic()`, which is the same clock in every process). "Python start-up" runs from launch to
-the wrapper's first line, "process exit" from `train_main`'s return until the parent's `wait4` returns. The
+the wrapper's first line, "process exit" from `train_main`'s return until the parent's `wait4` returns. Every
+module load is recorded too (as `python -X importtime` measures it), so each part also shows the imports inside
+it, and "first step after the imports end" is the time to the first step less start-up and all imports. The
 run's own log is kept beside the figures. With several `--roots` (checkouts of the package) the launches
 alternate between them, so that a before/after comparison shares the machine's load.
 
@@ -240,9 +242,9 @@ def _overlap(loads: list, spans: list) -> float:
 
 
 def log_lines(path: Path) -> list[str]:
-    """The run's log lines (progress-bar redraws dropped)."""
+    """The run's own log lines ("HH:MM:SS LEVEL message"; no progress bar, no sample texts)."""
     lines = path.read_text(errors="replace").replace("\r", "\n").splitlines()
-    return [line for line in lines if line.strip() and not line.startswith("training:")]
+    return [line for line in lines if line[:8].count(":") == 2 and line[:2].isdigit()]
 
 
 def medians(runs: list[dict]) -> dict[str, dict[str, float]]:
