@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,12 +153,12 @@ def read_text_file(path: Path) -> str:
 
 def _texts(items: Any, text_column: str | None, source: str) -> list[str]:
     """Paragraph strings from a list of str/dicts, a DataFrame, a Series, or a column dict."""
-    import pandas as pd
-
-    if isinstance(items, pd.DataFrame):
+    # a DataFrame, Series or pd.NA exists only once pandas is loaded: a list of paragraphs does not import it
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(items, pd.DataFrame):
         column = _pick_column([str(c) for c in items.columns], text_column, source)
         items = items[column].tolist()
-    elif isinstance(items, pd.Series):
+    elif pd is not None and isinstance(items, pd.Series):
         items = items.tolist()
     elif isinstance(items, dict):
         column = _pick_column([str(k) for k in items], text_column, source)
@@ -170,7 +171,7 @@ def _texts(items: Any, text_column: str | None, source: str) -> list[str]:
     for i, item in enumerate(items):
         if isinstance(item, dict):
             item = item.get(_pick_column([str(k) for k in item], text_column, f"{source} item {i}"))
-        if item is None or (isinstance(item, float) and math.isnan(item)) or item is pd.NA:
+        if item is None or (isinstance(item, float) and math.isnan(item)) or (pd is not None and item is pd.NA):
             missing += 1
             continue
         if not isinstance(item, str):
@@ -293,8 +294,6 @@ def load_corpus(source: str, text_column: str | None = None, keep_headings: bool
     """Read paragraphs from any supported source (see `DataArgs.data`). Raises UserError on bad input.
 
     Heading-only paragraphs are dropped from every source unless `keep_headings`."""
-    import pandas as pd
-
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -311,6 +310,8 @@ def load_corpus(source: str, text_column: str | None = None, keep_headings: bool
         elif suffix == ".txt":
             corpus = Corpus(text_paragraphs([path]))
         elif suffix in TABLE_SUFFIXES:
+            import pandas as pd
+
             try:
                 if suffix == ".csv":
                     frame = pd.read_csv(path)

@@ -125,6 +125,7 @@ class Engine:
         self.model: Any = None
         self.optimizer: Any = None
         self.params: list[torch.nn.Parameter] = []  # the trained parameters of the wrapped model
+        self.wrapped = True  # whether `prepare` put the model in a container (DDP, DeepSpeed's engine, ...)
 
     @property
     def world(self) -> int:
@@ -173,12 +174,15 @@ class Engine:
     def prepare(self, model, optimizer):
         """Wrap the model and optimizer for this engine; returns the wrapped pair."""
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.wrapped = self.model is not model
         self.params = [p for _, p in trained_parameters(self.model)]  # FSDP replaces them with sharded ones
         return self.model, self.optimizer
 
     def unwrap(self):
-        """The model without the engine's wrapper (a PeftModel for LoRA runs)."""
-        return self.accelerator.unwrap_model(self.model)
+        """The model without the engine's wrapper (a PeftModel for LoRA runs). A model that `prepare` left as it
+        was is returned as is: accelerate's `unwrap_model` imports DeepSpeed, where installed, to look for its
+        wrapper (~0.5 s at a one-process run's first save)."""
+        return self.accelerator.unwrap_model(self.model) if self.wrapped else self.model
 
     def autocast(self) -> AbstractContextManager:
         """The run's autocast (16-bit compute, if any), for what runs outside the prepared model's forward."""

@@ -3,6 +3,8 @@ import os
 import pickle
 import random
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -49,6 +51,18 @@ def write_pickle(path, obj):
 )  # fmt: skip
 def test_pickle_formats(tmp_path, obj):
     assert load_corpus(write_pickle(tmp_path / "d.pkl", obj)) == Corpus(TEXTS)
+
+
+@pytest.mark.slow
+def test_a_list_of_paragraphs_loads_without_pandas_and_a_pickled_frame_still_does(tmp_path):
+    """pandas (~0.3 s to import) is loaded only by data that needs it; in a fresh interpreter, as a run starts."""
+    paragraphs = write_pickle(tmp_path / "list.pkl", [{"sentence": t} for t in TEXTS])
+    frame = write_pickle(tmp_path / "frame.pkl", pd.DataFrame({"text": [*TEXTS, pd.NA]}))
+    code = ("import sys; from qlora_ft.data import load_corpus; "
+            f"texts = load_corpus({paragraphs!r}).train; print('pandas' in sys.modules); "
+            f"print(texts == load_corpus({frame!r}).train == {list(TEXTS)!r})")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]
 
 
 def test_pre_split_pickle(tmp_path):

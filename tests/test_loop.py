@@ -263,3 +263,25 @@ def test_chunked_loss_equals_the_plain_loss_with_gradients(tiny_model_dir):
         torch.testing.assert_close(chunk_loss, plain_loss, atol=1e-4, rtol=1e-5)
         for k in plain_grads:
             torch.testing.assert_close(chunk_grads[k], plain_grads[k], atol=1e-5, rtol=1e-4)
+
+
+def test_unwrap_asks_accelerate_only_for_a_model_that_prepare_wrapped():
+    """accelerate's unwrap_model imports DeepSpeed, where installed, to look for its wrapper: a one-process
+    model, which `prepare` leaves as it was, is returned as is."""
+
+    class Prepares:  # accelerate's prepare: the objects given (one process), or the model in a container (DDP)
+        def __init__(self, wrap: bool):
+            self.wrap = wrap
+
+        def prepare(self, model, optimizer):
+            return (torch.nn.Sequential(model) if self.wrap else model), optimizer
+
+        def unwrap_model(self, model):
+            assert self.wrap, "unwrap_model called for a model that was not wrapped"
+            return model[0]
+
+    for wrap in (False, True):
+        model = torch.nn.Linear(2, 2)
+        engine = Engine(Prepares(wrap))
+        engine.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert engine.unwrap() is model and (engine.model is not model) == wrap
