@@ -252,12 +252,12 @@ def test_runs_export_to_files_that_transformers_and_llama_cpp_prompt_as_the_pack
         for prompt in PROMPTS[:2] if template is None else ["Say hi", "Name   two\n\ncolours, café 12345."]:
             if template is None:
                 messages, got = None, gguf_tokenizer(prompt)["input_ids"]
-            else:
+                package = encode_prompt(tokenizer, prompt, cpu)[0].tolist()
+            else:  # the package prompts an instruction with the ids training gave it
                 messages = [{"role": "user", "content": prompt}]
                 got = gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-                prompt, _ = instruction_prompt(template, tokenizer, prompt)
+                package, _ = instruction_prompt(template, tokenizer, prompt)
                 assert meta["tokenizer.chat_template"] == exported_chat_template(template, tokenizer)
-            package = encode_prompt(tokenizer, prompt, cpu)[0].tolist()
             assert package[0] == tokenizer.eos_token_id
             assert got == package, prompt
             llama = llama_prompt_ids(out, prompt, messages)
