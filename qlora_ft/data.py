@@ -238,23 +238,32 @@ def load_dataset_splits(source: str):
 
 def is_hub_name(source: str) -> bool:
     """Whether `source`, not found locally, reads as a hub repository id (`name` or `owner/name`), not a path."""
-    return source.count("/") <= 1 and not source.startswith((".", "/", "~")) and "\\" not in source
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return not source.startswith((".", "~"))
 
 
 def _hub_dataset(name: str) -> str:
-    """Where `datasets.load_dataset` reads hub dataset `name` from: its snapshot in the local Hugging Face cache
-    (read as a local folder of data files, so a cached dataset loads offline), else the Hub, once it is known
-    to be reachable (one line when it is not)."""
+    """Where `datasets.load_dataset` reads hub dataset `name` from: the Hub when it is reachable (datasets then
+    fetches whatever its cache lacks), else the dataset's snapshot in the local Hugging Face cache, read as a
+    local folder of data files, so that a downloaded dataset loads offline; one line when neither is there."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from qlora_ft.model import check_hub_reachable
 
     try:
-        return snapshot_download(name, repo_type="dataset", local_files_only=True)
-    except (LocalEntryNotFoundError, ValueError):  # not cached (ValueError: not a repository name)
         check_hub_reachable(name, "dataset")
         return name
+    except UserError as unreachable:
+        try:
+            return snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except (LocalEntryNotFoundError, ValueError):
+            raise unreachable from None  # offline or unreachable, and not in the cache
 
 
 def _load_datasets(source: str, text_column: str | None) -> Corpus:
@@ -407,7 +416,8 @@ def split_from_json(paragraphs_source: Split, saved: dict[str, Any]) -> Split:
     if saved.get("data_sha256") != paragraphs_source.fingerprint():
         raise UserError(
             "the data differs from the data this checkpoint was trained on (fingerprint mismatch); "
-            "resume with the same --data, or start a new run"
+            "resume with the same --data, or start a new run (earlier versions kept the heading-only paragraphs "
+            "of tables and hub datasets: --keep-headings True reads them as they did)"
         )
     return Split(paragraphs_source.paragraphs, list(saved["train"]), list(saved["validation"]))
 

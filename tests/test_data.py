@@ -330,3 +330,15 @@ def test_write_pickle_dataset_round_trip(tmp_path):
     write_pickle_dataset(TEXTS, str(out))
     assert pickle.loads(out.read_bytes()) == [{"sentence": t} for t in TEXTS]
     assert [p.name for p in out.parent.iterdir()] == ["austen_dataset.pkl"]  # no temp file left
+
+
+@pytest.mark.parametrize("source", ["my books", "data/", "books/austen/", "./austen", "a/b/c"])
+def test_a_missing_path_that_is_no_repository_id_is_a_missing_file(source):
+    with pytest.raises(UserError, match=f"data file not found: {re.escape(source)}"):
+        load_corpus(source)
+
+
+def test_a_hub_dataset_missing_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load dataset 'someone/absent'.*HF_HUB_OFFLINE"):
+        load_corpus("someone/absent")
