@@ -175,3 +175,14 @@ def test_output_best_keeps_the_best_validations_adapter_and_names_its_step(tmp_p
     report = (tmp_path / "run" / "report.md").read_text()
     assert f"step {best}'s, the best validation loss" in report
     assert f"In-training samples at step {best} (the weights in this folder)" in report
+
+
+def test_neftune_without_the_transformers_hook_is_one_line(monkeypatch):
+    import sys
+
+    from qlora_ft.errors import UserError
+    from qlora_ft.training.methods import add_neftune
+
+    monkeypatch.setitem(sys.modules, "transformers.integrations.neftune", None)  # as a release without it
+    with pytest.raises(UserError, match="--neftune-alpha needs transformers' NEFTune hook"):
+        add_neftune(object(), 5.0)

@@ -10,6 +10,7 @@ import torch
 
 from qlora_ft.config import TrainConfig
 from qlora_ft.engines import trained_parameters
+from qlora_ft.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ def add_neftune(model, alpha: float):
     The noise draws from the global RNG, whose state checkpoints keep: a resumed run draws the same noise."""
     if not alpha:
         return None
-    from transformers.integrations.neftune import activate_neftune
+    try:
+        from transformers.integrations.neftune import activate_neftune
+    except ImportError:  # an older transformers 5 release
+        import transformers
+
+        raise UserError(
+            f"--neftune-alpha needs transformers' NEFTune hook (transformers.integrations.neftune), "
+            f"which transformers {transformers.__version__} lacks: upgrade transformers"
+        ) from None
 
     return activate_neftune(model, alpha)
