@@ -51,14 +51,15 @@ def build_tokenizer():
     )
 
 
-def build_model_dir(path: Path, n_layer: int = 2, n_embd: int = 64) -> Path:
+def build_model_dir(path: Path, n_layer: int = 2, n_embd: int = 64, n_positions: int = 128, tokenizer=None) -> Path:
+    """A random GPT-2 (seeded) and its tokenizer (default: the tiny one of `build_tokenizer`) saved in `path`."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=2,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(path)

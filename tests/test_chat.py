@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_instruct import chat_rows, instruction_rows, write
 
-from conftest import build_tokenizer, shared_or_skip
+from conftest import build_model_dir, shared_or_skip
 from qlora_ft import chat as chat_module
 from qlora_ft.chat import StopStreamer, chat_prompt, pipe_block
 from qlora_ft.cli import main, train_main
@@ -35,15 +35,8 @@ def train_run(tmp_path, model_dir, data, name):
 def runs(tmp_path_factory):
     """A chat run and an instruction run (one LoRA step each) on a tiny GPT-2 of 256 positions; the base model
     as a text run."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     tmp = tmp_path_factory.mktemp("chat-runs")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(tmp / "base")
-    tokenizer.save_pretrained(tmp / "base")
+    build_model_dir(tmp / "base", n_embd=32, n_positions=256)
     return {"chat": train_run(tmp, tmp / "base", write(tmp / "chat.json", chat_rows(12)), "chat"),
             "instruction": train_run(tmp, tmp / "base", write(tmp / "inst.json", instruction_rows(12)), "inst"),
             "text": tmp / "base"}  # fmt: skip

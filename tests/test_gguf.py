@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_instruct import instruction_rows, write
 
-from conftest import make_paragraphs, shared_or_skip
+from conftest import build_model_dir, make_paragraphs, shared_or_skip
 from qlora_ft.cli import main, train_main
 from qlora_ft.generate import encode_prompt, instruction_prompt
 from qlora_ft.records import Chat
@@ -29,16 +29,7 @@ def gpt2_tokenizer():
 def base(tmp_path_factory):
     """A tiny random GPT-2 with GPT-2's own tokenizer (vocabulary, merges, pre-tokenizer split)."""
     pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path = tmp_path_factory.mktemp("gpt2-vocab")
-    tokenizer = gpt2_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_model_dir(tmp_path_factory.mktemp("gpt2-vocab"), tokenizer=gpt2_tokenizer())
 
 
 def export(src, out, *flags) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import WORDS, build_tokenizer
+from conftest import WORDS, build_model_dir
 from qlora_ft.cli import inference_main, main, train_main
 from qlora_ft.config import TrainConfig
 from qlora_ft.data import epoch_batches, epoch_rows
@@ -52,16 +52,7 @@ def write(path, rows):
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory):
     """The tiny GPT-2 with a 512-token context: room for the Alpaca prompt (~120-170 tokens here)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path = tmp_path_factory.mktemp("wide-gpt2")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_model_dir(tmp_path_factory.mktemp("wide-gpt2"), n_embd=32, n_positions=512)
 
 
 def argv(tmp_path, data, model_dir, *extra, run="run", ckpt="ckpt"):
