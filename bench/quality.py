@@ -68,9 +68,11 @@ def flags_of(name: str) -> list[str]:
     return [flag for p in parts for flag in CANDIDATES[p].split()]
 
 
-def run(cmd: list[str], log_path: Path) -> float:
+def run(cmd: list[str], log_path: Path, threads: int | None) -> float:
     """Run `cmd` from the project root, its output into `log_path`; its wall time in seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with log_path.open("w") as log:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -85,13 +87,13 @@ def train_and_eval(args, name: str, seed: int, work: Path) -> dict:
              "--output-dir", str(out), "--check-dir", str(work / f"ckpt-{name}-seed{seed}"), "--sample-every", "0",
              *(["--max-steps", str(args.max_steps)] if args.max_steps else []), *flags_of(name)]  # fmt: skip
     # (--sample-every 0: in-training samples change no weight, and cost time the table would count)
-    train_s = run(train, work / f"{name}-seed{seed}-train.log")
+    train_s = run(train, work / f"{name}-seed{seed}-train.log", args.threads)
     evaluate = [sys.executable, "-m", "qlora_ft", "eval", "--model_path", str(out), "--seed", "42"]
     if args.mode == "instructions":
         evaluate += ["--n-prompts", str(args.n_prompts), "--max-length", str(args.max_new_tokens)]
     else:
         evaluate += ["--contrast", str(CONTRAST), "--n-generations", str(args.n_generations)]
-    eval_s = run(evaluate, work / f"{name}-seed{seed}-eval.log")
+    eval_s = run(evaluate, work / f"{name}-seed{seed}-eval.log", args.threads)
     result = json.loads((out / "eval.json").read_text())
     summary = json.loads((out / "train_summary.json").read_text())
     row = {"candidate": name, "seed": seed, "flags": " ".join(flags_of(name)), "train_seconds": train_s,
@@ -150,23 +152,38 @@ def main() -> None:
     p.add_argument("--n-generations", type=int, default=100, help="style: generations judged per model")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. smoke)")
     p.add_argument("--work-dir", help="where runs go (default: a temporary folder, removed)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's choice)")
     args = p.parse_args()
     if not MODEL.is_dir() or not DATA[args.mode].exists():
         raise SystemExit(f"needs {MODEL} and {DATA[args.mode]} (../shared beside the checkout)")
     candidates = args.candidates or DEFAULT_CANDIDATES[args.mode]
     for name in candidates:
         flags_of(name)  # an unknown name fails before anything runs
-    with tempfile.TemporaryDirectory(prefix="quality-", dir=args.work_dir) as tmp:
-        rows = [train_and_eval(args, name, seed, Path(tmp)) for name in candidates for seed in args.seeds]
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    device = rows[0]["device"] if rows[0]["device"] != "cpu" else f"{os.cpu_count()}-core CPU ({platform.machine()})"
-    markdown = table(args.mode, rows)
     stem = ROOT / "bench" / "results" / f"quality-{args.mode}{'-' + args.label if args.label else ''}"
+    # rows already measured by an interrupted run of the same command are kept, not run again
+    done = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
+    rows = done.get("rows", []) if done.get("command") == command else []
+    with tempfile.TemporaryDirectory(prefix="quality-", dir=args.work_dir) as tmp:
+        for name in candidates:
+            for seed in args.seeds:
+                if not any(r["candidate"] == name and r["seed"] == seed for r in rows):
+                    rows.append(train_and_eval(args, name, seed, Path(tmp)))
+                    write(args, command, stem, rows)
+    print(write(args, command, stem, rows))
+
+
+def write(args, command: str, stem: Path, rows: list[dict]) -> str:
+    """The rows so far as JSON and as a Markdown table beside it; returns the table."""
+    device = rows[0]["device"] if rows[0]["device"] != "cpu" else f"{os.cpu_count()}-core CPU ({platform.machine()})"
+    if args.threads:
+        device += f", {args.threads} thread{'s' if args.threads > 1 else ''} per run"
+    markdown = table(args.mode, rows)
     meta = {"command": command, "device": device, "model": str(MODEL.name),
             "data": str(DATA[args.mode].relative_to(SHARED.parent)), "max_steps": args.max_steps}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"`{command}` on {meta['device']}\n\n{markdown}\n")
-    print(markdown)
+    return markdown
 
 
 if __name__ == "__main__":
