@@ -1,4 +1,4 @@
-"""How often a chat prompt tokenized as one string (how inference encoded it before `templates.prompt_ids`)
+"""How often a chat prompt tokenized as one string (how inference encoded it before `encode.prompt_ids`)
 differs from training's encoding of the same conversation, segment by segment, over the shared instruction
 records put to a GPT-2 chat run as one user turn (with no, an empty and a short system prompt, and with the
 user turn ending in a newline); the same for the Alpaca instruction prompt; and how long building the
@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from qlora_ft.data.encode import generation_prompt, prompt_ids
+from qlora_ft.data.records import Chat, iter_records
+from qlora_ft.data.sources import resolve
 from qlora_ft.model import load_tokenizer
-from qlora_ft.records import Chat, load_records
-from qlora_ft.templates import TEMPLATES, generation_prompt, prompt_ids
+from qlora_ft.templates import TEMPLATES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,7 +29,7 @@ def joined(tokenizer, text: str) -> list[int]:
 def main() -> None:
     tok = load_tokenizer(str(SHARED / "gpt2-tokenizer"))
     template = TEMPLATES["alpaca"].for_tokenizer(tok)  # a chat run on GPT-2: the built-in chat template
-    records = load_records(str(SHARED / "instructions" / "instruction-data.json")).train
+    records = list(iter_records(resolve(str(SHARED / "instructions" / "instruction-data.json")), "instruction"))
     for system, tail in ((None, ""), ("", ""), ("Be brief.", ""), (None, "\n")):
         differ = 0
         for r in records:

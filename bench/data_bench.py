@@ -1,16 +1,19 @@
-"""Data-path benchmark: the token cache (build cold, open warm) against today's in-memory path, at corpus sizes
-1x, 4x, 16x the shared novels, extrapolated to WikiText-103's ~120M GPT-2 tokens.
+"""Data-path benchmark: the token cache (build cold, open warm) at corpus sizes 1x, 4x, 16x the shared novels,
+extrapolated to WikiText-103's ~120M GPT-2 tokens.
 
 The synthetic corpora are the shared novels' paragraphs with their words shuffled (fixed seed, a different
 shuffle for every copy), written as one book-layout .txt per scale to a temporary folder, so no two copies share
 a paragraph and nothing can be served from an earlier cache by accident. Every measurement runs in a fresh
 subprocess so that its peak RSS (getrusage) is its own:
 
-- build 1 core: `open_text_cache(workers=1)` into an empty cache folder (read, hash, tokenize, write);
+- build 1 core: `open_cache(workers=1)` of the plain-text recipe into an empty cache folder (read, hash,
+  tokenize, write);
 - build N cores (processes): the same with a pool of N spawned tokenizer workers (`parallel="processes"`);
 - build N cores (threads): one process, the tokenizers library's own threads (`parallel="threads"`, the default);
-- open warm: open the cache, cut 1024-token windows, compute the split (no stored split);
-- in-memory: today's `load_corpus` -> `split_corpus` -> `windows_for` (1024-token windows).
+- open warm: open the cache, cut 1024-token windows, compute the split (no stored split).
+
+The in-memory path of earlier versions, once measured here as a further arm, is gone (docs/data-cache.md keeps its
+numbers).
 
     python bench/data_bench.py --scales 1 4 --out bench/results/data-cache.json
 
@@ -38,10 +41,11 @@ TARGET_TOKENS = 120_000_000  # WikiText-103's training split with the GPT-2 toke
 def write_corpus(out: Path, scale: int, seed: int = 0) -> Path:
     """`scale` word-shuffled copies of every shared novel paragraph, as one book-layout text file."""
     sys.path.insert(0, str(ROOT))
-    from qlora_ft.data import read_text_file, split_text
+    from qlora_ft.data.records import clean_paragraph
+    from qlora_ft.data.sources import iter_text_file
 
     books = sorted((SHARED / "data" / "corpora").glob("*/*.txt"))
-    paragraphs = [p for f in books for p in split_text(read_text_file(f))]
+    paragraphs = [p for f in books for p in map(clean_paragraph, iter_text_file(f, "book")) if p]
     rng = random.Random(seed)
     path = out / f"corpus-{scale}x.txt"
     with open(path, "w", encoding="utf-8") as f:
@@ -59,29 +63,26 @@ def _child(args: argparse.Namespace) -> None:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from qlora_ft import cache, data
+    from qlora_ft.data.batches import cut_windows
+    from qlora_ft.data.prepare import Recipe, open_cache
+    from qlora_ft.data.split import split_records
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     started = time.perf_counter()
     result: dict = {}
     if args.measure.startswith("build"):
-        c = cache.open_text_cache(
-            args.corpus, tok, cache_dir=args.cache_dir, workers=args.workers, parallel=args.parallel
-        )
+        c = open_cache(args.corpus, tok, Recipe(), cache_dir=args.cache_dir, workers=args.workers,
+                       parallel=args.parallel)  # fmt: skip
         assert c.built
         result.update(tokens=c.n_tokens, records=c.n_records, disk_bytes=sum(c.meta["files"].values()))
-    elif args.measure == "open":
-        c = cache.open_text_cache(args.corpus, tok, cache_dir=args.cache_dir)
+    else:
+        c = open_cache(args.corpus, tok, Recipe(), cache_dir=args.cache_dir)
         assert not c.built
         for split in c.path.glob("split-*.npy"):
             split.unlink()
-        train, _ = cache.split_records(c, seed=0, train_share=0.9)
-        windows = cache.cut_windows(c, train, 1024)
+        train, _ = split_records(c, seed=0, train_share=0.9)
+        windows = cut_windows(c, train, 1024)
         result.update(tokens=c.n_tokens, windows=len(windows), checksum=int(np.asarray(windows.lengths).sum()))
-    else:
-        split = data.split_corpus(data.load_corpus(args.corpus), 0.9, 0)
-        windows = data.windows_for(tok, split.train, 1024)
-        result.update(tokens=sum(len(w) for w in windows), windows=len(windows))
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["workers_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -106,7 +107,6 @@ def bench_scale(scale: int, tmp: Path, tokenizer: str, cores: int) -> list[dict]
         (f"build {cores} cores (processes)", "build", cores, "processes"),
         (f"build {cores} cores (threads)", "build", cores, "threads"),
         ("open warm + split + windows", "open", 1, "threads"),
-        ("in-memory (today)", "memory", 1, "threads"),
     ]
     rows = []
     for i, (label, kind, workers, parallel) in enumerate(arms):
@@ -167,7 +167,7 @@ def main() -> None:
         _child(args)
         return
     sys.path.insert(0, str(ROOT))
-    from qlora_ft.cache import available_cores
+    from qlora_ft.data.encode import available_cores
 
     cores = available_cores()
     rows: list[dict] = []

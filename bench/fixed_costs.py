@@ -159,11 +159,15 @@ def _flush_handlers() -> None:
 
 def write_data(folder: Path) -> Path:
     """The first 200 paragraphs of Sense and Sensibility as the pickle train.py reads."""
-    sys.path.insert(0, str(ROOT))
-    from qlora_ft.data import read_text_file, split_text, write_pickle_dataset
+    import pickle
 
+    sys.path.insert(0, str(ROOT))
+    from qlora_ft.data.records import clean_paragraph
+    from qlora_ft.data.sources import iter_text_file
+
+    paragraphs = [p for p in map(clean_paragraph, iter_text_file(BOOK, "book")) if p][:200]
     path = folder / "sense-200.pkl"
-    write_pickle_dataset(split_text(read_text_file(BOOK))[:200], str(path))
+    path.write_bytes(pickle.dumps([{"sentence": p} for p in paragraphs], protocol=4))
     return path
 
 

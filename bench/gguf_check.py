@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_ft.cli import main as cli_main  # noqa: E402
 from qlora_ft.cli import train_main  # noqa: E402
-from qlora_ft.data import load_corpus  # noqa: E402
-from qlora_ft.dataset import read_template  # noqa: E402
+from qlora_ft.data.encode import encode, render  # noqa: E402
+from qlora_ft.data.prepare import read_template  # noqa: E402
+from qlora_ft.data.records import Instruction, iter_paragraphs  # noqa: E402
+from qlora_ft.data.sources import resolve  # noqa: E402
 from qlora_ft.generate import encode_prompt, instruction_prompt  # noqa: E402
 from qlora_ft.model import load_for_inference  # noqa: E402
-from qlora_ft.records import Instruction  # noqa: E402
-from qlora_ft.templates import encode, render  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 TYPES = ("f16", "q8_0", "q4_0")
@@ -64,7 +64,7 @@ def style_run(args, root: Path) -> tuple[Path, list[list[int]]]:
     run = train(["--model", args.model, "--data", str(data / "pride_and_prejudice.txt"), "--max-steps",
                  str(args.max_steps), "--batch-size", "8", "--max-input-length", "128"], root, "style")  # fmt: skip
     _, tokenizer = load_for_inference(str(run), None, False, CPU)
-    paragraphs = load_corpus(str(data / "emma.txt"), None).train
+    paragraphs = iter_paragraphs(resolve(str(data / "emma.txt")))
     return run, held_out(tokenizer, ([tokenizer.eos_token_id, *tokenizer(p)["input_ids"]] for p in paragraphs), args)
 
 
@@ -191,7 +191,7 @@ def prompt_ids(run: Path, tokenizer, gguf_tokenizer, llama, text: str) -> dict[s
         messages=messages
     )
     return {
-        "package": encode_prompt(tokenizer, instruction_prompt(template, tokenizer, text)[0], CPU)[0].tolist(),
+        "package": instruction_prompt(template, tokenizer, text)[0],
         "transformers": gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False),
         "llama_cpp": llama.llm.tokenize(chat.prompt.encode(), add_bos=not chat.added_special, special=True),
     }

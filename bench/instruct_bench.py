@@ -8,7 +8,7 @@ Real tokens/s is the run's train_summary.json `tokens_per_second`: non-pad token
 the training loop's time, which with `--max-steps` inside the first epoch holds no validation (the loop
 validates before it starts and after it ends) and no samples (`--sample-every 0`). Response tokens/s is that
 times the share of labelled tokens (responses + EOS) in the training split, counted from the data as the run
-prepares it (`dataset.prepare_data`); a few dozen steps see a sample of the records, so it is an estimate.
+prepares it (`data.prepare.prepare_data`); a few dozen steps see a sample of the records, so it is an estimate.
 Writes bench/results/instruct-bench.json and prints a table.
 """
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_ft.config import TrainConfig  # noqa: E402
-from qlora_ft.dataset import prepare_data  # noqa: E402
+from qlora_ft.data.prepare import prepare_data  # noqa: E402
 from qlora_ft.model import load_tokenizer  # noqa: E402
 from qlora_ft.options import parse_config  # noqa: E402
 
@@ -41,7 +41,7 @@ def response_share(args) -> float:
     """Labelled (response) tokens / all tokens of the training split, as the run encodes it."""
     cfg = parse_config(TrainConfig, shared_argv(args), "train.py", "")
     train = prepare_data(cfg, load_tokenizer(args.model)).train
-    return sum(sum(m) for m in train.masks) / sum(len(ids) for ids in train.ids)
+    return sum(int(train.mask(k).sum()) for k in range(len(train))) / int(train.lengths.sum())
 
 
 def run_arm(packing: bool, args, work: Path) -> dict:

@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_ft.config import TrainConfig  # noqa: E402
-from qlora_ft.dataset import prepare_data, read_template  # noqa: E402
-from qlora_ft.generate import encode_prompt, instruction_prompt  # noqa: E402
+from qlora_ft.data.prepare import prepare_data, read_template  # noqa: E402
+from qlora_ft.data.records import Instruction  # noqa: E402
+from qlora_ft.generate import instruction_prompt  # noqa: E402
 from qlora_ft.model import load_for_inference, load_tokenizer  # noqa: E402
 from qlora_ft.options import parse_config  # noqa: E402
-from qlora_ft.records import Instruction  # noqa: E402
 from qlora_ft.templates import check_format, cut_at_stop, rouge_l  # noqa: E402
 
 # name -> train.py options that differ between configurations (everything else is shared, see `base_argv`)
@@ -65,7 +65,8 @@ def held_out(args, tokenizer) -> list[Instruction]:
     """The first `--n-prompts` records of the runs' validation split (the package's own seeded split)."""
     cfg = parse_config(TrainConfig, ["--data", args.data, "--model", args.model, "--seed", str(args.seed),
                                      "--max-input-length", str(args.max_input_length)], "train.py", "")  # fmt: skip
-    records = prepare_data(cfg, tokenizer).val_records
+    data = prepare_data(cfg, tokenizer)
+    records = data.read(data.validation.record)  # the validation records that fit, in window order
     return [r for r in records if isinstance(r, Instruction)][: args.n_prompts]
 
 
@@ -77,8 +78,8 @@ def adherence(run: Path, prompts: list[Instruction], max_new_tokens: int) -> dic
     template = read_template(run)
     checks, responses = [], []
     for record in prompts:
-        prompt, stop = instruction_prompt(template, tokenizer, record.instruction, record.input)
-        input_ids = encode_prompt(tokenizer, prompt, torch.device("cpu"))
+        prompt_ids, stop = instruction_prompt(template, tokenizer, record.instruction, record.input)
+        input_ids = torch.tensor([prompt_ids])  # training's encoding, leading <eos> included
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.eos_token_id)  # fmt: skip

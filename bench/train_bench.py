@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import logging
 import os
@@ -35,12 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_ft.config import TrainConfig  # noqa: E402
-from qlora_ft.data import Corpus, load_corpus, split_corpus, windows_for  # noqa: E402
+from qlora_ft.data.batches import make_batch  # noqa: E402
+from qlora_ft.data.prepare import prepare_data  # noqa: E402
+from qlora_ft.data.records import iter_paragraphs  # noqa: E402
+from qlora_ft.data.sources import resolve  # noqa: E402
 from qlora_ft.loop import train  # noqa: E402
 from qlora_ft.loss import output_layer  # noqa: E402
 from qlora_ft.model import bnb_config, compute_dtype, keep_training_layout, load_tokenizer  # noqa: E402
 from qlora_ft.options import parse_config  # noqa: E402
-from qlora_ft.training.plan import make_batch  # noqa: E402
 from qlora_ft.training.validate import validation_loss  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -119,16 +122,22 @@ def train_flops_per_token(config, trainable_fraction: float, seq_len: int) -> fl
 # The arms
 
 
-def arm_ours(ctx, overrides: dict[str, str]):
-    """This package's `train()` as users run it (minus checkpoints, samples and extra validations)."""
+def ours_config(ctx, overrides: dict[str, str]) -> TrainConfig:
+    """The configuration of the `ours` arm (its token cache in the work folder, built by `main` for the split)."""
     argv = ["--model", ctx.model_dir, "--data", ctx.data_pkl, "--batch-size", str(ctx.batch),
             "--max-input-length", str(ctx.max_length), "--rank-lora", str(ctx.rank), "--alpha-lora", str(ctx.alpha),
             "--lr", str(ctx.lr), "--warmup-steps", "10", "--sample-every", "0", "--save-interval", "0",
             "--train-size", str(ctx.train_size), "--output-dir", str(ctx.work / "ours"),
-            "--check-dir", str(ctx.work / "ours-ckpt"), "--log-every", "1000"]  # fmt: skip
+            "--check-dir", str(ctx.work / "ours-ckpt"), "--cache-dir", str(ctx.work / "cache"),
+            "--log-every", "1000"]  # fmt: skip
     for key, value in overrides.items():
         argv += [f"--{key}", value]
-    cfg = parse_config(TrainConfig, argv, "bench")
+    return parse_config(TrainConfig, argv, "bench")
+
+
+def arm_ours(ctx, overrides: dict[str, str]):
+    """This package's `train()` as users run it (minus checkpoints, samples and extra validations)."""
+    cfg = ours_config(ctx, overrides)
     per_step = cfg.data.batch_size * (cfg.data.max_input_length if cfg.data.packing else ctx.mean_len)
     cfg.optim.max_steps = max(1, round(ctx.tokens / per_step))
     with PeakMemory(ctx.device) as mem:
@@ -278,20 +287,21 @@ def main(argv=None):
     ctx.tokens = args.tokens
     ctx.tokenizer = load_tokenizer(ctx.model_dir)
 
-    corpus = load_corpus(args.data)
-    paragraphs = corpus.train[: args.paragraphs or None]
+    src = resolve(args.data)
+    parts = src.parts()
+    paragraphs = list(itertools.islice(iter_paragraphs(src, part=parts[0] if parts else None), args.paragraphs or None))
     ctx.train_size = 0.95
-    split = split_corpus(Corpus(paragraphs), ctx.train_size, seed=42)  # the split train() makes from this data
-    ctx.train_texts = split.train
     ctx.data_pkl = str(ctx.work / "data.pkl")
     import pickle
 
     Path(ctx.data_pkl).write_bytes(pickle.dumps([{"sentence": t} for t in paragraphs]))
+    data = prepare_data(ours_config(ctx, {}), ctx.tokenizer)  # the split train() makes from this data
+    ctx.train_texts = data.read(data.split.train_idx)
     lengths = [min(ctx.max_length, n + 2) for n in map(len, ctx.tokenizer(ctx.train_texts)["input_ids"])]
     ctx.mean_len = statistics.mean(lengths)
-    val_windows = windows_for(ctx.tokenizer, split.validation, ctx.max_length)
-    val_batches = [make_batch([[i] for i in range(j, min(j + 16, len(val_windows)))], val_windows,
-                              ctx.tokenizer.pad_token_id) for j in range(0, len(val_windows), 16)]  # fmt: skip
+    val = data.validation
+    val_batches = [make_batch([[i] for i in range(j, min(j + 16, len(val)))], val, ctx.tokenizer.pad_token_id)
+                   for j in range(0, len(val), 16)]  # fmt: skip
 
     peak = matmul_peak_flops(ctx.device, ctx.dtype)
     from transformers import AutoConfig

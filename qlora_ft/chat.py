@@ -6,7 +6,7 @@ The template saved with the run decides what a line is:
     instruction run  an instruction, answered on its own
     text run         the opening of a text that the model continues (a style run writes on)
 
-Each prompt is the token ids training saw for the same conversation (`templates.prompt_ids`: every segment
+Each prompt is the token ids training saw for the same conversation (`encode.prompt_ids`: every segment
 encoded apart, after the leading EOS), so the model is asked exactly as it was taught. A reply ends at EOS or
 at a stop string of the template (`generate.stop_strings`). When the conversation plus a reply's
 `--max-length` tokens outgrows the model's context, its oldest exchanges are dropped (one warning).
@@ -32,12 +32,13 @@ from typing import Any, Literal
 import torch
 from transformers import TextStreamer
 
+from qlora_ft.data.encode import prompt_ids
+from qlora_ft.data.records import Chat
 from qlora_ft.errors import UserError
 from qlora_ft.generate import complete, encode_prompt, instruction_prompt, stop_strings
 from qlora_ft.model import context_length, default_device, load_for_inference
-from qlora_ft.records import Chat
 from qlora_ft.run_options import ChatArgs
-from qlora_ft.templates import Template, cut_at_stop, prompt_ids
+from qlora_ft.templates import Template, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def pipe_block(reply: str) -> str:
 
 def run_chat(args: ChatArgs) -> None:
     """`qlora-ft chat`: load the run, then answer every line of stdin until `/exit` or its end."""
-    from qlora_ft.dataset import read_template
+    from qlora_ft.data.prepare import read_template
 
     if args.model_path is None:
         raise UserError("--model_path is required")

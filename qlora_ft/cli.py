@@ -113,7 +113,7 @@ def _answer_instruction(model, tokenizer, args) -> None:
     """Print the response(s) to `--instruction`, prompted through the template saved with the run."""
     from transformers import TextStreamer
 
-    from qlora_ft.dataset import read_template
+    from qlora_ft.data.prepare import read_template
     from qlora_ft.generate import respond
     from qlora_ft.templates import get_template
 
@@ -152,7 +152,7 @@ def run_export(cfg: ExportConfig) -> None:
     import torch
 
     from qlora_ft import checkpoint
-    from qlora_ft.dataset import read_template
+    from qlora_ft.data.prepare import read_template
     from qlora_ft.fs import follow_umask
     from qlora_ft.model import load_for_inference
     from qlora_ft.templates import exported_chat_template
@@ -201,13 +201,20 @@ def check_export_out(out: Path, format: str, overwrite: bool) -> None:
 
 
 def run_prepare(inputs: list[str], out: str, text_column: str | None, keep_headings: bool = False) -> None:
-    from qlora_ft.data import load_corpus, write_pickle_dataset
+    """The paragraphs of every source, as training reads them, into a pickle of the original format (a list of
+    `{"sentence": paragraph}`), written atomically."""
+    import pickle
 
-    texts: list[str] = []
-    for source in inputs:
-        corpus = load_corpus(source, text_column, keep_headings)
-        texts += corpus.train + (corpus.validation or [])
-    write_pickle_dataset(texts, out)
+    from qlora_ft.data.records import iter_paragraphs
+    from qlora_ft.data.sources import resolve
+    from qlora_ft.fs import atomic_file
+
+    sources = [resolve(source) for source in inputs]  # every source checked before anything is read
+    texts = [p for src in sources for p in iter_paragraphs(src, text_column=text_column, keep_headings=keep_headings)]
+    if not texts:
+        raise UserError(f"no paragraphs found in {', '.join(inputs)} (the data is empty)")
+    with atomic_file(out) as f:
+        pickle.dump([{"sentence": t} for t in texts], f, protocol=4)
     log.info("wrote %d paragraphs from %d source(s) to %s", len(texts), len(inputs), out)
 
 
@@ -222,7 +229,7 @@ def _prepare_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cache(action: str, cache_dir: str | None, fingerprints: list[str]) -> None:
-    from qlora_ft.cache import clear_caches, default_cache_dir, list_caches
+    from qlora_ft.data.cache import clear_caches, default_cache_dir, list_caches
 
     root = cache_dir or str(default_cache_dir())
     if action == "clear":

@@ -182,7 +182,7 @@ class DataArgs:
     )
     cache_dir: str | None = arg(
         None,
-        "folder where plain-text data is tokenized once and kept for later runs and resumes (`qlora-ft cache "
+        "folder where the data (every mode) is tokenized once and kept for later runs and resumes (`qlora-ft cache "
         "list|clear` manage it) (default: $QLORA_FT_CACHE, else ~/.cache/qlora-ft/tokens)",
     )
     eval_max_tokens: int = arg(

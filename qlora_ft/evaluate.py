@@ -14,7 +14,6 @@ tokens without writing a template header).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -25,12 +24,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qlora_ft import checkpoint, metrics, sources
+from qlora_ft import metrics
 from qlora_ft.checkpoint import adapter_base_name, is_adapter_folder
-from qlora_ft.config import TrainConfig, train_config_from_dict
-from qlora_ft.data import Corpus, collate, eval_batches, load_corpus, split_corpus, windows_for
-from qlora_ft.dataset import Sequences, prepare_data, read_template
-from qlora_ft.errors import UserError, first_line
+from qlora_ft.config import TrainConfig
+from qlora_ft.data.batches import Windows, held_out_batches
+from qlora_ft.data.encode import generation_prompt, prompt_ids
+from qlora_ft.data.prepare import held_out_data, read_run, read_template, run_data
+from qlora_ft.data.records import Instruction, Record, iter_paragraphs
+from qlora_ft.data.sources import resolve
+from qlora_ft.errors import UserError
 from qlora_ft.generate import sample, stop_strings
 from qlora_ft.model import (
     compute_dtype,
@@ -44,20 +46,8 @@ from qlora_ft.model import (
     merge_target,
     resolve_base_name,
 )
-from qlora_ft.records import Chat, Instruction, Record, load_records, record_key
 from qlora_ft.run_options import CompareConfig, EvalConfig
-from qlora_ft.templates import (
-    TEMPLATES,
-    Template,
-    check_format,
-    cut_at_stop,
-    encode_records,
-    fit,
-    generation_prompt,
-    prompt_ids,
-    rouge_l,
-)
-from qlora_ft.training.plan import make_batch
+from qlora_ft.templates import Template, check_format, cut_at_stop, rouge_l
 from qlora_ft.training.validate import validation_loss
 
 log = logging.getLogger(__name__)
@@ -69,44 +59,9 @@ VARIANTS = {
 }
 
 
-def read_run(path: Path) -> TrainConfig:
-    if not path.is_dir():
-        raise UserError(f"run directory not found: {path}")
-    saved = checkpoint.read_run_config(path) if is_adapter_folder(path) else None
-    if saved is None:
-        raise UserError(f"{path} is not a qlora-ft run's output dir (needs {checkpoint.ADAPTER_CONFIG} and "
-                        f"{checkpoint.CONFIG_JSON})")  # fmt: skip
-    return train_config_from_dict(saved)
-
-
-def _locate(recorded: str, run: Path) -> str | None:
-    """A path the run recorded, found from here (as given, or relative to the run dir's parent); None if not."""
-    for candidate in (Path(recorded), run.parent / recorded, run.resolve().parent / recorded):
-        if candidate.exists():
-            return str(candidate)
-    return None
-
-
-def _find_data(cfg: TrainConfig, run: Path) -> str:
-    """The run's --data, as recorded (relative to where training ran, or to the run dir's parent)."""
-    if cfg.data.data and (found := _locate(cfg.data.data, run)) is not None:
-        return found
-    raise UserError(
-        f"the run's training data {cfg.data.data!r} (run_config.json) is not found from here; "
-        "run eval from the directory training ran in"
-    )
-
-
 def paragraphs(source: str) -> list[str]:
-    corpus = load_corpus(source)
-    return list(dict.fromkeys(corpus.train + (corpus.validation or [])))
-
-
-def held_out_batches(tokenizer, texts: list[str], max_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of held-out windows (each paragraph scored once, as in training's validation)."""
-    windows = windows_for(tokenizer, texts, max_len)
-    rows = eval_batches([len(w) for w in windows], max_len, packing=False, batch_size=batch_size)
-    return [collate([[windows[i] for i in row] for row in batch], tokenizer.pad_token_id) for batch in rows]
+    """The distinct paragraphs of `source`, read as training reads text (for the style classifier)."""
+    return list(dict.fromkeys(iter_paragraphs(resolve(source))))
 
 
 def _with_adapter(base, run: Path):
@@ -164,7 +119,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     gens = _generate(args, base, fine_tuned, tokenizer, fine_tuned_name, result)
     texts = {k: [g["text"] for g in v] for k, v in gens.items()}
     # --- overfitting signals and diversity ------------------------------------------------------------
-    index = metrics.NgramIndex(data["split"].train, 8)
+    index = metrics.NgramIndex(data["train"], 8)
     real = data["texts"][: len(texts["base"])]
     result["copied_8gram_share"] = {k: index.copied_share(v) for k, v in texts.items()}
     result["distinct_n"] = {k: {str(n): metrics.distinct_n(v, n) for n in (1, 2, 3)}
@@ -179,28 +134,20 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 def _held_out(args, train_cfg: TrainConfig, run: Path, tokenizer) -> dict[str, Any]:
     """The run's split, the held-out paragraphs and their batches; the style classifier's texts (read before
     the slow part, so a bad path fails at once)."""
-    data_source = _find_data(train_cfg, run)
-    # local data as training read it (through the token cache's reader); a hub dataset as the in-memory path did
-    read = sources.read_corpus if Path(data_source).exists() else load_corpus
-    opts = (train_cfg.data.text_column, train_cfg.data.keep_headings)
-    corpus = read(data_source, *opts)
-    if train_cfg.data.validation_data:  # the run validated on this source: training's split keeps it on that side
-        val_source = _locate(train_cfg.data.validation_data, run) or train_cfg.data.validation_data
-        val = (sources.read_corpus if Path(val_source).exists() else load_corpus)(val_source, *opts)
-        corpus = Corpus(corpus.train, val.train + (val.validation or []))
-    split = split_corpus(corpus, train_cfg.data.train_size, train_cfg.data.seed)
-    held_out = paragraphs(args.data) if args.data else split.validation
-    data = {"split": split, "texts": held_out, "name": args.data or f"validation split of {train_cfg.data.data}"}
-    data["batches"] = held_out_batches(tokenizer, held_out, train_cfg.data.max_input_length, args.batch_size)
-    data["tokens"] = sum(int((b["labels"] != -100).sum()) for b in data["batches"])
+    data = run_data(train_cfg, run, tokenizer, None)
+    train = data.read(data.split.train_idx)
+    held = held_out_data(train_cfg, args.data, tokenizer, None) if args.data else data
+    texts = held.read(held.split.val_idx)
+    out = {"train": train, "texts": texts, "name": args.data or f"validation split of {train_cfg.data.data}"}
+    out["batches"] = held_out_batches(held.validation, tokenizer.pad_token_id, args.batch_size)
+    out["tokens"] = sum(int((b["labels"] != -100).sum()) for b in out["batches"])
     if args.contrast:
-        data["contrast"] = paragraphs(args.contrast)
+        out["contrast"] = paragraphs(args.contrast)
         # the classifier never sees the held-out paragraphs, so its verdict on them is a fair check
-        held = set(held_out)
-        data["reference"] = [p for p in (paragraphs(args.reference) if args.reference else split.train)
-                             if p not in held]  # fmt: skip
-    log.info("held-out: %d paragraphs, %s target tokens (%s)", len(held_out), f"{data['tokens']:,}", data["name"])
-    return data
+        seen = set(texts)
+        out["reference"] = [p for p in (paragraphs(args.reference) if args.reference else train) if p not in seen]
+    log.info("held-out: %d paragraphs, %s target tokens (%s)", len(texts), f"{out['tokens']:,}", out["name"])
+    return out
 
 
 def _models(args, train_cfg: TrainConfig, run: Path, base_name: str, device) -> tuple[dict[str, Any], str]:
@@ -307,11 +254,11 @@ TEXT_ONLY_OPTIONS = ("reference", "contrast", "lora_reference", "prompt", "n_gen
 
 @dataclass
 class HeldOutRecords:
-    """Held-out records of an instruction or chat run, `records[i]` encoded as `sequences.ids[i]` with mask 1 on
-    its response tokens only; `n_dropped` more were longer than the run's --max-input-length."""
+    """Held-out records of an instruction or chat run, `records[i]` encoded as window i of `windows`, its loss
+    mask 1 on its response tokens only; `n_dropped` more were longer than the run's --max-input-length."""
 
     records: list[Record]
-    sequences: Sequences
+    windows: Windows
     source: str
     n_dropped: int = 0
 
@@ -322,8 +269,8 @@ def instruction_eval(args, train_cfg: TrainConfig, template: Template, run: Path
     eval.json. The held-out records are the run's validation split, or every record of `--data`."""
     mode = "chat" if template.chat_template is not None else "instruction"  # as `generate.respond` prompts
     _warn_text_only(args, mode)
-    held = instruction_held_out(args, train_cfg, template, mode, run, tokenizer)
-    batches = response_batches(held.sequences, tokenizer.pad_token_id, args.batch_size)
+    held = instruction_held_out(args, train_cfg, template, run, tokenizer)
+    batches = held_out_batches(held.windows, tokenizer.pad_token_id, args.batch_size)
     result: dict[str, Any] = {
         "run": str(run),
         "base_model": base_name,
@@ -395,108 +342,25 @@ def _warn_text_only(args, mode: str) -> None:
                     ", ".join(given))  # fmt: skip
 
 
-def instruction_held_out(args, train_cfg: TrainConfig, template: Template, mode: str, run: Path,
+def instruction_held_out(args, train_cfg: TrainConfig, template: Template, run: Path,
                          tokenizer) -> HeldOutRecords:  # fmt: skip
-    """The records to evaluate on: every record of `--data`, or else the run's own validation split."""
+    """The records to evaluate on: every record of `--data`, or else the run's own validation split; records
+    longer than the run's --max-input-length are left out and counted."""
     if args.data:
-        return _whole_file(args.data, train_cfg, template, mode, tokenizer)
-    return _run_validation(train_cfg, template, mode, run, tokenizer)
-
-
-def _run_validation(train_cfg: TrainConfig, template: Template, mode: str, run: Path, tokenizer) -> HeldOutRecords:
-    """The run's validation records, rebuilt from its saved configuration by `prepare_data` (the code training
-    ran) and checked against the split a checkpoint of the run saved, when one is found."""
-    cfg = copy.deepcopy(train_cfg)
-    cfg.data.data = _find_data(train_cfg, run)
-    if cfg.data.validation_data:
-        cfg.data.validation_data = _locate(cfg.data.validation_data, run) or cfg.data.validation_data
-    if cfg.data.template not in TEMPLATES:  # a template file, recorded relative to where training ran
-        cfg.data.template = _locate(cfg.data.template, run) or cfg.data.template
-    cfg.data.train_on_prompt = False  # responses only, even for a run that also trained on its prompts
-    data = prepare_data(cfg, tokenizer)
-    saved, where = _saved_split(run, train_cfg)
-    if saved is not None:
-        if saved.get("data_sha256") != data.split.fingerprint():
-            raise UserError(f"{cfg.data.data} has changed since the run trained on it (its records no longer match "
-                            f"{where}): pass it as --data to hold out every record")  # fmt: skip
-        if [saved.get("train"), saved.get("validation")] != [data.split.train_idx, data.split.val_idx]:
-            data = prepare_data(cfg, tokenizer, saved)  # the run's own split, should a recomputed one differ
-    if data.mode != mode or data.val_records is None:
-        raise UserError(f"{cfg.data.data} now holds {data.mode} data, but {run} was trained on {mode} records")
-    if data.template != template:
-        raise UserError(f"the template {cfg.data.template!r} differs from the one {run} was trained with "
-                        "(run_config.json): restore it to evaluate the run")  # fmt: skip
-    n_dropped = len(data.split.val_idx) - len(data.val_records)
-    return HeldOutRecords(data.val_records, data.validation, f"validation split of {train_cfg.data.data}", n_dropped)
-
-
-def _saved_split(run: Path, train_cfg: TrainConfig) -> tuple[dict[str, Any] | None, Path | None]:
-    """(split.json, its path) of the run: beside its weights (a checkpoint given as --model_path), else in the
-    newest checkpoint of its --check-dir that trained on the same data settings; (None, None) when none is."""
-    folders = [run]
-    check_dir = _locate(train_cfg.ckpt.check_dir, run) if train_cfg.ckpt.check_dir else None
-    if check_dir is not None:
-        try:
-            latest = checkpoint.resolve_checkpoint(Path(check_dir), checkpoint.LATEST)
-        except UserError:  # no complete checkpoint there
-            latest = None
-        same_data = latest is not None and (checkpoint.read_run_config(latest) or {}).get("data") == (
-            checkpoint.read_run_config(run) or {}).get("data")  # fmt: skip
-        folders += [latest] if same_data else []
-    for folder in folders:
-        path = folder / checkpoint.SPLIT_JSON
-        if not path.is_file():
-            continue
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is unreadable ({first_line(e)})") from None
-        if not isinstance(saved, dict):
-            raise UserError(f"{path} does not hold a split (a mapping with train and validation indices)")
-        return saved, path
-    log.info("no split.json of the run found: its validation split is recomputed from the data, seed and share")
-    return None, None
-
-
-def _whole_file(source: str, train_cfg: TrainConfig, template: Template, mode: str, tokenizer) -> HeldOutRecords:
-    """Every distinct record of `source` (any format training takes), encoded as the run's records were:
-    through its template, responses as targets, records past its --max-input-length left out and counted.
-    Instruction records are put to a chat run as one user turn, as `generate.instruction_prompt` does."""
-    records = load_records(source, "auto")
-    if records.format == "text":
-        raise UserError(f"{source}: holds plain text, not {mode} records: this run is evaluated on records like "
-                        "those it trained on (or leave out --data for its validation split)")  # fmt: skip
-    if records.format == "chat" and mode == "instruction":
-        raise UserError(f"{source}: holds chat records, but this run was trained on instruction records (its "
-                        "template has no turns)")  # fmt: skip
-    every = list({record_key(r): r for r in [*records.train, *(records.validation or [])]}.values())
-    if mode == "chat":
-        every = [_as_chat(r) if isinstance(r, Instruction) else r for r in every]
-    encoded = encode_records(tokenizer, every, template)
-    max_len = train_cfg.data.max_input_length
-    kept = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_len]
-    fitted, n_dropped = fit(encoded, max_len)  # logs the count of dropped records
-    if not fitted:
-        raise UserError(f"{source}: every record is longer than the run's --max-input-length {max_len} tokens")
-    sequences = Sequences([ids for ids, _ in fitted], [mask for _, mask in fitted])
-    return HeldOutRecords([every[i] for i in kept], sequences, source, n_dropped)
-
-
-def _as_chat(record: Instruction) -> Chat:
-    """An instruction as a user turn (the input on its own paragraph) answered by its output."""
-    content = f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
-    return Chat((("user", content), ("assistant", record.output)))
-
-
-def response_batches(sequences: Sequences, pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of the held-out records (labels -100 but on response tokens), each record scored once."""
-    rows = eval_batches(sequences.lengths, max(sequences.lengths), packing=False, batch_size=batch_size)
-    return [make_batch(batch, sequences.ids, pad_id, sequences.masks) for batch in rows]
+        data, source = held_out_data(train_cfg, args.data, tokenizer, template), args.data
+    else:
+        data, source = run_data(train_cfg, run, tokenizer, template), f"validation split of {train_cfg.data.data}"
+        if data.template != template:
+            raise UserError(f"the template {train_cfg.data.template!r} differs from the one {run} was trained "
+                            "with (run_config.json): restore it to evaluate the run")  # fmt: skip
+    held = data.validation
+    n_dropped = len(data.split.val_idx) - len(held)
+    return HeldOutRecords(data.read(held.record), held, source, n_dropped)
 
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, stop) -> dict[str, Any]:
-    """The model's greedy answer to the token ids `prompt_ids` (`templates.prompt_ids`, as `generate.respond`
+    """The model's greedy answer to the token ids `prompt_ids` (`encode.prompt_ids`, as `generate.respond`
     prompts) and its format.
 
     Generated without stop strings, up to EOS or `max_new_tokens` (fewer when the model's context leaves less

@@ -5,10 +5,13 @@ No package imports: checkpoints, the token cache and the entry points all use it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 
 def follow_umask(paths: Iterable[Path | str]) -> None:
@@ -40,3 +43,23 @@ def sha256_file(path: Path | str) -> str:
     """The SHA-256 of a file's bytes, read in blocks (hex)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path | str) -> Iterator[IO[bytes]]:
+    """A binary file to write `out` through: a temporary file beside it, flushed, fsynced and renamed onto `out`
+    when the block ends (removed if it fails), with the mode a plain `open()` would give (`follow_umask`). So
+    `out` is never seen half written, and an existing `out` is replaced whole or not at all."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        follow_umask([tmp])
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

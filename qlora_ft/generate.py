@@ -11,10 +11,11 @@ import jinja2
 import torch
 
 from qlora_ft.config import SamplingArgs
+from qlora_ft.data.encode import prompt_ids
+from qlora_ft.data.records import Chat, Instruction
 from qlora_ft.errors import UserError
 from qlora_ft.model import context_length
-from qlora_ft.records import Chat, Instruction
-from qlora_ft.templates import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, Template, cut_at_stop, prompt_ids
+from qlora_ft.templates import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, Template, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def seeded_eval(model, seed: int) -> Iterator[None]:
 def instruction_prompt(
     template: Template, tokenizer, instruction: str, input: str = ""
 ) -> tuple[list[int], tuple[str, ...]]:
-    """(prompt token ids, stop strings) for one instruction, as training encoded it (`templates.prompt_ids`):
+    """(prompt token ids, stop strings) for one instruction, as training encoded it (`encode.prompt_ids`):
     through the template's instruction prompt, or, for a chat-trained run (its template holds the chat
     template it used), as a user turn (the input on its own paragraph after the instruction) plus the
     assistant header."""
@@ -203,7 +204,7 @@ def complete(
     truncate: bool = False,
     streamer=None,
 ) -> list[str]:
-    """The model's continuations of the token ids `prompt_ids` (`templates.prompt_ids`, `encode_prompt`):
+    """The model's continuations of the token ids `prompt_ids` (`encode.prompt_ids`, `encode_prompt`):
     greedy (one) unless `sampling` is given, on an RNG seeded with `seed`. Generation stops at `<eos>` or at
     a stop string, which is cut off; each string is the new text alone, stripped. A prompt past the model's
     context is refused or, with `truncate`, cut (`fit_context`)."""

@@ -202,7 +202,7 @@ def _encode(name: str, array: np.ndarray, gguf_type: GgufType):
 
 def export_gguf(model_path: str, base_model: str | None, merge_into: str, out: Path, gguf_type: GgufType) -> None:
     """`qlora-ft export --format gguf`: merge as the safetensors export does, then `write_gguf`."""
-    from qlora_ft.dataset import read_template
+    from qlora_ft.data.prepare import read_template
     from qlora_ft.model import load_for_inference
     from qlora_ft.templates import exported_chat_template
 

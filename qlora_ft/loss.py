@@ -194,7 +194,7 @@ def output_layer(model, device=None):
     It must be a bias-free Linear fed by the model's last hidden state, with nothing after it (some models
     scale or soft-cap their logits): a two-row probe compares the chunked loss with the plain one.
     """
-    from qlora_ft.data import collate
+    from qlora_ft.data.batches import collate
 
     head = model.get_output_embeddings()
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):

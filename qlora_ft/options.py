@@ -201,7 +201,7 @@ def _lora_from_flags(values: dict[str, Any]) -> None:
 def warn_ineffective(cfg: TrainConfig, given: set[str]) -> list[str]:
     """Warn, one line each, about options in `given` (field names the user set) that do nothing in the mode
     `cfg` chose; returns the warnings. (LoRA options in full fine-tuning are an error: `_lora_from_flags`.)"""
-    from qlora_ft.data import is_plain_text  # (imports torch: only once a training config is built)
+    from qlora_ft.data.sources import resolve
 
     notes = []
     sampling = [_flag(k) for k in SAMPLE_FLAGS if k in given]
@@ -212,7 +212,10 @@ def warn_ineffective(cfg: TrainConfig, given: set[str]) -> list[str]:
     if "keep_checkpoints" in given and cfg.ckpt.keep_checkpoints and not cfg.ckpt.save_every_steps:
         notes.append("--keep-checkpoints: no effect without --save-every-steps (it prunes only step-NNNNNN "
                      "checkpoints; Epoch_N ones are kept)")  # fmt: skip
-    plain_text = cfg.data.data is not None and is_plain_text(cfg.data.data)
+    try:
+        plain_text = cfg.data.data is not None and resolve(cfg.data.data).plain_text
+    except UserError:  # a missing source: training names it
+        plain_text = False
     if "text_column" in given and cfg.data.text_column is not None and plain_text:
         notes.append(f"--text-column: no effect on plain text ({cfg.data.data} is read as paragraphs)")
     for note in notes:

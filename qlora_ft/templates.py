@@ -1,13 +1,5 @@
-"""Templates: instruction and chat records -> text segments -> token ids with a per-token loss mask -> batches.
-
-The loss mask is data, not loop logic: a record renders to (text, trained) segments, `encode` turns them
-into ids and a 0/1 mask (1 = the token is a target), and `collate_masked` turns mask 0 into label -100. The
-rest of the road (lengths -> `data.epoch_rows` / `data.pack` -> `data.epoch_batches`) is unchanged:
-
-    Instruction("Say hi.", "Hi!")
-      --render-->  [("Below is ...\\n### Instruction:\\nSay hi.\\n\\n### Response:\\n", False), ("Hi!<eos>", True)]
-      --encode-->  ids  = [<eos>, p1, p2, ..., pn, r1, r2, <eos>]
-                   mask = [0,     0,  0,  ..., 0,  1,  1,  1]
+"""Templates: how instruction and chat records become prompts (`data.encode` renders and encodes them), the chat
+template an exported model carries, and how a generated response is cut and checked.
 
 Instruction records use a named template (`alpaca`, `plain`) or one from a JSON file; chat records use the
 tokenizer's chat template, or `DEFAULT_CHAT_TEMPLATE` when it has none (GPT-2). A template is plain data
@@ -24,12 +16,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import torch
-
-from qlora_ft.data import collate
-from qlora_ft.errors import UserError, first_line
-from qlora_ft.records import Chat, Instruction, Record
+from qlora_ft.data.records import Instruction
+from qlora_ft.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -214,190 +202,7 @@ def get_template(name_or_path: str) -> Template:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rendering: record -> (text, trained) segments
-
-
-def render_instruction(record: Instruction, template: Template, eos_token: str) -> list[Segment]:
-    """`[(prompt, False), (output + EOS, True)]`.
-
-    >>> render_instruction(Instruction("Add 2 and 3.", "5"), TEMPLATES["plain"], "<eos>")
-    [('### Instruction:\\nAdd 2 and 3.\\n\\n### Response:\\n', False), ('5<eos>', True)]
-    """
-    return [(template.prompt(record), False), (record.output + eos_token, True)]
-
-
-def render_chat(record: Chat, tokenizer, chat_template: str) -> list[Segment]:
-    """Segments of a conversation under a Jinja chat template: every assistant turn's content and closing
-    token(s) trained, everything else (system and user turns, each assistant header) not.
-
-    Rendered turn by turn: the text a turn adds is the difference between the conversation rendered up to
-    it and up to the turn before (with the generation prompt before an assistant turn, which splits off
-    its header). This needs a template that renders a conversation as a growing prefix; one that rewrites
-    earlier turns (some strip past reasoning) is refused.
-
-    >>> render_chat(Chat((("user", "Hi"), ("assistant", "Hello"))), tokenizer, DEFAULT_CHAT_TEMPLATE)  # doctest: +SKIP
-    [('<|user|>\\nHi\\n', False), ('<|assistant|>\\n', False), ('Hello<|endoftext|>', True)]
-    """
-    messages = [{"role": role, "content": content} for role, content in record.messages]
-    segments: list[Segment] = []
-    done = ""
-    for i, (role, _) in enumerate(record.messages):
-        steps = [(messages[:i], True, False)] if role == "assistant" else []  # the assistant header
-        steps.append((messages[: i + 1], False, role == "assistant"))
-        for history, generation_prompt, trained in steps:
-            try:
-                text = tokenizer.apply_chat_template(
-                    history, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
-                )
-            except (jinja2.TemplateError, ValueError, TypeError) as e:  # a broken template, or one that refuses
-                raise UserError(f"the chat template fails on turn {i} ({role}): {first_line(e)}") from None
-            if not text.startswith(done):
-                raise UserError(f"the chat template rewrites earlier turns when turn {i} ({role}) is added, so "
-                                "the trained turns cannot be told apart; use a template that only appends")  # fmt: skip
-            segments.append((text[len(done) :], trained))
-            done = text
-    return [s for s in segments if s[0]]
-
-
-def render(record: Record, template: Template, tokenizer, train_on_prompt: bool = False) -> list[Segment]:
-    """The segments of any record; with `train_on_prompt` every segment is trained."""
-    if isinstance(record, Instruction):
-        segments = render_instruction(record, template, tokenizer.eos_token)
-    else:
-        segments = render_chat(record, tokenizer, template.for_tokenizer(tokenizer).chat_template)
-    return [(text, True) for text, _ in segments] if train_on_prompt else segments
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokens: segments -> (ids, mask), length limit, batches
-
-
-def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
-    """Token ids and loss mask (1 = trained on) of a record's segments, after a leading EOS.
-
-    Each segment is tokenized on its own and the pieces concatenated. Tokenizing the joined text instead
-    would let BPE merge across a boundary (a prompt ending in ": " and a response starting with "Yes" can
-    become one " Yes" token), so a token would be half prompt, half response, and the prompt's tokens would
-    differ from those of the same prompt tokenized alone, as it is at generation. Special-token text (the
-    EOS after a response) becomes its one special id.
-
-    The leading EOS marks the record's start as it does a paragraph's in the text path (and as
-    `generate.encode_prompt` puts before a prompt); it is left out when the text already starts with the
-    BOS or EOS token (chat templates that write a BOS). It is never a target.
-
-    >>> encode(tokenizer, [("Q: 2+3?\\n", False), ("5<|endoftext|>", True)])  # doctest: +SKIP
-    ([50256, 48, 25, 362, 10, 18, 30, 198, 20, 50256], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
-    """
-    texts = [text for text, _ in segments]
-    pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    return _assemble(tokenizer, segments, pieces)
-
-
-def _assemble(tokenizer, segments: Sequence[Segment], pieces: Sequence[list[int]]) -> Encoded:
-    """`encode` from the segments' token ids (tokenized elsewhere, in one batch)."""
-    ids: list[int] = []
-    mask: list[int] = []
-    for piece, (_, trained) in zip(pieces, segments, strict=True):
-        ids += piece
-        mask += [int(trained)] * len(piece)
-    if not ids or ids[0] not in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        ids.insert(0, tokenizer.eos_token_id)
-        mask.insert(0, 0)
-    return ids, mask
-
-
-def _render_at(i: int, record: Record, template: Template, tokenizer, train_on_prompt: bool) -> list[Segment]:
-    try:
-        return render(record, template, tokenizer, train_on_prompt)
-    except UserError as e:
-        raise UserError(f"record {i}: {e}") from None
-
-
-def encode_records(
-    tokenizer, records: Sequence[Record], template: Template, train_on_prompt: bool = False, batch: int = 1000
-) -> list[Encoded]:
-    """`encode(tokenizer, render(record, ...))` for each record, in order; the segments of `batch` records
-    go to the tokenizer in one call (a fast tokenizer then works on them in parallel)."""
-    out: list[Encoded] = []
-    for start in range(0, len(records), batch):
-        rendered = [_render_at(i, records[i], template, tokenizer, train_on_prompt)
-                    for i in range(start, min(start + batch, len(records)))]  # fmt: skip
-        texts = [text for segments in rendered for text, _ in segments]
-        pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-        at = 0
-        for segments in rendered:
-            out.append(_assemble(tokenizer, segments, pieces[at : at + len(segments)]))
-            at += len(segments)
-    return out
-
-
-def fit(encoded: Sequence[Encoded], max_len: int) -> tuple[list[Encoded], int]:
-    """(the records of at most `max_len` tokens, how many were longer). Longer records are dropped, never
-    cut: a cut response would teach the model to stop mid-sentence without its EOS, and a cut prompt would
-    train answers to questions never asked.
-
-    >>> fit([([0, 1, 2], [0, 1, 1]), ([0, 1, 2, 3], [0, 0, 1, 1])], max_len=3)
-    ([([0, 1, 2], [0, 1, 1])], 1)
-    """
-    kept = [e for e in encoded if len(e[0]) <= max_len]
-    n_dropped = len(encoded) - len(kept)
-    if n_dropped:
-        log.warning("dropped %d of %d records longer than %d tokens", n_dropped, len(encoded), max_len)
-    return kept, n_dropped
-
-
-def collate_masked(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
-    """`data.collate` of rows of one or more (ids, mask) records, then label -100 where mask is 0.
-
-    So labels are -100 on padding, on each record's first token, and on every untrained token; packed rows
-    get `position_ids` restarting at each record, padded rows an `attention_mask`, exactly as `collate`.
-    With every mask all ones the batch equals `collate`'s of the ids alone (plain text).
-
-    >>> collate_masked([[([0, 5, 6, 0], [0, 0, 1, 1])], [([0, 7], [0, 1])]], pad_id=0)["labels"].tolist()
-    [[-100, -100, 6, 0], [-100, 7, -100, -100]]
-    """
-    batch = collate([[ids for ids, _ in row] for row in rows], pad_id)
-    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)  # (B, T), False on padding
-    for r, row in enumerate(rows):
-        flat = [m for _, mask in row for m in mask]
-        keep[r, : len(flat)] = torch.tensor(flat, dtype=torch.bool)
-    batch["labels"] = batch["labels"].masked_fill(~keep, -100)
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Generation and evaluation
-
-
-def generation_prompt(record: Record, template: Template, tokenizer) -> tuple[str, str]:
-    """(prompt, reference): the text a model continues to answer `record`, and the answer the data gives.
-
-    For an instruction, its prompt and output; for a chat, the conversation before its last assistant turn
-    plus that turn's header, and the turn's content. Training saw exactly this prompt before the response
-    (after the leading EOS, which `generate.encode_prompt` adds too).
-    """
-    if isinstance(record, Instruction):
-        return template.prompt(record), record.output
-    last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
-    chat_template = template.for_tokenizer(tokenizer).chat_template
-    segments = render_chat(Chat(record.messages[: last + 1]), tokenizer, chat_template)
-    return "".join(text for text, _ in segments[:-1]), record.messages[last][1]
-
-
-def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
-    """The token ids training saw before `record`'s last response, encoded as training encodes them: `encode`
-    of the segments before that response, leading EOS included. This, not `generation_prompt`'s text
-    tokenized whole, is what inference must feed the model: segment by segment, GPT-2 tokenizes a user turn
-    ending in a newline, or an empty system prompt, with `\\n\\n` as one token (628) where the joined
-    text gives two (198, 198), and a template that writes a BOS gets no EOS before it.
-
-    >>> prompt_ids(Instruction("Add 2 and 3.", "-"), TEMPLATES["plain"], tokenizer)  # doctest: +SKIP
-    [50256, 21017, 46486, 25, 198, 4550, 362, 290, 513, 13, 198, 198, 21017, 18261, 25, 198]
-    """
-    if isinstance(record, Chat):
-        last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
-        record = Chat(record.messages[: last + 1])
-    return encode(tokenizer, render(record, template, tokenizer)[:-1])[0]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

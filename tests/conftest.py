@@ -89,3 +89,24 @@ def shared_or_skip(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (integration data lives in ../shared beside the checkout)")
     return path
+
+
+class ListWindows:
+    """Windows given as lists (ids, and loss masks or None), for tests of the batch builder without a cache."""
+
+    def __init__(self, ids, masks=None):
+        self._ids, self._masks = ids, masks
+        self.lengths = [len(w) for w in ids]
+        self.masked = masks is not None
+
+    def __len__(self):
+        return len(self._ids)
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def ids(self, k):
+        return self._ids[k]
+
+    def mask(self, k):
+        return self._masks[k]

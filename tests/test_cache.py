@@ -1,8 +1,11 @@
-"""Token cache: hits and misses, damaged caches, windows and split equal to the in-memory path, locking."""
+"""Token cache: hits and misses, damaged caches, windows and split equal to ones computed by hand from the
+tokenizer and the seed, locking."""
 
 from __future__ import annotations
 
 import os
+import random
+import re
 import subprocess
 import sys
 from collections import namedtuple
@@ -12,8 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, build_tokenizer, make_paragraphs, shared_or_skip
-from qlora_ft import cache, data
 from qlora_ft.cli import main
+from qlora_ft.data import cache, encode
+from qlora_ft.data.batches import cut_windows
+from qlora_ft.data.prepare import Recipe, open_cache
+from qlora_ft.data.split import split_records
 from qlora_ft.errors import UserError
 
 
@@ -31,22 +37,45 @@ def book(tmp_path) -> tuple[Path, list[str]]:
 
 
 def _open(path, tok, cache_dir, **kw) -> cache.TokenCache:
-    return cache.open_text_cache(str(path), tok, cache_dir=cache_dir, workers=1, **kw)
+    return open_cache(str(path), tok, Recipe(**kw), cache_dir=cache_dir, workers=1)
 
 
-def test_windows_from_the_memmap_equal_the_in_memory_windows(tmp_path, tok, book):
+def expected_windows(tok, paragraphs: list[str], max_len: int) -> list[list[int]]:
+    """What training must see, computed from the tokenizer alone: each paragraph as `<eos> + ids + <eos>`, cut
+    into windows of at most `max_len` tokens that overlap by one token."""
+    eos, out = tok.eos_token_id, []
+    for p in paragraphs:
+        seq = [eos, *tok(p, add_special_tokens=False).input_ids, eos]
+        out += [seq[i : i + max_len] for i in range(0, len(seq) - 1, max_len - 1)]
+    return out
+
+
+def expected_split(paragraphs: list[str], seed: int, train_share: float) -> tuple[list[str], list[str]]:
+    """(train, validation) paragraphs in reading order: the distinct paragraphs shuffled by `random.Random(seed)`,
+    the first round(n * (1 - share)) of them (at least one) validating."""
+    distinct = list(dict.fromkeys(paragraphs))
+    n_val = max(1, round(len(distinct) * (1.0 - train_share)))
+    order = list(range(len(distinct)))
+    random.Random(seed).shuffle(order)
+    return [distinct[i] for i in sorted(order[n_val:])], [distinct[i] for i in sorted(order[:n_val])]
+
+
+def _all_ids(windows) -> list[list[int]]:
+    return [windows.ids(k).tolist() for k in range(len(windows))]
+
+
+def test_windows_from_the_memmap_equal_windows_cut_by_hand(tmp_path, tok, book):
     path, paragraphs = book
     c = _open(path, tok, tmp_path / "cache")
     assert c.built and c.n_records == len(paragraphs) and c.meta["dtype"] == "uint16" and not c.meta["has_mask"]
-    assert [c.tokens(i).tolist() for i in range(c.n_records)] == data.tokenize(tok, paragraphs)
+    assert [c.tokens(i).tolist() for i in range(c.n_records)] == tok(paragraphs, add_special_tokens=False).input_ids
     for max_len in (2, 5, 16, 64):
-        windows = cache.cut_windows(c, np.arange(c.n_records), max_len)
-        assert windows.rows([[k] for k in range(len(windows))]) == [[w] for w in data.windows_for(tok, paragraphs,
-                                                                                                  max_len)]  # fmt: skip
-        assert windows.lengths.tolist() == [len(w) for w in data.windows_for(tok, paragraphs, max_len)]
+        windows = cut_windows(c, np.arange(c.n_records), max_len)
+        expected = expected_windows(tok, paragraphs, max_len)
+        assert _all_ids(windows) == expected
+        assert windows.lengths.tolist() == [len(w) for w in expected]
     some = np.array([7, 2, 40])
-    assert [cache.cut_windows(c, some, 16).ids(k).tolist() for k in range(len(cache.cut_windows(c, some, 16)))] == \
-        data.windows_for(tok, [paragraphs[i] for i in some], 16)  # fmt: skip
+    assert _all_ids(cut_windows(c, some, 16)) == expected_windows(tok, [paragraphs[i] for i in some], 16)
 
 
 def test_gpt2_windows_equal_on_a_shared_book(tmp_path):
@@ -54,10 +83,13 @@ def test_gpt2_windows_equal_on_a_shared_book(tmp_path):
 
     gpt2 = AutoTokenizer.from_pretrained(shared_or_skip("data", "gpt2-tokenizer"))
     path = shared_or_skip("data", "corpora", "austen", "northanger_abbey.txt")
-    paragraphs = data.split_text(data.read_text_file(path))
+    # the book's paragraphs by hand: blocks between blank lines, wrapped lines joined, whitespace runs one space
+    blocks = re.split(r"\n[^\S\n]*\n", path.read_text(encoding="utf-8-sig").replace("\r\n", "\n"))
+    paragraphs = [p for p in (" ".join(b.split()) for b in blocks) if p]
     c = _open(path, gpt2, tmp_path, keep_headings=True)
-    windows = cache.cut_windows(c, np.arange(c.n_records), 128)
-    expected = data.windows_for(gpt2, paragraphs, 128)
+    assert c.n_records == len(paragraphs)
+    windows = cut_windows(c, np.arange(c.n_records), 128)
+    expected = expected_windows(gpt2, paragraphs, 128)
     assert len(windows) == len(expected)
     assert all(windows.ids(k).tolist() == expected[k] for k in range(len(expected)))
 
@@ -98,17 +130,18 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, tok, book):
     assert [p.name for p in where.iterdir() if not p.name.startswith(".")] == [c.fingerprint]
 
 
-def test_split_is_the_split_of_split_corpus(tmp_path, tok):
+def test_split_is_the_seeded_shuffle_of_the_distinct_paragraphs(tmp_path, tok):
     paragraphs = make_paragraphs(50, seed=5)
     paragraphs += paragraphs[3:9]  # duplicates are kept once
     c = cache.open_or_build({"t": 1}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path, workers=1)
-    train, val = cache.split_records(c, seed=7, train_share=0.8)
-    expected = data.split_corpus(data.Corpus(paragraphs), train_size=0.8, seed=7)
-    assert [paragraphs[i] for i in train] == expected.train and [paragraphs[i] for i in val] == expected.validation
+    train, val = split_records(c, seed=7, train_share=0.8)
+    expected_train, expected_val = expected_split(paragraphs, seed=7, train_share=0.8)
+    assert [paragraphs[i] for i in train] == expected_train and [paragraphs[i] for i in val] == expected_val
+    assert (len(train), len(val)) == (40, 10) and max(val.max(), train.max()) < 50  # first occurrences only
     stored = c.path / "split-7-0.8.npy"
     assert stored.exists()
     stored.unlink()
-    again = cache.split_records(c, seed=7, train_share=0.8)
+    again = split_records(c, seed=7, train_share=0.8)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
 
 
@@ -121,7 +154,7 @@ def test_pre_split_source_keeps_its_parts(tmp_path, tok):
                          ).save_to_disk(str(tmp_path / "dd"))  # fmt: skip
     c = _open(tmp_path / "dd", tok, tmp_path / "cache")
     assert c.n_records == 6 and c.meta["n_train_fixed"] == 4
-    tr, va = cache.split_records(c, seed=0, train_share=0.5)
+    tr, va = split_records(c, seed=0, train_share=0.5)
     assert tr.tolist() == [0, 1] and va.tolist() == [4, 5]
 
 
@@ -132,9 +165,18 @@ def test_instruction_records_store_a_loss_mask(tmp_path, tok):
     n_prompt = len(tok("Say hello.", add_special_tokens=False)["input_ids"])
     assert c.mask(0).tolist() == [0] * n_prompt + [1] * (c.lengths[0] - n_prompt)
     assert c.mask(1).tolist() == [1] * c.lengths[1]
-    w = cache.cut_windows(c, [0], 64)
+    w = cut_windows(c, [0], 64)
     assert w.mask(0).tolist() == [0, *c.mask(0).tolist(), 1]  # leading <eos> is context, closing <eos> trained
     assert w.ids(0).tolist() == [tok.eos_token_id, *c.tokens(0).tolist(), tok.eos_token_id]
+    # as instruction records are cached (`lead`): stored with their leading <eos>, one window each, never cut
+    lead = cache.open_or_build({"t": "lead"}, tok, lambda: iter(records[:1]), cache_dir=tmp_path, workers=1,
+                               lead=True)  # fmt: skip
+    prompt, response = (tok(t, add_special_tokens=False).input_ids for t in ("Say hello.", " Hello there."))
+    assert lead.whole_records and lead.tokens(0).tolist() == [tok.eos_token_id, *prompt, *response]
+    assert lead.mask(0).tolist() == [0] * (1 + n_prompt) + [1] * len(response)
+    assert lead.prompts.tolist() == [1 + n_prompt]
+    assert cut_windows(lead, [0], 64).ids(0).tolist() == lead.tokens(0).tolist()
+    assert len(cut_windows(lead, [0], len(lead.tokens(0)) - 1)) == 0
 
 
 def test_disk_space_check_is_a_user_error(tmp_path, tok, book, monkeypatch):
@@ -168,7 +210,7 @@ import logging, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import build_tokenizer, make_paragraphs
-from qlora_ft import cache
+from qlora_ft.data import cache
 
 def held_records(signals):
     (signals / "started").touch()
@@ -226,15 +268,15 @@ def test_concurrent_builders_end_with_one_valid_cache(tmp_path):
 def test_worker_processes_and_threads_give_the_same_ids(tmp_path, tok):
     paragraphs = make_paragraphs(300, seed=9)
     one = cache.open_or_build({"w": 1}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path, workers=1)
-    monkey_chunk = cache.CHUNK_CHARS
-    cache.CHUNK_CHARS = 500  # many work items, so the order of results matters
+    monkey_chunk = encode.CHUNK_CHARS
+    encode.CHUNK_CHARS = 500  # many work items, so the order of results matters
     try:
         two = cache.open_or_build({"w": 2}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path,
                                   workers=2, parallel="processes")  # fmt: skip
         threads = cache.open_or_build({"w": 3}, tok, lambda: ([(p, True)] for p in paragraphs), cache_dir=tmp_path,
                                       workers=2, parallel="threads")  # fmt: skip
     finally:
-        cache.CHUNK_CHARS = monkey_chunk
+        encode.CHUNK_CHARS = monkey_chunk
     assert np.array_equal(one.index, two.index) and np.array_equal(one.hashes, two.hashes)
     assert all(np.array_equal(one.tokens(i), two.tokens(i)) for i in range(one.n_records))
     assert np.array_equal(np.asarray(one._ids), np.asarray(threads._ids))
@@ -262,7 +304,7 @@ def test_a_build_fsyncs_every_file_and_the_rename(tmp_path, tok, book, monkeypat
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    opened = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path / "c")
+    opened = open_cache(str(book[0]), tok, Recipe(), cache_dir=tmp_path / "c")
     written = {p.name for p in opened.path.iterdir()}
     assert written <= set(synced), f"not fsynced: {written - set(synced)}"
     assert "c" in synced, "the cache folder's parent was not fsynced after the rename"
@@ -289,7 +331,7 @@ def test_token_ids_past_the_storage_type_are_refused_not_wrapped(tmp_path):
 def test_a_reader_meeting_a_rebuild_waits_for_it_instead_of_failing(tmp_path, tok, book, monkeypatch):
     """An unlocked reader that finds meta.json but then misses the data files (a builder swapping the folder
     in `_publish`) treats the cache as incomplete: it takes the lock, and opens what the builder published."""
-    first = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path)
+    first = open_cache(str(book[0]), tok, Recipe(), cache_dir=tmp_path)
     real_read_meta = cache._read_meta
     calls = []
 
@@ -301,7 +343,7 @@ def test_a_reader_meeting_a_rebuild_waits_for_it_instead_of_failing(tmp_path, to
         return meta
 
     monkeypatch.setattr(cache, "_read_meta", read_meta_then_vanish)
-    again = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path)
+    again = open_cache(str(book[0]), tok, Recipe(), cache_dir=tmp_path)
     assert calls and again.fingerprint == first.fingerprint
     assert np.array_equal(again.tokens(0), first.tokens(0))
 
@@ -318,6 +360,6 @@ def test_the_fingerprint_covers_the_tokenizers_merges(tmp_path, tok, book):
     merges[0], merges[-1] = merges[-1], merges[0]  # same vocabulary, another order of merging
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json_.dumps(spec)), eos_token="<|endoftext|>")
     assert (type(other), len(other), other.eos_token_id) == (type(tok), len(tok), tok.eos_token_id)
-    a = cache.open_text_cache(str(book[0]), tok, cache_dir=tmp_path)
-    b = cache.open_text_cache(str(book[0]), other, cache_dir=tmp_path)
+    a = open_cache(str(book[0]), tok, Recipe(), cache_dir=tmp_path)
+    b = open_cache(str(book[0]), other, Recipe(), cache_dir=tmp_path)
     assert a.fingerprint != b.fingerprint

@@ -1,7 +1,8 @@
-"""Training on plain text through the token cache: the same split, windows and batches as the in-memory path,
-checkpoints that record (fingerprint, seed, train share), a resume that survives a deleted cache, and a bounded
-validation subset (--eval-max-tokens)."""
+"""Training on plain text through the token cache: the split, windows and batches computed by hand from the seed
+and the tokenizer, checkpoints that record (fingerprint, seed, train share), a resume that survives a deleted
+cache, and a bounded validation subset (--eval-max-tokens)."""
 
+import hashlib
 import json
 import logging
 import pickle
@@ -10,16 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cache import expected_split, expected_windows
 from test_loop import adapter, assert_same_adapter, losses
 
-from qlora_ft import dataset
+from conftest import ListWindows
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.config import TrainConfig
+from qlora_ft.data import records, sources
+from qlora_ft.data.batches import make_batch, validation_subset
+from qlora_ft.data.prepare import prepare_data
 from qlora_ft.errors import UserError
 from qlora_ft.loop import train
 from qlora_ft.model import load_tokenizer
 from qlora_ft.options import parse_config
-from qlora_ft.training.plan import EpochPlan, make_batch, validation_subset
+from qlora_ft.training.plan import EpochPlan
 from qlora_ft.training.setup import validation_batches
 
 
@@ -31,21 +36,31 @@ def config(tmp_path, data, model_dir, *argv, run="run"):
     return parse_config(TrainConfig, base + list(argv), "train.py")
 
 
-def test_the_cache_gives_the_in_memory_split_windows_plan_and_batches(tmp_path, data_pkl, tiny_model_dir):
+def _all_ids(windows) -> list[list[int]]:
+    return [windows.ids(k).tolist() for k in range(len(windows))]
+
+
+def test_the_cache_gives_the_seeded_split_and_the_windows_plan_and_batches_cut_by_hand(
+    tmp_path, data_pkl, tiny_model_dir, paragraphs
+):
     cfg = config(tmp_path, data_pkl, tiny_model_dir)
     tok = load_tokenizer(str(tiny_model_dir))
-    cached = dataset.prepare_data(cfg, tok)
-    memory = dataset._memory_text_data(cfg, tok, None)
+    cached = prepare_data(cfg, tok)
     assert (tmp_path / "cache" / cached.split.fingerprint / "ids.bin").is_file()  # it really read the cache
-    assert list(cached.split.train_idx) == memory.split.train_idx  # no duplicates here: record i = paragraph i
-    assert list(cached.split.val_idx) == memory.split.val_idx
-    for part in ("train", "validation"):
-        c, m = getattr(cached, part), getattr(memory, part)
-        assert list(c.ids) == m.ids and list(c.lengths) == m.lengths and c.masks is m.masks is None
-    plans = [EpochPlan(d.train.lengths, 24, True, 3, 1, 1, 42) for d in (cached, memory)]
+    train, val = expected_split(paragraphs, seed=42, train_share=0.9)
+    # no duplicates here: record i = paragraph i
+    assert [paragraphs[i] for i in cached.split.train_idx] == train == cached.read(cached.split.train_idx)
+    assert [paragraphs[i] for i in cached.split.val_idx] == val == cached.read(cached.split.val_idx)
+    by_hand = {"train": expected_windows(tok, train, 24), "validation": expected_windows(tok, val, 24)}
+    for part, expected in by_hand.items():
+        windows = getattr(cached, part)
+        assert _all_ids(windows) == expected and windows.lengths.tolist() == [len(w) for w in expected]
+        assert not windows.masked
+    memory = ListWindows(by_hand["train"])
+    plans = [EpochPlan(w.lengths, 24, True, 3, 1, 1, 42) for w in (cached.train, memory)]
     assert plans[0].batches(1) == plans[1].batches(1)
     for rows in plans[0].batches(1)[:4]:
-        a, b = make_batch(rows, cached.train.ids, 0), make_batch(rows, memory.train.ids, 0)
+        a, b = make_batch(rows, cached.train, 0), make_batch(rows, memory, 0)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -74,7 +89,7 @@ def test_resume_through_the_cache_is_bit_exact_even_after_the_cache_is_deleted(t
 
 def test_resume_refuses_changed_data_or_seed(tmp_path, data_pkl, tiny_model_dir, paragraphs):
     train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "2"))
-    with pytest.raises(UserError, match="resume with the same --seed and --train-size"):
+    with pytest.raises(UserError, match="--seed 42 \\(this run: 7\\)"):
         train(config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "4", "--seed", "7", "--restore-file",
                      "step-000002"))  # fmt: skip
     data_pkl.write_bytes(pickle.dumps([{"sentence": p} for p in paragraphs[:-1]] + [{"sentence": "Changed."}]))
@@ -94,7 +109,7 @@ def test_validation_subset_is_seeded_bounded_and_whole_when_small():
 def test_eval_max_tokens_bounds_validation_and_keeps_the_same_subset(tmp_path, data_pkl, tiny_model_dir, caplog):
     tok = load_tokenizer(str(tiny_model_dir))
     cfg = config(tmp_path, data_pkl, tiny_model_dir, "--eval-max-tokens", "40")
-    data = dataset.prepare_data(cfg, tok)
+    data = prepare_data(cfg, tok)
     with caplog.at_level(logging.INFO, logger="qlora_ft"):
         batches = validation_batches(cfg, data, tok.pad_token_id)
     scored = sum(int(b["n_tokens"]) for b in batches)
@@ -113,14 +128,14 @@ def test_mode_detection_reads_a_sample_of_large_formats_not_all_of_it(tmp_path):
     rows = [json.dumps({"instruction": f"Say {i}.", "output": str(i)}) for i in range(1500)]
     jsonl = tmp_path / "big.jsonl"
     jsonl.write_text("\n".join(rows[:1200] + ["not json: beyond the sample"] + rows[1200:]) + "\n")
-    assert dataset.data_mode(str(jsonl), "auto", None) == "instruction"
+    assert records.data_mode(sources.resolve(str(jsonl)), "auto", None) == "instruction"
     parquet = tmp_path / "t.parquet"
     pd.DataFrame({"text": ["a b c", "d e f"]}).to_parquet(parquet)
-    assert dataset._columns(str(parquet)) == ["text"] and dataset.data_mode(str(parquet), "auto", None) == "text"
+    table = sources.resolve(str(parquet))
+    assert sources.columns(table) == ["text"] and records.data_mode(table, "auto", None) == "text"
 
 
 def test_eval_holds_out_the_paragraphs_training_validated_on_for_a_wikitext_file(tmp_path, tiny_model_dir, paragraphs):
-    from qlora_ft.data import windows_for
     from qlora_ft.evaluate import _held_out
 
     lines = [" = Title = ", " "]
@@ -130,19 +145,20 @@ def test_eval_holds_out_the_paragraphs_training_validated_on_for_a_wikitext_file
     wiki.write_text("\n".join(lines) + "\n")
     cfg = config(tmp_path, wiki, tiny_model_dir)
     tok = load_tokenizer(str(tiny_model_dir))
-    trained = dataset.prepare_data(cfg, tok)
+    trained = prepare_data(cfg, tok)
     assert len(trained.split.train_idx) + len(trained.split.val_idx) == len(paragraphs)  # headings dropped
     args = parse_config(TrainConfig, ["--data", str(wiki)], "train.py").data  # stands in for eval's options
     args.data, args.contrast, args.batch_size = None, None, 4
     held = _held_out(args, cfg, tmp_path, tok)
-    assert windows_for(tok, held["texts"], 24) == list(trained.validation.ids)
+    assert expected_windows(tok, held["texts"], 24) == _all_ids(trained.validation)
+    assert held["texts"] == expected_split(paragraphs, seed=42, train_share=0.9)[1]
 
 
 def test_text_validation_data_is_the_validation_side(tmp_path, data_pkl, tiny_model_dir, paragraphs):
     val = tmp_path / "val.txt"
     val.write_text("\n\n".join(paragraphs[:5] + ["A paragraph only the validation file holds."]) + "\n")
     cfg = config(tmp_path, data_pkl, tiny_model_dir, "--validation-data", str(val))
-    data = dataset.prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
+    data = prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
     # the 5 paragraphs in both files are kept on the validation side only
     assert (len(data.split.train_idx), len(data.split.val_idx)) == (len(paragraphs) - 5, 6)
 
@@ -150,26 +166,35 @@ def test_text_validation_data_is_the_validation_side(tmp_path, data_pkl, tiny_mo
 def test_eval_of_a_run_with_validation_data_holds_out_that_data(tmp_path, data_pkl, tiny_model_dir, paragraphs):
     """A text run trained with --validation-data is evaluated on the windows it validated on (that file's
     paragraphs), not on a seeded share of --data that it trained on."""
-    from qlora_ft.data import windows_for
     from qlora_ft.evaluate import _held_out
 
     val = tmp_path / "val.txt"
     val.write_text("\n\n".join(paragraphs[:5] + ["A paragraph only the validation file holds."]) + "\n")
     cfg = config(tmp_path, data_pkl, tiny_model_dir, "--validation-data", str(val))
     tok = load_tokenizer(str(tiny_model_dir))
-    trained = dataset.prepare_data(cfg, tok)
+    trained = prepare_data(cfg, tok)
     args = parse_config(TrainConfig, ["--data", str(data_pkl)], "train.py").data  # stands in for eval's options
     args.data, args.contrast, args.batch_size = None, None, 4
     held = _held_out(args, cfg, tmp_path, tok)
-    assert windows_for(tok, held["texts"], 24) == list(trained.validation.ids)
-    assert not set(held["texts"]) & set(held["split"].train)
+    assert held["texts"] == paragraphs[:5] + ["A paragraph only the validation file holds."]
+    assert expected_windows(tok, held["texts"], 24) == _all_ids(trained.validation)
+    assert not set(held["texts"]) & set(held["train"])
 
 
-def test_a_checkpoint_whose_split_lists_indices_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
-    """Checkpoints of earlier versions list paragraph indices in split.json: they resume through the in-memory
-    path, on the same split, bit-exact."""
+def listed_split_json(paragraphs: list[str], seed: int, train_share: float) -> dict:
+    """split.json as earlier versions wrote it: indices into the distinct paragraphs (load order) of each side,
+    with a SHA-256 of those paragraphs, each followed by a NUL byte."""
+    distinct = list(dict.fromkeys(paragraphs))
+    digest = hashlib.sha256(b"".join(p.encode("utf-8") + b"\x00" for p in distinct)).hexdigest()
+    train, val = expected_split(paragraphs, seed, train_share)
+    return {"data_sha256": digest, "n_paragraphs": len(distinct), "train": [distinct.index(p) for p in train],
+            "validation": [distinct.index(p) for p in val]}  # fmt: skip
+
+
+def test_a_checkpoint_whose_split_lists_indices_resumes_exactly(tmp_path, data_pkl, tiny_model_dir, paragraphs):
+    """Checkpoints of earlier versions list paragraph indices in split.json: they resume on the same split,
+    bit-exact."""
     from qlora_ft import checkpoint
-    from qlora_ft.data import load_corpus, split_corpus
 
     args = ("--max-steps", "4", "--save-every-steps", "2")
     train(config(tmp_path, data_pkl, tiny_model_dir, *args, run="full"))
@@ -177,13 +202,16 @@ def test_a_checkpoint_whose_split_lists_indices_resumes_exactly(tmp_path, data_p
     folder = tmp_path / "ckpt-old" / "step-000002"
     shutil.rmtree(tmp_path / "ckpt-old" / "step-000004")
     (tmp_path / "ckpt-old" / "latest").write_text("step-000002\n")
-    old = split_corpus(load_corpus(str(data_pkl)), 0.9, 42).to_json()  # what an earlier version wrote
+    old = listed_split_json(paragraphs, 42, 0.9)  # what an earlier version wrote
+    resumed = prepare_data(config(tmp_path, data_pkl, tiny_model_dir), load_tokenizer(str(tiny_model_dir)), old)
+    assert resumed.split.train_idx.tolist() == old["train"] and resumed.split.val_idx.tolist() == old["validation"]
     (folder / "split.json").write_text(json.dumps(old))
     checkpoint.write_manifest(folder, json.loads((folder / "run_config.json").read_text()), old)
     train(config(tmp_path, data_pkl, tiny_model_dir, *args, "--check-dir", str(tmp_path / "ckpt-old"),
                  "--restore-file", "step-000002", run="resumed"))  # fmt: skip
     assert_same_adapter(adapter(tmp_path / "full"), adapter(tmp_path / "resumed"))
-    assert json.loads((tmp_path / "ckpt-old" / "step-000004" / "split.json").read_text())["train"] == old["train"]
+    saved = [json.loads((tmp_path / d / "step-000004" / "split.json").read_text()) for d in ("ckpt-full", "ckpt-old")]
+    assert saved[0] == saved[1] and (saved[1]["n_train"], saved[1]["n_validation"]) == (54, 6)
 
 
 def cached_hub_dataset(cache: Path, name: str, rows: list[str]) -> None:
@@ -209,5 +237,5 @@ def test_hub_validation_data_beside_local_text(tmp_path, data_pkl, tiny_model_di
     held = ["A paragraph only the hub dataset holds.", "And a second one, also only there."]
     cached_hub_dataset(tmp_path / "hub", "someone/held-out", held)
     cfg = config(tmp_path, data_pkl, tiny_model_dir, "--validation-data", "someone/held-out")
-    data = dataset.prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
-    assert data.split.validation == held and len(data.split.train_idx) == len(paragraphs)
+    data = prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
+    assert data.read(data.split.val_idx) == held and len(data.split.train_idx) == len(paragraphs)

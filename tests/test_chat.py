@@ -2,6 +2,7 @@
 compared with training's encoding as token ids."""
 
 import io
+import json
 import logging
 
 import pytest
@@ -12,15 +13,27 @@ from conftest import build_model_dir, shared_or_skip
 from qlora_ft import chat as chat_module
 from qlora_ft.chat import StopStreamer, chat_prompt, pipe_block
 from qlora_ft.cli import main, train_main
-from qlora_ft.dataset import read_template
+from qlora_ft.data.encode import encode, render
+from qlora_ft.data.prepare import Recipe, open_cache, read_template
+from qlora_ft.data.records import Chat
 from qlora_ft.evaluate import _answer_held_out
 from qlora_ft.generate import respond, stop_strings
 from qlora_ft.model import load_tokenizer
-from qlora_ft.records import Chat
-from qlora_ft.templates import DEFAULT_CHAT_STOP, TEMPLATES, Template, encode_records
+from qlora_ft.templates import DEFAULT_CHAT_STOP, TEMPLATES, Template
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
+
+
+def training_encoding(tmp_path, tokenizer, template, conversation: Chat) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of `conversation` as training stores it: chat data read into the token cache (the same
+    as `encode` gives it)."""
+    data = tmp_path / f"conversation-{len(list(tmp_path.glob('conversation-*')))}.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in conversation.messages]}) + "\n")
+    cache = open_cache(str(data), tokenizer, Recipe("chat", template), cache_dir=tmp_path / "cache")
+    ids, mask = cache.tokens(0).tolist(), cache.mask(0).tolist()
+    assert (ids, mask) == encode(tokenizer, render(conversation, template, tokenizer))
+    return ids, mask
 
 
 def train_run(tmp_path, model_dir, data, name):
@@ -79,7 +92,7 @@ def chat(monkeypatch, capsys, run, lines, *flags) -> list[str]:
 
 
 @pytest.mark.slow
-def test_three_turns_are_prompted_as_training_encodes_the_conversation(runs, monkeypatch, capsys):
+def test_three_turns_are_prompted_as_training_encodes_the_conversation(runs, tmp_path, monkeypatch, capsys):
     spy = Spy(monkeypatch)
     lines = ["Hello there", "and the letter", "Darcy said what"]
     replies = chat(monkeypatch, capsys, runs["chat"], lines, "--system", "Be brief.")
@@ -89,7 +102,7 @@ def test_three_turns_are_prompted_as_training_encodes_the_conversation(runs, mon
     turns = [("system", "Be brief.")] + [
         t for u, r in zip(lines, spy.replies, strict=True) for t in (("user", u), ("assistant", r))
     ]
-    ids, mask = encode_records(tokenizer, [Chat(tuple(turns))], template)[0]
+    ids, mask = training_encoding(tmp_path, tokenizer, template, Chat(tuple(turns)))
     start = max(i for i, m in enumerate(mask) if not m) + 1  # where the last reply starts
     assert spy.prompts[2] == ids[:start]
     assert spy.prompts[1] == chat_prompt(turns[:4], template, tokenizer)
@@ -176,29 +189,29 @@ def spy_on_generate(model, monkeypatch) -> list[list[int]]:
     return seen
 
 
-def test_inference_prompt_ids_equal_training_ids_with_gpt2_whitespace(gpt2, monkeypatch):
+def test_inference_prompt_ids_equal_training_ids_with_gpt2_whitespace(gpt2, tmp_path, monkeypatch):
     """An empty system prompt and a user turn ending in a newline: training encodes `\\n\\n` before the next
     header as one token (628); the joined prompt text would give 198, 198."""
     model, tokenizer = gpt2
     template = TEMPLATES["alpaca"].for_tokenizer(tokenizer)  # a chat run's saved template: the default chat one
     conversation = Chat((("system", ""), ("user", "Hi\n"), ("assistant", "Hello.")))
-    ids, mask = encode_records(tokenizer, [conversation], template)[0]
+    ids, mask = training_encoding(tmp_path, tokenizer, template, conversation)
     trained_prompt = ids[: mask.index(1)]
     assert 628 in trained_prompt
 
     seen = spy_on_generate(model, monkeypatch)
     _answer_held_out({"base": model, "fine_tuned": model}, tokenizer, template, [conversation], 4, {})  # eval's
     respond(model, tokenizer, template, "Hi\n", max_new_tokens=4)  # inference.py --instruction on a chat run
-    user_only = encode_records(tokenizer, [Chat(conversation.messages[1:])], template)[0]
+    user_only = training_encoding(tmp_path, tokenizer, template, Chat(conversation.messages[1:]))
     assert seen == [trained_prompt, trained_prompt, user_only[0][: user_only[1].index(1)]]
     assert chat_prompt(conversation.messages[:2], template, tokenizer) == trained_prompt
 
 
-def test_a_template_that_writes_a_bos_gets_no_eos_before_it(gpt2):
+def test_a_template_that_writes_a_bos_gets_no_eos_before_it(gpt2, tmp_path):
     model, tokenizer = gpt2
     with_bos = Template("x", "{instruction}{input}", "{instruction}", chat_template="{{ bos_token }}" + CHATML)
     conversation = Chat((("user", "Hi"), ("assistant", "Hello.")))
-    ids, mask = encode_records(tokenizer, [conversation], with_bos)[0]
+    ids, mask = training_encoding(tmp_path, tokenizer, with_bos, conversation)
     prompt = chat_prompt(conversation.messages[:1], with_bos, tokenizer)
     assert prompt == ids[: mask.index(1)] and prompt.count(tokenizer.eos_token_id) == 1  # (GPT-2: BOS = EOS)
 

@@ -125,7 +125,8 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
         return argv
 
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "wrong.pkl").write_bytes(pickle.dumps({"rows": 3}))
+    (tmp_path / "bad" / "wrong.pkl").write_bytes(pickle.dumps({"rows": [1, 2, 3]}))  # columns, none of text
+    (tmp_path / "bad" / "shapeless.pkl").write_bytes(pickle.dumps({"rows": 3}))
     (tmp_path / "bad" / "empty.pkl").write_bytes(pickle.dumps([]))
     (tmp_path / "bad" / "one.pkl").write_bytes(pickle.dumps([{"sentence": "Just one."}]))
     (tmp_path / "bad" / "latin1.txt").write_bytes("Caf\xe9 society.\n\nMore.".encode("latin-1"))
@@ -134,6 +135,7 @@ def test_bad_inputs_exit_2_and_damage_nothing(tmp_path, trained, capsys, tiny_mo
     cases = [
         (with_(data=str(tmp_path / "missing.pkl")), "data file not found"),
         (with_(data=str(tmp_path / "bad" / "wrong.pkl")), "no text column"),
+        (with_(data=str(tmp_path / "bad" / "shapeless.pkl")), "expected a list of records or paragraphs"),
         (with_(data=str(tmp_path / "bad" / "empty.pkl")), "no paragraphs found"),
         (with_(data=str(tmp_path / "bad" / "zero.pkl")), "corrupt or truncated"),
         (with_(data=str(tmp_path / "bad" / "one.pkl")), "too few paragraphs"),

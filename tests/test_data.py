@@ -6,32 +6,49 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from qlora_ft.data import (
-    Corpus,
-    collate,
-    epoch_batches,
-    epoch_rows,
-    load_corpus,
-    pack,
-    safe_unpickle,
-    split_corpus,
-    split_from_json,
-    split_text,
-    to_windows,
-    write_pickle_dataset,
-)
+from conftest import build_tokenizer, make_paragraphs
+from qlora_ft.data.batches import collate, cut_windows, epoch_batches, epoch_rows, pack
+from qlora_ft.data.prepare import Recipe, open_cache
+from qlora_ft.data.records import iter_paragraphs
+from qlora_ft.data.sources import resolve, safe_unpickle
+from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError
 
 TEXTS = ["First paragraph.", "Second one here.", "Third, with more words."]
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
 def write_pickle(path, obj):
     path.write_bytes(pickle.dumps(obj))
     return str(path)
+
+
+def paragraphs(source, **options):
+    """Every paragraph of `source` as training reads it (each part in turn for a pre-split source)."""
+    return list(iter_paragraphs(resolve(str(source)), **options))
+
+
+def parts(source, **options):
+    """(train paragraphs, validation paragraphs) of a pre-split source; (paragraphs, None) of any other."""
+    src = resolve(str(source))
+    if src.parts() is None:
+        return list(iter_paragraphs(src, **options)), None
+    return tuple(list(iter_paragraphs(src, part=part, **options)) for part in src.parts())
+
+
+def cache_of(tmp_path, tokenizer, texts, name="c.pkl", **recipe):
+    """The token cache of `texts` written as a pickled list of paragraphs (the road every text run takes)."""
+    path = write_pickle(tmp_path / name, texts)
+    return open_cache(path, tokenizer, Recipe(**recipe), cache_dir=tmp_path / "cache"), path
 
 
 @pytest.mark.parametrize(
@@ -50,80 +67,83 @@ def write_pickle(path, obj):
          "series", "column-dict"],
 )  # fmt: skip
 def test_pickle_formats(tmp_path, obj):
-    assert load_corpus(write_pickle(tmp_path / "d.pkl", obj)) == Corpus(TEXTS)
+    assert parts(write_pickle(tmp_path / "d.pkl", obj)) == (TEXTS, None)
 
 
 @pytest.mark.slow
 def test_a_list_of_paragraphs_loads_without_pandas_and_a_pickled_frame_still_does(tmp_path):
     """pandas (~0.3 s to import) is loaded only by data that needs it; in a fresh interpreter, as a run starts."""
-    paragraphs = write_pickle(tmp_path / "list.pkl", [{"sentence": t} for t in TEXTS])
+    listed = write_pickle(tmp_path / "list.pkl", [{"sentence": t} for t in TEXTS])
     frame = write_pickle(tmp_path / "frame.pkl", pd.DataFrame({"text": [*TEXTS, pd.NA]}))
-    code = ("import sys; from qlora_ft.data import load_corpus; "
-            f"texts = load_corpus({paragraphs!r}).train; print('pandas' in sys.modules); "
-            f"print(texts == load_corpus({frame!r}).train == {list(TEXTS)!r})")  # fmt: skip
+    code = ("import sys; from qlora_ft.data.records import iter_paragraphs; from qlora_ft.data.sources import resolve; "
+            "read = lambda path: list(iter_paragraphs(resolve(path))); "
+            f"texts = read({listed!r}); print('pandas' in sys.modules); "
+            f"print(texts == read({frame!r}) == {list(TEXTS)!r})")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "True"]
 
 
-def test_pre_split_pickle(tmp_path):
-    corpus = load_corpus(write_pickle(tmp_path / "d.pkl", {"train": TEXTS[:2], "validation": [{"sentence": TEXTS[2]}]}))
-    assert corpus == Corpus(TEXTS[:2], [TEXTS[2]])
-    split = split_corpus(corpus, 0.9, seed=0)
-    assert split.train == TEXTS[:2] and split.validation == [TEXTS[2]]
+def test_pre_split_pickle(tmp_path, tokenizer):
+    data = {"train": TEXTS[:2], "validation": [{"sentence": TEXTS[2]}]}
+    cache, path = cache_of(tmp_path, tokenizer, data)
+    assert parts(path) == (TEXTS[:2], [TEXTS[2]])
+    split = Split.of(cache, seed=0, train_share=0.9)  # the source's own split, whatever the share
+    texts = paragraphs(path)
+    assert [texts[i] for i in split.train_idx] == TEXTS[:2] and [texts[i] for i in split.val_idx] == [TEXTS[2]]
 
 
 def test_text_column_flag(tmp_path):
     path = write_pickle(tmp_path / "d.pkl", pd.DataFrame({"body": TEXTS, "title": ["a", "b", "c"]}))
-    assert load_corpus(path, text_column="body").train == TEXTS
+    assert paragraphs(path, text_column="body") == TEXTS
     with pytest.raises(UserError, match="no text column"):
-        load_corpus(path)
+        paragraphs(path)
     with pytest.raises(UserError, match="no column 'nope'"):
-        load_corpus(path, text_column="nope")
+        paragraphs(path, text_column="nope")
 
 
 def test_txt_file_and_folder(tmp_path):
     book = "Chapter 1\n\nIt is a truth\nuniversally acknowledged.\n\n\n  Second para.  \r\n"
     (tmp_path / "b.txt").write_text(book)
-    assert load_corpus(str(tmp_path / "b.txt")).train == ["It is a truth universally acknowledged.", "Second para."]
-    assert load_corpus(str(tmp_path / "b.txt"), keep_headings=True).train == [
+    assert paragraphs(tmp_path / "b.txt") == ["It is a truth universally acknowledged.", "Second para."]
+    assert paragraphs(tmp_path / "b.txt", keep_headings=True) == [
         "Chapter 1", "It is a truth universally acknowledged.", "Second para."]  # fmt: skip
     folder = tmp_path / "books"
     folder.mkdir()
     (folder / "1.txt").write_text("VOLUME I\n\nCHAPTER I\n\nA one.\n\nA two.")
     (folder / "2.txt").write_text("CHAPTER II.\n\nB one.")
-    assert load_corpus(str(folder)).train == ["A one.", "A two.", "B one."]
-    assert len(load_corpus(str(folder), keep_headings=True).train) == 6
+    assert paragraphs(folder) == ["A one.", "A two.", "B one."]
+    assert len(paragraphs(folder, keep_headings=True)) == 6
 
 
-def test_headings_are_dropped_from_every_source_by_one_rule(tmp_path, caplog):
-    """Books, tables, pickles and saved datasets lose their heading-only paragraphs alike, read whole or streamed
-    for the token cache; --keep-headings keeps them from every source."""
+def test_headings_are_dropped_from_every_source_by_one_rule(tmp_path, caplog, tokenizer):
+    """Books, tables, pickles and saved datasets lose their heading-only paragraphs alike, read on their own or
+    into the token cache; --keep-headings keeps them from every source."""
     import datasets
-
-    from qlora_ft import sources
 
     caplog.set_level("INFO", logger="qlora_ft")
     (tmp_path / "b.txt").write_text("CHAPTER I\n\nIV\n\nI said so.\n\nCHAPTER 2. I OBSERVE\n\nBook I: Boy and Girl"
                                     "\n\nChapter and verse were quoted.\n\nPart of it was true.")  # fmt: skip
-    assert load_corpus(str(tmp_path / "b.txt")).train == ["I said so.", "Chapter and verse were quoted.",
-                                                         "Part of it was true."]  # fmt: skip
+    assert paragraphs(tmp_path / "b.txt") == ["I said so.", "Chapter and verse were quoted.",
+                                              "Part of it was true."]  # fmt: skip
     assert "b.txt: dropped 4 heading-only paragraphs" in caplog.text
     rows = ["CHAPTER I", "Text.", "IV", "12.", "Book two.", "More text."]
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(saved))
     pd.DataFrame({"text": rows}).to_csv(tmp_path / "d.csv", index=False)
     for source in (write_pickle(tmp_path / "d.pkl", rows), str(tmp_path / "d.csv"), str(saved)):
-        assert load_corpus(source).train == ["Text.", "More text."], source
-        assert sources.read_corpus(source).train == ["Text.", "More text."], source
-        assert load_corpus(source, keep_headings=True).train == rows, source
-        assert sources.read_corpus(source, keep_headings=True).train == rows, source
+        assert paragraphs(source) == ["Text.", "More text."], source
+        assert paragraphs(source, keep_headings=True) == rows, source
+        for keep, expected in ((False, ["Text.", "More text."]), (True, rows)):
+            cache = open_cache(source, tokenizer, Recipe(keep_headings=keep), cache_dir=tmp_path / "cache")
+            cached = [tokenizer.decode(cache.tokens(i)) for i in range(cache.n_records)]
+            assert cached == expected, (source, keep)
 
 
 def test_austen_chapter_headings_are_gone_and_paragraphs_stay():
     from conftest import shared_or_skip
 
     austen = str(shared_or_skip("data", "corpora", "austen"))
-    kept, everything = load_corpus(austen).train, load_corpus(austen, keep_headings=True).train
+    kept, everything = paragraphs(austen), paragraphs(austen, keep_headings=True)
     kept_set = set(kept)
     dropped = [p for p in everything if p not in kept_set]
     assert {p.split()[0] for p in dropped} == {"CHAPTER", "Chapter", "VOLUME"} and len(dropped) > 200
@@ -136,7 +156,7 @@ def test_austen_chapter_headings_are_gone_and_paragraphs_stay():
 def test_titled_chapter_headings_are_gone_too():
     from conftest import shared_or_skip
 
-    drood = load_corpus(str(shared_or_skip("data", "corpora", "dickens", "edwin_drood.txt"))).train
+    drood = paragraphs(shared_or_skip("data", "corpora", "dickens", "edwin_drood.txt"))
     assert not [p for p in drood if p.startswith("CHAPTER")]  # "CHAPTER I—THE DAWN", ...
     assert len(drood) > 1000
 
@@ -147,7 +167,7 @@ def test_tables(tmp_path):
     frame.to_parquet(tmp_path / "d.parquet")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in TEXTS))
     for name in ("d.csv", "d.parquet", "d.jsonl"):
-        assert load_corpus(str(tmp_path / name)).train == TEXTS, name
+        assert parts(tmp_path / name) == (TEXTS, None), name
 
 
 def test_saved_datasets_dir(tmp_path):
@@ -157,9 +177,9 @@ def test_saved_datasets_dir(tmp_path):
         {"train": datasets.Dataset.from_dict({"text": TEXTS[:2]}),
          "validation": datasets.Dataset.from_dict({"text": TEXTS[2:]})}
     ).save_to_disk(tmp_path / "ds")  # fmt: skip
-    assert load_corpus(str(tmp_path / "ds")) == Corpus(TEXTS[:2], TEXTS[2:])
+    assert parts(tmp_path / "ds") == (TEXTS[:2], TEXTS[2:])
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(tmp_path / "flat")
-    assert load_corpus(str(tmp_path / "flat")) == Corpus(TEXTS)
+    assert parts(tmp_path / "flat") == (TEXTS, None)
 
 
 class _Evil:
@@ -171,7 +191,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = write_pickle(tmp_path / "evil.pkl", [{"sentence": "fine"}, _Evil()])
     with pytest.raises(UserError, match="refusing to load .*system.*nothing in the file was executed"):
-        load_corpus(path)
+        paragraphs(path)
     assert not (tmp_path / "PWNED_MARKER").exists()
 
 
@@ -187,57 +207,81 @@ def test_bad_pickles(payload, message):
 
 @pytest.mark.parametrize(
     "obj, message",
-    [([1, 2], "item 0 is int"), ([], "no paragraphs"), (42, "expected a list"), ({"train": ["a"]}, "validation"),
-     ([{"title": "x"}], "no text column")],
+    [([1, 2], "row 0: the text is int, not a string"), ([], "the data is empty"), (42, "expected a list"),
+     ({"train": ["a"]}, "validation"), ([{"title": "x"}], "no text column")],
 )  # fmt: skip
-def test_wrong_structures(tmp_path, obj, message):
+def test_wrong_structures(tmp_path, tokenizer, obj, message):
+    """Each is refused in one line on the way into the token cache (an empty source only once it is read whole)."""
     with pytest.raises(UserError, match=message):
-        load_corpus(write_pickle(tmp_path / "d.pkl", obj))
+        cache_of(tmp_path, tokenizer, obj)
 
 
 def test_missing_file_and_unknown_format_and_bad_utf8(tmp_path):
     with pytest.raises(UserError, match="data file not found"):
-        load_corpus(str(tmp_path / "nope.pkl"))
+        paragraphs(tmp_path / "nope.pkl")
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(UserError, match="unknown data format"):
-        load_corpus(str(tmp_path / "d.xlsx"))
+        paragraphs(tmp_path / "d.xlsx")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
     with pytest.raises(UserError, match="not UTF-8"):
-        load_corpus(str(tmp_path / "bad.txt"))
+        paragraphs(tmp_path / "bad.txt")
 
 
-def test_split_is_seeded_disjoint_and_complete():
+def test_split_is_seeded_disjoint_and_complete(tmp_path, tokenizer):
     texts = [f"paragraph {i}" for i in range(100)] + ["paragraph 3", "paragraph 7"]  # two duplicates
-    a, b = split_corpus(Corpus(texts), 0.9, seed=1), split_corpus(Corpus(texts), 0.9, seed=1)
-    assert a.train_idx == b.train_idx and a.val_idx == b.val_idx
-    assert len(a.validation) == 10 and len(a.train) == 90
-    assert not set(a.train) & set(a.validation)
-    assert sorted(a.train + a.validation) == sorted(set(texts))
-    assert split_corpus(Corpus(texts), 0.9, seed=2).val_idx != a.val_idx
+    cache, _ = cache_of(tmp_path, tokenizer, texts)
+    a, b = Split.of(cache, 1, 0.9), Split.of(cache, 1, 0.9)
+    assert a.train_idx.tolist() == b.train_idx.tolist() and a.val_idx.tolist() == b.val_idx.tolist()
+    train, validation = [texts[i] for i in a.train_idx], [texts[i] for i in a.val_idx]
+    assert len(validation) == 10 and len(train) == 90
+    assert not set(train) & set(validation)
+    assert sorted(train + validation) == sorted(set(texts))
+    assert Split.of(cache, 2, 0.9).val_idx.tolist() != a.val_idx.tolist()
 
 
-def test_split_needs_two_paragraphs():
+def test_split_needs_two_paragraphs(tmp_path, tokenizer):
+    cache, _ = cache_of(tmp_path, tokenizer, ["only one"])
     with pytest.raises(UserError, match="too few paragraphs"):
-        split_corpus(Corpus(["only one"]), 0.9, seed=0)
+        Split.of(cache, 0, 0.9)
 
 
-def test_saved_split_is_checked_against_the_data():
-    split = split_corpus(Corpus([f"p{i}" for i in range(20)]), 0.8, seed=0)
+def test_saved_split_is_checked_against_the_data(tmp_path, tokenizer):
+    cache, path = cache_of(tmp_path, tokenizer, [f"p{i}" for i in range(20)])
+    split = Split.of(cache, 0, 0.8)
     saved = json.loads(json.dumps(split.to_json()))
-    assert split_from_json(split, saved).val_idx == split.val_idx
-    other = split_corpus(Corpus([f"q{i}" for i in range(20)]), 0.8, seed=0)
+    keys = lambda: iter(paragraphs(path))  # noqa: E731
+    split.check(saved, cache, keys)  # the same data, seed and share: accepted
+    other, other_path = cache_of(tmp_path, tokenizer, [f"q{i}" for i in range(20)], name="other.pkl")
     with pytest.raises(UserError, match="differs"):
-        split_from_json(other, saved)
+        Split.of(other, 0, 0.8).check(saved, other, lambda: iter(paragraphs(other_path)))
 
 
-@pytest.mark.parametrize("n, max_len", [(0, 4), (1, 2), (5, 4), (10, 3), (97, 16), (200, 100)])
-def test_windows_predict_every_token_exactly_once(n, max_len):
-    ids = list(range(1, n + 1))
-    windows = to_windows(ids, eos_id=0, max_len=max_len)
-    assert all(2 <= len(w) <= max_len for w in windows)
-    targets = [t for w in windows for t in w[1:]]  # what each window predicts
-    assert targets == ids + [0]  # every token and the final <eos>, once, in order
-    assert windows[0][0] == 0
+@pytest.fixture(scope="module")
+def paragraph_cache(tmp_path_factory, tokenizer):
+    """A cache of paragraphs from 1 token to a few hundred."""
+    texts = ["a", "Mr", "She said.", *make_paragraphs(40, seed=3), " ".join(make_paragraphs(12, seed=4))]
+    cache, _ = cache_of(tmp_path_factory.mktemp("windows"), tokenizer, texts)
+    assert min(cache.lengths) == 1 and max(cache.lengths) > 200
+    return cache
+
+
+def check_windows(cache, records, max_len):
+    """Every window of each record fits, opens the record with <eos>, and together they predict every token of the
+    record and the closing <eos> once, in order."""
+    windows = cut_windows(cache, records, max_len)
+    assert windows.record.tolist() == sorted(windows.record.tolist(), key=list(records).index)
+    for r in records:
+        mine = [windows.ids(k).tolist() for k in np.flatnonzero(windows.record == r)]
+        assert mine and all(2 <= len(w) <= max_len for w in mine)
+        assert [len(w) for w in mine] == [int(windows.lengths[k]) for k in np.flatnonzero(windows.record == r)]
+        assert mine[0][0] == cache.eos_id
+        targets = [t for w in mine for t in w[1:]]  # what each window predicts
+        assert targets == [*cache.tokens(int(r)).tolist(), cache.eos_id]
+
+
+@pytest.mark.parametrize("max_len", [2, 3, 4, 16, 100, 1000])
+def test_windows_predict_every_token_exactly_once(paragraph_cache, max_len):
+    check_windows(paragraph_cache, list(range(paragraph_cache.n_records)), max_len)
 
 
 def test_collate_masks_padding_by_position_and_keeps_eos():
@@ -321,13 +365,17 @@ def test_padded_batches_grouped_by_length_waste_little():
     assert grouped < 0.05 < 0.3 < shuffled
 
 
-def test_split_text_handles_crlf_and_nul():
-    assert split_text("a\r\nb\r\n\r\nc\x00d") == ["a b", "cd"]
+def test_book_text_handles_crlf_and_nul(tmp_path):
+    (tmp_path / "b.txt").write_bytes(b"a\r\nb\r\n\r\nc\x00d")
+    assert paragraphs(tmp_path / "b.txt", keep_headings=True) == ["a b", "cd"]  # ("cd" alone reads as CD: 400)
 
 
-def test_write_pickle_dataset_round_trip(tmp_path):
+def test_prepare_writes_the_pickle_dataset_atomically(tmp_path):
+    from qlora_ft.cli import run_prepare
+
+    (tmp_path / "b.txt").write_text("\n\n".join(TEXTS))
     out = tmp_path / "sub" / "austen_dataset.pkl"
-    write_pickle_dataset(TEXTS, str(out))
+    run_prepare([str(tmp_path / "b.txt")], str(out), None)
     assert pickle.loads(out.read_bytes()) == [{"sentence": t} for t in TEXTS]
     assert [p.name for p in out.parent.iterdir()] == ["austen_dataset.pkl"]  # no temp file left
 
@@ -335,10 +383,10 @@ def test_write_pickle_dataset_round_trip(tmp_path):
 @pytest.mark.parametrize("source", ["my books", "data/", "books/austen/", "./austen", "a/b/c"])
 def test_a_missing_path_that_is_no_repository_id_is_a_missing_file(source):
     with pytest.raises(UserError, match=f"data file not found: {re.escape(source)}"):
-        load_corpus(source)
+        paragraphs(source)
 
 
 def test_a_hub_dataset_missing_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot load dataset 'someone/absent'.*HF_HUB_OFFLINE"):
-        load_corpus("someone/absent")
+        paragraphs("someone/absent")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_paragraphs
+from conftest import ROOT, ListWindows, make_paragraphs
 from qlora_ft.checkpoint import load_checkpoint
 from qlora_ft.config import TrainConfig, apply_mode_defaults
 from qlora_ft.errors import UserError
@@ -325,7 +325,7 @@ def test_a_process_without_a_row_steps_with_no_targets():
 
     from qlora_ft.training.run import Run
 
-    train = SimpleNamespace(ids=[[9, 5, 6], [9, 7]], masks=None)
+    train = ListWindows([[9, 5, 6], [9, 7]])
     runs = [SimpleNamespace(data=SimpleNamespace(train=train), pad_id=0, engine=SimpleNamespace(rank=r, world=2))
             for r in (0, 1)]  # fmt: skip
     mine, none = (Run.micro_batch(run, [[1]]) for run in runs)  # a global batch of one row, on 2 processes

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import WORDS, shared_or_skip
+from conftest import WORDS, ListWindows, shared_or_skip
 from qlora_ft.cli import inference_main, main, train_main
 
 CPU = torch.device("cpu")
@@ -47,11 +47,28 @@ def train_run(work, rows, model_dir, *extra):
     return work / "run"
 
 
-def validation_rows(work, rows):
-    """The run's validation records, read from the split its checkpoint saved (indices into the distinct rows)."""
-    latest = (work / "ckpt" / "latest").read_text().strip()
-    split = json.loads((work / "ckpt" / latest / "split.json").read_text())
-    return [rows[i] for i in split["validation"]]  # the rows are distinct, so the indices are the rows'
+def as_row(record):
+    """An instruction or chat record as the row it was read from."""
+    if hasattr(record, "messages"):
+        return {"messages": [{"role": role, "content": content} for role, content in record.messages]}
+    return {"instruction": record.instruction, "input": record.input, "output": record.output}
+
+
+def validation_rows(run, rows):
+    """The run's validation records as training reads them: its saved configuration through the data road,
+    checked against the split its checkpoint saved. The rows are distinct, so record i of the cache is rows[i]."""
+    from qlora_ft.config import train_config_from_dict
+    from qlora_ft.data.prepare import prepare_data, read_template
+    from qlora_ft.model import load_tokenizer
+
+    latest = (run.parent / "ckpt" / "latest").read_text().strip()
+    split = json.loads((run.parent / "ckpt" / latest / "split.json").read_text())
+    cfg = train_config_from_dict(json.loads((run / "run_config.json").read_text()))
+    data = prepare_data(cfg, load_tokenizer(str(run)), split, read_template(run))
+    held_out = [rows[i] for i in data.split.val_idx]
+    assert len(held_out) == split["n_validation"]
+    assert [as_row(r) for r in data.read(data.split.val_idx)] == held_out
+    return held_out
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +103,14 @@ def test_response_perplexity_of_a_bf16_model_sums_in_float32(tiny_model_dir):
     in float32: the same loss as cross-entropy over its logits upcast first."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_ft.dataset import Sequences
-    from qlora_ft.evaluate import _response_perplexity, response_batches
+    from qlora_ft.data.batches import held_out_batches
+    from qlora_ft.evaluate import _response_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     rng = random.Random(0)
     ids = [[rng.randrange(1, 300) for _ in range(rng.randint(20, 60))] for _ in range(8)]
     masks = [[0] * 8 + [1] * (len(s) - 8) for s in ids]  # a prompt of 8 tokens, then the response
-    batches = response_batches(Sequences(ids, masks), pad_id=0, batch_size=4)
+    batches = held_out_batches(ListWindows(ids, masks), pad_id=0, batch_size=4)
     nll, n = 0.0, 0
     with torch.no_grad():
         for b in batches:
@@ -125,7 +142,7 @@ def test_eval_of_an_instruction_run(instruction_run, tiny_model_dir, tmp_path, c
           "--contrast", str(tmp_path / "unused.txt")])  # fmt: skip
     assert "ignored for instruction runs: --contrast" in capsys.readouterr().err
     result = json.loads((out / "eval.json").read_text())
-    held_out = validation_rows(run.parent, rows)
+    held_out = validation_rows(run, rows)
     assert result["mode"] == "instruction" and result["template"] == "plain"
     assert result["held_out"]["records"] == len(held_out) == 6 and result["held_out"]["dropped_too_long"] == 0
     answered = result["responses"]
@@ -198,7 +215,7 @@ def test_eval_of_a_chat_run_answers_the_last_assistant_turn(tmp_path, tiny_model
     run = train_run(tmp_path / "chat", rows, tiny_model_dir)
     main(["eval", "--model_path", str(run), "--max-length", "6", "--out-dir", str(tmp_path / "eval")])
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    held_out = validation_rows(run.parent, rows)
+    held_out = validation_rows(run, rows)
     assert result["mode"] == "chat" and result["generation"]["n_prompts"] == len(held_out) == 6
     for item, row in zip(result["responses"], held_out, strict=True):
         assert item["messages"] == row["messages"][:-1] and item["reference"] == row["messages"][-1]["content"]
@@ -246,6 +263,6 @@ def test_eval_on_the_shared_instruction_data(tmp_path):
     assert result["template"] == "alpaca" and len(result["responses"]) == 2
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     split = json.loads((tmp_path / "ckpt" / latest / "split.json").read_text())
-    assert result["held_out"]["records"] + result["held_out"]["dropped_too_long"] == len(split["validation"])
+    assert result["held_out"]["records"] + result["held_out"]["dropped_too_long"] == split["n_validation"]
     assert result["response_perplexity"]["fine_tuned"] == pytest.approx(summary["final_val_perplexity"], rel=1e-3)
     assert "### Held-out records" in (tmp_path / "run" / "eval.md").read_text()

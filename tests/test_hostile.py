@@ -2,15 +2,38 @@
 
 import json
 import pickle
+import re
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import build_tokenizer, make_paragraphs
 from qlora_ft.config import TrainConfig
-from qlora_ft.data import Corpus, load_corpus, safe_unpickle, split_corpus, split_text, to_windows
+from qlora_ft.data.batches import cut_windows
+from qlora_ft.data.prepare import Recipe, open_cache
+from qlora_ft.data.records import clean_paragraph, iter_paragraphs
+from qlora_ft.data.sources import detect_layout, resolve, safe_unpickle
+from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError
 from qlora_ft.options import parse_config
+
+
+def fuzz(examples: int = 100) -> settings:
+    """`examples` examples, no deadline; fixtures (tmp_path, the tokenizer) are shared by the examples of a test."""
+    return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def paragraphs(path, **options) -> list[str]:
+    """Every paragraph of a source, each part in turn."""
+    return list(iter_paragraphs(resolve(str(path)), **options))
+
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(max_size=20),
@@ -19,17 +42,19 @@ values = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz(200)
 @given(obj=values)
-def test_any_pickled_structure_loads_or_is_a_user_error(tmp_path, obj):
+def test_any_pickled_structure_loads_or_is_a_user_error(tmp_path, tokenizer, obj):
     path = tmp_path / "d.pkl"
     path.write_bytes(pickle.dumps(obj))
     try:
-        corpus = load_corpus(str(path))
+        texts = paragraphs(path)
     except UserError:
         return
-    assert corpus.train or corpus.validation
-    assert all(isinstance(t, str) and t and t == t.strip() for t in corpus.train + (corpus.validation or []))
+    assert all(isinstance(t, str) and t and t == t.strip() for t in texts)
+    if not texts:  # nothing to train on: refused on the way into the token cache
+        with pytest.raises(UserError, match="the data is empty"):
+            open_cache(str(path), tokenizer, Recipe(), cache_dir=tmp_path / "cache")
 
 
 @settings(max_examples=300, deadline=None)
@@ -41,58 +66,95 @@ def test_random_bytes_never_escape_as_anything_but_a_user_error(data):
         pass
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def reference_paragraphs(text: str, layout: str) -> list[str]:
+    """The layouts' rules, written plainly: lines end at LF, CRLF or CR (a leading BOM is not text); a book's
+    paragraphs are the runs of lines that are not blank, WikiText's every line that is not blank; each cleaned."""
+    lines = re.split(r"\r\n|\r|\n", text.removeprefix("\ufeff"))
+    if layout == "wikitext":
+        blocks = [line for line in lines if line.strip()]
+    else:
+        blocks, block = [], []
+        for line in [*lines, ""]:
+            if line.strip():
+                block.append(line)
+            elif block:
+                blocks, block = [*blocks, "\n".join(block)], []
+    return [p for p in map(clean_paragraph, blocks) if p]
+
+
+@fuzz(200)
 @given(text=st.text())
 def test_any_text_file_gives_clean_paragraphs_or_a_user_error(tmp_path, text):
     path = tmp_path / "book.txt"
-    path.write_text(text, encoding="utf-8")
-    try:
-        corpus = load_corpus(str(path))
-    except UserError as e:
-        assert "no paragraphs" in str(e)
+    path.write_text(text, encoding="utf-8", newline="")
+    expected = reference_paragraphs(text, detect_layout(path))
+    if not expected:  # nothing but whitespace: one line saying so
+        with pytest.raises(UserError, match="no paragraphs found"):
+            paragraphs(path, keep_headings=True)
         return
-    assert corpus.train == split_text(text)
-    assert all(p and "\n" not in p and "\x00" not in p for p in corpus.train)
+    texts = paragraphs(path, keep_headings=True)
+    assert texts == expected
+    assert paragraphs(path, keep_headings=True, layout="book") == reference_paragraphs(text, "book")
+    assert all(p and "\n" not in p and "\x00" not in p and p == p.strip() for p in texts)
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz(40)
 @given(texts=st.lists(st.text(min_size=1), min_size=2, max_size=40, unique=True), seed=st.integers(0, 10))
-def test_split_property_no_overlap_nothing_lost(texts, seed):
-    cleaned = [t for t in dict.fromkeys(" ".join(t.split()) for t in texts) if t]
+def test_split_property_no_overlap_nothing_lost(tmp_path, tokenizer, texts, seed):
+    """Through the token cache, as training splits: the sides share no paragraph and together hold each once."""
+    cleaned = [t for t in dict.fromkeys(clean_paragraph(t) for t in texts) if t]
     if len(cleaned) < 2:
         return
-    split = split_corpus(Corpus(cleaned), 0.8, seed)
-    assert not set(split.train) & set(split.validation)
-    assert sorted(split.train + split.validation) == sorted(cleaned)
+    path = tmp_path / "d.pkl"
+    path.write_bytes(pickle.dumps(texts))
+    cache = open_cache(str(path), tokenizer, Recipe(keep_headings=True), cache_dir=tmp_path / "cache")
+    split = Split.of(cache, seed, 0.8)
+    read = paragraphs(path, keep_headings=True)
+    train, validation = [read[i] for i in split.train_idx], [read[i] for i in split.val_idx]
+    assert not set(train) & set(validation)
+    assert sorted(train + validation) == sorted(cleaned)
 
 
-@given(ids=st.lists(st.integers(1, 1000), max_size=300), max_len=st.integers(2, 64))
-def test_windows_property(ids, max_len):
-    windows = to_windows(ids, 0, max_len)
-    assert all(len(w) <= max_len for w in windows)
-    assert [t for w in windows for t in w[1:]] == ids + [0]
+@pytest.fixture(scope="module")
+def paragraph_cache(tmp_path_factory, tokenizer):
+    """A cache of paragraphs from 1 token to a few hundred."""
+    path = tmp_path_factory.mktemp("windows") / "d.pkl"
+    path.write_bytes(pickle.dumps(["a", "She said.", *make_paragraphs(30, seed=5), " ".join(make_paragraphs(9))]))
+    return open_cache(str(path), tokenizer, Recipe(), cache_dir=path.parent / "cache")
+
+
+@fuzz()
+@given(picked=st.lists(st.integers(0, 31), min_size=1, max_size=8, unique=True), max_len=st.integers(2, 64))
+def test_windows_property(paragraph_cache, picked, max_len):
+    windows = cut_windows(paragraph_cache, picked, max_len)
+    assert all(2 <= n <= max_len for n in windows.lengths.tolist())
+    for r in dict.fromkeys(picked):
+        mine = np.flatnonzero(windows.record == r)
+        ids = [windows.ids(k).tolist() for k in mine]
+        assert [len(w) for w in ids] == windows.lengths[mine].tolist()
+        assert [t for w in ids for t in w[1:]] == [*paragraph_cache.tokens(r).tolist(), paragraph_cache.eos_id]
 
 
 def test_nul_bytes_and_invalid_utf8(tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"One\x00 para.\n\nTwo.")
-    assert load_corpus(str(tmp_path / "nul.txt")).train == ["One para.", "Two."]
+    assert paragraphs(tmp_path / "nul.txt") == ["One para.", "Two."]
     (tmp_path / "bad.txt").write_bytes(b"ok\n\n\xff\xfe broken")
     with pytest.raises(UserError, match="not UTF-8 .*offset 4"):
-        load_corpus(str(tmp_path / "bad.txt"))
+        paragraphs(tmp_path / "bad.txt")
 
 
 @pytest.mark.slow
 def test_a_10_mb_paragraph_is_cut_into_windows(tmp_path, tiny_model_dir):
-    from qlora_ft.data import windows_for
     from qlora_ft.model import load_tokenizer
 
     words = ("she said that the letter was not her fortune " * 240_000)[: 10 * 2**20]
     (tmp_path / "big.pkl").write_bytes(pickle.dumps([{"sentence": words}, {"sentence": "A short one."}]))
-    corpus = load_corpus(str(tmp_path / "big.pkl"))
-    assert len(corpus.train[0]) > 10_000_000
+    assert len(paragraphs(tmp_path / "big.pkl")[0]) > 10_000_000
     tok = load_tokenizer(str(tiny_model_dir))
-    windows = windows_for(tok, corpus.train[:1], 512)
-    assert len(windows) > 1000 and all(len(w) <= 512 for w in windows)
+    cache = open_cache(str(tmp_path / "big.pkl"), tok, Recipe(), cache_dir=tmp_path / "cache")
+    windows = cut_windows(cache, [0], 512)
+    assert len(windows) > 1000 and all(n <= 512 for n in windows.lengths.tolist())
+    assert sum(len(windows.ids(k)) - 1 for k in range(len(windows))) == len(cache.tokens(0)) + 1
 
 
 def test_conflicting_flags():

@@ -11,14 +11,13 @@ from safetensors.torch import load_file
 from conftest import WORDS, build_model_dir
 from qlora_ft.cli import inference_main, main, train_main
 from qlora_ft.config import TrainConfig
-from qlora_ft.data import epoch_batches, epoch_rows
-from qlora_ft.dataset import prepare_data
+from qlora_ft.data.batches import epoch_batches, epoch_rows, make_batch
+from qlora_ft.data.prepare import prepare_data
+from qlora_ft.data.records import Chat, Instruction
 from qlora_ft.loop import train
 from qlora_ft.model import load_tokenizer
 from qlora_ft.options import parse_config
-from qlora_ft.records import Chat, Instruction
 from qlora_ft.templates import DEFAULT_CHAT_TEMPLATE, TEMPLATES, cut_at_stop
-from qlora_ft.training.plan import make_batch
 
 
 def words(rng, lo, hi):
@@ -75,7 +74,7 @@ def first_batch(cfg: TrainConfig, data):
     """The loop's first training batch (epoch 0), and the train-record indices of each of its rows."""
     rows = epoch_rows(data.train.lengths, cfg.data.max_input_length, cfg.data.packing, cfg.data.seed, 0)
     batch_rows = epoch_batches(rows, data.train.lengths, cfg.data.batch_size, not cfg.data.packing, cfg.data.seed, 0)[0]
-    return make_batch(batch_rows, data.train.ids, 0, data.train.masks), batch_rows
+    return make_batch(batch_rows, data.train, 0), batch_rows
 
 
 def responses(tokenizer, record) -> list[int]:
@@ -149,22 +148,24 @@ def test_labels_of_a_training_batch_are_exactly_the_responses(tmp_path, tiny_mod
     data = prepare_data(cfg, tokenizer)
     assert data.mode == ("chat" if kind == "chat" else "instruction")
     batch, batch_rows = first_batch(cfg, data)
+    records = data.read(data.train.record)  # window k's record is records[k]
     assert packing == ("position_ids" in batch) and any(len(r) > 1 for r in batch_rows) == packing
     for r, row in enumerate(batch_rows):
         labelled = batch["labels"][r][batch["labels"][r] != -100].tolist()
-        assert labelled == [t for i in row for t in responses(tokenizer, data.train_records[i])]
+        assert labelled == [t for i in row for t in responses(tokenizer, records[i])]
     if kind == "instruction":  # both prompt forms are in the data
-        assert {bool(r.input) for r in data.train_records} == {True, False}
+        assert {bool(r.input) for r in records} == {True, False}
 
     # --train-on-prompt: every token of each record is a target, except its leading <eos>
     cfg = parse_config(TrainConfig, argv(tmp_path, data_path, tiny_model_dir, "--packing", packing,
                                          "--train-on-prompt", "True"), "train.py")  # fmt: skip
     data = prepare_data(cfg, tokenizer)
+    records = data.read(data.train.record)
     batch, batch_rows = first_batch(cfg, data)
     for r, row in enumerate(batch_rows):
         labelled = batch["labels"][r][batch["labels"][r] != -100].tolist()
-        assert labelled == [t for i in row for t in data.train.ids[i][1:]]
-        assert len(labelled) > sum(len(responses(tokenizer, data.train_records[i])) for i in row)
+        assert labelled == [t for i in row for t in data.train.ids(i).tolist()[1:]]
+        assert len(labelled) > sum(len(responses(tokenizer, records[i])) for i in row)
 
 
 @pytest.mark.slow
@@ -242,13 +243,16 @@ def test_over_long_records_are_dropped_and_counted(tmp_path, tiny_model_dir, cap
     with caplog.at_level("INFO"):
         prepared = prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
     dropped = [r.getMessage() for r in caplog.records if "longer than 96 tokens" in r.getMessage()]
-    assert len(dropped) == 1 and dropped[0].startswith("dropped 1 of "), dropped
+    n_train, n_val = len(prepared.split.train_idx), len(prepared.split.val_idx)
+    n_side = n_val if 4 in prepared.split.val_idx else n_train  # the side where record 4 fell
+    assert dropped == [f"left out 1 of {n_side} records longer than 96 tokens"], dropped
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
-    counts = "0 / 1" if 4 in prepared.split.val_idx else "1 / 0"  # (train / validation) where record 4 fell
-    assert len(summary) == 1 and summary[0].endswith(f"{counts} longer ones dropped"), summary
-    kept = prepared.train_records + prepared.val_records
+    windows = f"{n_train} / {n_val - 1}" if 4 in prepared.split.val_idx else f"{n_train - 1} / {n_val}"
+    head = f"data: {n_train} train / {n_val} validation instruction records -> {windows} windows"
+    assert len(summary) == 1 and summary[0].startswith(head), summary
+    kept = prepared.read(prepared.train.record) + prepared.read(prepared.validation.record)
     assert len(kept) == 29 and all(len(r.output.split()) < 300 for r in kept)
-    assert max(prepared.train.lengths + prepared.validation.lengths) <= 96
+    assert max(*prepared.train.lengths, *prepared.validation.lengths) <= 96
 
 
 def test_format_forcing(tmp_path, tiny_model_dir, capsys):
@@ -263,8 +267,15 @@ def test_format_forcing(tmp_path, tiny_model_dir, capsys):
 
     assert mode().mode == "instruction"  # auto: prompt/completion columns
     as_text = mode("--format", "text")
-    assert as_text.mode == "text" and as_text.template is None and as_text.train.masks is None
-    line = one_error_line(capsys, train_main, argv(tmp_path, data, tiny_model_dir, "--format", "chat"))
+    assert as_text.mode == "text" and as_text.template is None and not as_text.train.masked
+    as_chat = mode("--format", "chat")  # an instruction record put to a chat run is one exchange
+    assert as_chat.mode == "chat" and as_chat.train.masked
+    every = [*as_chat.read(as_chat.split.train_idx), *as_chat.read(as_chat.split.val_idx)]
+    assert sorted(r.messages for r in every) == sorted(
+        (("user", r["prompt"]), ("assistant", r["completion"])) for r in rows
+    )
+    text_only = write(tmp_path / "t.json", [{"text": r["text"]} for r in rows])
+    line = one_error_line(capsys, train_main, argv(tmp_path, text_only, tiny_model_dir, "--format", "chat"))
     assert "record 0: 'messages' is missing" in line
 
 
@@ -274,10 +285,11 @@ def test_validation_data_file(tmp_path, tiny_model_dir):
     val.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
     train_main(argv(tmp_path, data, tiny_model_dir, "--validation-data", val, "--max-steps", "1", "--rank-lora", "4"))
     split = json.loads((tmp_path / "ckpt" / "step-000001" / "split.json").read_text())
-    assert (len(split["train"]), len(split["validation"])) == (20, 6)
+    assert (split["n_train"], split["n_validation"]) == (20, 6)
     cfg = parse_config(TrainConfig, argv(tmp_path, data, tiny_model_dir, "--validation-data", val), "train.py")
     prepared = prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))
-    assert [r.instruction for r in prepared.val_records] == [r["instruction"] for r in val_rows]
+    assert [r.instruction for r in prepared.read(prepared.split.val_idx)] == [r["instruction"] for r in val_rows]
+    assert [r.instruction for r in prepared.read(prepared.split.train_idx)] == [r["instruction"] for r in train_rows]
 
 
 @pytest.mark.slow
@@ -327,7 +339,7 @@ def test_chat_record_rendering_is_the_record(tmp_path, tiny_model_dir):
     cfg = parse_config(TrainConfig, argv(tmp_path, data, tiny_model_dir), "train.py")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prepared = prepare_data(cfg, tokenizer)
-    record, ids = prepared.train_records[0], prepared.train.ids[0]
+    record, ids = prepared.read(prepared.train.record[:1])[0], prepared.train.ids(0).tolist()
     assert isinstance(record, Chat)
     text = tokenizer.decode(ids)
     assert text == tokenizer.eos_token + tokenizer.apply_chat_template(

@@ -4,15 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ListWindows
 from qlora_ft.checkpoint import list_checkpoints
 from qlora_ft.config import TrainConfig
-from qlora_ft.data import collate
+from qlora_ft.data.batches import collate, make_batch
 from qlora_ft.engines import Engine
 from qlora_ft.errors import UserError
 from qlora_ft.loop import train
 from qlora_ft.loss import accumulate_gradients, forward_loss, output_layer, token_loss
 from qlora_ft.options import parse_config
-from qlora_ft.training.plan import lr_at, make_batch
+from qlora_ft.training.plan import lr_at
 from qlora_ft.training.setup import packing_is_isolated
 
 
@@ -153,7 +154,9 @@ def test_gradient_accumulation_matches_the_bigger_batch(tiny_model_dir):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # as after some training, so every LoRA weight gets a gradient
     g = torch.Generator().manual_seed(0)
-    windows = [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
+    windows = ListWindows(
+        [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
+    )
     engine = Engine(Accelerator(cpu=True))
 
     def grads(micro):
@@ -211,7 +214,7 @@ def test_packed_batch_gives_the_same_per_paragraph_loss_as_one_by_one(tiny_model
     assert packing_is_isolated(model, torch.device("cpu"))
     assert output_layer(model) is model.get_output_embeddings()  # the chunked-loss probe passes for GPT-2
     g = torch.Generator().manual_seed(1)
-    windows = [[399, *torch.randint(1, 300, (n,), generator=g).tolist(), 399] for n in (5, 17, 2, 30, 9)]
+    windows = ListWindows([[399, *torch.randint(1, 300, (n,), generator=g).tolist(), 399] for n in (5, 17, 2, 30, 9)])
     packed = make_batch([[0, 1, 2], [3, 4]], windows, pad_id=399)  # two rows, padded to 43 tokens
     assert "position_ids" in packed
     with torch.no_grad():
@@ -220,8 +223,8 @@ def test_packed_batch_gives_the_same_per_paragraph_loss_as_one_by_one(tiny_model
             logits[:, :-1].transpose(1, 2), packed["labels"][:, 1:], ignore_index=-100, reduction="none"
         )  # (B, T-1)
         for (row, at), index in zip([(0, 0), (0, 7), (0, 26), (1, 0), (1, 32)], range(5), strict=True):
-            n = len(windows[index])
-            assert packed["input_ids"][row, at : at + n].tolist() == windows[index]  # laid out in order
+            n = len(windows.ids(index))
+            assert packed["input_ids"][row, at : at + n].tolist() == windows.ids(index)  # laid out in order
             assert packed["position_ids"][row, at : at + n].tolist() == list(range(n))  # restarts at each window
             alone = make_batch([[index]], windows, pad_id=399)
             expected, _ = token_loss(model(input_ids=alone["input_ids"], use_cache=False).logits, alone["labels"])
@@ -248,7 +251,7 @@ def test_chunked_loss_equals_the_plain_loss_with_gradients(tiny_model_dir):
 
     # and through the model: the same loss and LoRA gradients as computing the full logits
     model = qlora_tiny(tiny_model_dir).eval()  # eval: no dropout, so both passes see the same network
-    windows = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (12, 40, 7, 25)]
+    windows = ListWindows([torch.randint(1, 300, (n,), generator=g).tolist() for n in (12, 40, 7, 25)])
     for rows in ([[0], [1], [2], [3]], [[0, 1, 2], [3]]):
         batch = make_batch(rows, windows, pad_id=0)
         results = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qlora_ft import metrics
-from qlora_ft.data import collate
+from qlora_ft.data.batches import collate
 
 
 class FixedLogits(torch.nn.Module):

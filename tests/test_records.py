@@ -1,14 +1,42 @@
 import json
 import pickle
+from typing import Any, NamedTuple
 
 import datasets
 import pandas as pd
 import pytest
 
-from conftest import shared_or_skip
-from qlora_ft.data import load_corpus
+from conftest import build_tokenizer, shared_or_skip
+from qlora_ft.data.records import Chat, Instruction, as_chat, data_mode, iter_paragraphs, iter_records, record_key
+from qlora_ft.data.sources import resolve
 from qlora_ft.errors import UserError
-from qlora_ft.records import Chat, Instruction, Records, load_records, record_key
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+class Records(NamedTuple):
+    format: str
+    train: list[Any]
+    validation: list[Any] | None = None
+
+
+def load_records(path: str, format: str = "auto", text_column: str | None = None) -> Records:
+    """A source's records as a run reads them: the mode --format names or its columns imply, then its records
+    (paragraphs for text), each part of a pre-split source in turn."""
+    src = resolve(path)
+    mode = data_mode(src, format, text_column)
+
+    def read(part):
+        if mode == "text":
+            return list(iter_paragraphs(src, text_column=text_column, part=part))
+        return list(iter_records(src, mode, part))
+
+    parts = src.parts()
+    return Records(mode, read(None)) if parts is None else Records(mode, read(parts[0]), read(parts[1]))
+
 
 ROWS = [
     {"instruction": "Name a colour.", "input": "", "output": "Red."},
@@ -70,11 +98,9 @@ def test_prompt_completion_columns_are_instructions(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", FILE_KINDS)
-def test_text_columns_defer_to_load_corpus(tmp_path, name):
+def test_text_columns_are_read_as_paragraphs(tmp_path, name):
     path = write(tmp_path / name, [{"text": "First  paragraph."}, {"text": "Second one."}])
-    records = load_records(path)
-    assert records == Records("text", ["First paragraph.", "Second one."])
-    assert records.train == load_corpus(path).train
+    assert load_records(path) == Records("text", ["First paragraph.", "Second one."])
 
 
 def test_txt_is_text_and_cannot_be_forced_to_instructions(tmp_path):
@@ -91,7 +117,10 @@ def test_forced_formats(tmp_path):
     # as text, "5" is a heading-only paragraph (a lone numeral), dropped as from any text source
     assert load_records(path, format="text") == Records("text", ["Red."])
     assert load_records(path, text_column="instruction") == Records("text", ["Name a colour.", "Add the numbers."])
-    with pytest.raises(UserError, match=r"d\.json: record 0: 'messages' is missing"):
+    # a chat run reads instruction records as one exchange each
+    assert load_records(path, format="chat") == Records("chat", [as_chat(r) for r in INSTRUCTIONS])
+    path = write(tmp_path / "t.json", [{"text": r["output"]} for r in ROWS])
+    with pytest.raises(UserError, match=r"t\.json: record 0: 'messages' is missing"):
         load_records(path, format="chat")
     with pytest.raises(UserError, match="unknown data format 'alpaca'"):
         load_records(path, format="alpaca")
@@ -142,7 +171,7 @@ def _with(i, **change):
         ("d.json", _with(4, output=5), "record 4: 'output' is int, not text"),
         ("d.json", _with(9, input=["a", "b"]), "record 9: 'input' is list, not text"),
         ("d.jsonl", [{"prompt": "Q?", "completion": 1.5}], "record 0: 'completion' is float, not text"),
-        ("d.json", [ROWS[0], "just a string"], "record 1: a record must be an object with fields, not str"),
+        ("d.json", [ROWS[0], "just a string"], "record 1: a record must be an object with fields, not text"),
     ],
     ids=["missing-output-json", "missing-output-jsonl", "missing-output-parquet", "missing-instruction",
          "empty-output-csv", "int-output", "list-input", "float-completion", "not-an-object"],
@@ -184,10 +213,15 @@ def test_bad_chat_record_names_index_and_field(tmp_path, rows, message):
 
 
 @pytest.mark.parametrize("name, content", [("e.json", "[]"), ("e.jsonl", "\n"), ("s.json", '{"train": [], "val": []}')])
-def test_empty_data_is_refused(tmp_path, name, content):
+def test_empty_data_is_refused(tmp_path, tokenizer, name, content):
+    from qlora_ft.config import TrainConfig
+    from qlora_ft.data.prepare import prepare_data
+    from qlora_ft.options import parse_config
+
     (tmp_path / name).write_text(content)
-    with pytest.raises(UserError, match="no records found"):
-        load_records(str(tmp_path / name))
+    cfg = parse_config(TrainConfig, ["--data", str(tmp_path / name), "--cache-dir", str(tmp_path / "c")], "train.py")
+    with pytest.raises(UserError, match="the data is empty"):
+        prepare_data(cfg, tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +229,7 @@ def test_empty_data_is_refused(tmp_path, name, content):
     [
         ("d.json", '[{"instruction": "x",', r"d\.json: not valid JSON \(line 1"),
         ("d.jsonl", '{"instruction": "x", "output": "y"}\n{oops}\n', r"d\.jsonl: line 2 is not valid JSON"),
-        ("d.json", '[{"title": "x"}]', r"d\.json: no known columns among title"),
+        ("d.json", '[{"title": "x"}]', r"d\.json: no text column found among title"),
         ("d.pkl", None, r"d\.pkl: refusing to load os\.system"),
         ("d.xml", "<a/>", r"unknown data format '\.xml'"),
     ],
@@ -247,14 +281,13 @@ def test_a_bad_jsonl_line_among_the_first_is_named_not_taken_for_text(tmp_path, 
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
 
 
-def test_keep_headings_on_records_warns_that_it_does_nothing(tmp_path, caplog):
-    from conftest import build_tokenizer
+def test_keep_headings_on_records_warns_that_it_does_nothing(tmp_path, caplog, tokenizer):
     from qlora_ft.config import TrainConfig
-    from qlora_ft.dataset import prepare_data
+    from qlora_ft.data.prepare import prepare_data
     from qlora_ft.options import parse_config
 
     path = write(tmp_path / "d.json", ROWS * 3)
     cfg = parse_config(TrainConfig, ["--data", path, "--keep-headings", "--template", "plain"], "train.py")
     caplog.set_level("WARNING", logger="qlora_ft")
-    prepare_data(cfg, build_tokenizer())
+    prepare_data(cfg, tokenizer)
     assert "--keep-headings: no effect" in caplog.text and "instruction records" in caplog.text

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from qlora_ft import sources
-from qlora_ft.data import load_corpus, read_text_file, split_text
+from qlora_ft.data import sources
+from qlora_ft.data.prepare import Recipe, open_cache
+from qlora_ft.data.records import clean_paragraph, iter_paragraphs
 from qlora_ft.errors import UserError
 
 WIKI = (
@@ -43,77 +45,97 @@ def _write(path, text: str):
     return path
 
 
+def paragraphs(path, **options) -> list[str]:
+    return list(iter_paragraphs(sources.resolve(str(path)), **options))
+
+
+def raw_paragraphs(path, buffer_size: int) -> list[str]:
+    """The paragraphs of a text file read `buffer_size` bytes at a time, cleaned (headings kept)."""
+    return [clean_paragraph(p) for p in sources.iter_text_file(path, "auto", buffer_size=buffer_size)]
+
+
 def test_wikitext_layout_gives_one_paragraph_per_line_and_drops_headings(tmp_path):
     path = _write(tmp_path / "wiki.train.raw.txt", WIKI)
     assert sources.detect_layout(path) == "wikitext"
-    assert list(sources.iter_paragraphs(str(path))) == WIKI_PARAGRAPHS
-    kept = list(sources.iter_paragraphs(str(path), keep_headings=True))
+    assert paragraphs(path) == WIKI_PARAGRAPHS
+    kept = paragraphs(path, keep_headings=True)
     assert kept[0] == "= Valkyria Chronicles III =" and "= = = Story = = =" in kept and len(kept) == 7
-    assert len(load_corpus(str(path)).train) == 1  # the old reader: one paragraph for the whole file
+    # read as a book, the lines of a section run together into one paragraph, with a heading inside it
+    assert paragraphs(path, layout="book") == [" ".join(WIKI_PARAGRAPHS[:2]),
+                                               " ".join([WIKI_PARAGRAPHS[2], "= = = Story = = =",
+                                                         WIKI_PARAGRAPHS[3]])]  # fmt: skip
 
 
 def test_book_layout_whitespace_lines_end_paragraphs_and_headings_drop(tmp_path):
     path = _write(tmp_path / "book.txt", BOOK)
     assert sources.detect_layout(path) == "book"
-    assert list(sources.iter_paragraphs(str(path))) == BOOK_PARAGRAPHS
-    assert list(sources.iter_paragraphs(str(path), keep_headings=True)) == ["CHAPTER I", *BOOK_PARAGRAPHS[:2], "12.",
-                                                                           BOOK_PARAGRAPHS[2]]  # fmt: skip
+    assert paragraphs(path) == BOOK_PARAGRAPHS
+    assert paragraphs(path, keep_headings=True) == ["CHAPTER I", *BOOK_PARAGRAPHS[:2], "12.",
+                                                    BOOK_PARAGRAPHS[2]]  # fmt: skip
 
 
 @pytest.mark.parametrize("text", [BOOK, WIKI])
 def test_file_bigger_than_the_read_buffer(tmp_path, text):
-    once = list(sources.iter_paragraphs(str(_write(tmp_path / "once.txt", text)), keep_headings=True))
+    once = paragraphs(_write(tmp_path / "once.txt", text), keep_headings=True)
     path = _write(tmp_path / "big.txt", text + ("\n" + text.lstrip("\ufeff")) * 4)
+    assert paragraphs(path, keep_headings=True) == once * 5
     for buffer_size in (1, 3, 7, 64):
-        assert list(sources.iter_paragraphs(str(path), keep_headings=True, buffer_size=buffer_size)) == once * 5
+        assert raw_paragraphs(path, buffer_size) == once * 5
 
 
-def test_book_reader_matches_split_text_on_a_shared_book():
+def test_book_reader_matches_a_whole_file_split_on_a_shared_book():
+    """Streamed in small reads, a book gives the paragraphs of the whole text split at its blank lines."""
     from conftest import shared_or_skip
 
     path = shared_or_skip("data", "corpora", "austen", "northanger_abbey.txt")
-    streamed = list(sources.iter_paragraphs(str(path), keep_headings=True, buffer_size=4096))
-    assert streamed == split_text(read_text_file(path))
-    assert len(list(sources.iter_paragraphs(str(path)))) < len(streamed)  # its chapter headings are dropped
+    streamed = raw_paragraphs(path, buffer_size=4096)
+    text = sources.read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")
+    whole = [p for p in map(clean_paragraph, re.split(r"\n[^\S\n]*\n", text)) if p]
+    assert streamed == whole == paragraphs(path, keep_headings=True)
+    assert len(paragraphs(path)) < len(streamed)  # its chapter headings are dropped
 
 
 def test_not_utf8_names_the_file_and_offset(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"Fine line.\n\nCaf\xe9 au lait.\n")
     with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text \(invalid byte at offset 15\)"):
-        list(sources.iter_paragraphs(str(path), buffer_size=4))
+        list(sources.iter_text_file(path, buffer_size=4))
+    with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text \(invalid byte at offset 15\)"):
+        paragraphs(path)
 
 
 def test_folder_of_text_files_in_name_order(tmp_path):
     _write(tmp_path / "b.txt", "Second book.\n")
     _write(tmp_path / "a.txt", "First book,\nwrapped.\n\nStill first.\n")
     (tmp_path / "notes.md").write_text("ignored")
-    assert list(sources.iter_paragraphs(str(tmp_path))) == ["First book, wrapped.", "Still first.", "Second book."]
+    assert paragraphs(tmp_path) == ["First book, wrapped.", "Still first.", "Second book."]
 
 
 def test_jsonl_objects_and_strings(tmp_path):
     lines = [json.dumps({"text": "One  two.", "id": 1}), "", json.dumps({"text": None}), json.dumps({"text": "Three."})]
     path = _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
-    assert list(sources.iter_paragraphs(str(path))) == ["One two.", "Three."]
+    assert paragraphs(path) == ["One two.", "Three."]
     _write(path, json.dumps("A string record.") + "\n{bad json\n")
     with pytest.raises(UserError, match=r"d.jsonl: line 2 is not valid JSON"):
-        list(sources.iter_paragraphs(str(path)))
+        paragraphs(path)
     _write(path, json.dumps({"body": "x"}) + "\n")
     with pytest.raises(UserError, match="no text column found among body"):
-        list(sources.iter_paragraphs(str(path)))
+        paragraphs(path)
 
 
-def test_parquet_read_in_batches(tmp_path):
+def test_parquet_read_in_batches(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     texts = [f"Paragraph number {i}." for i in range(25)]
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"id": list(range(25)), "paragraph": texts}), path, row_group_size=10)
-    assert list(sources.iter_parquet(path, None, batch_rows=3)) == texts
-    assert list(sources.iter_paragraphs(str(path))) == texts
+    monkeypatch.setattr(sources, "BATCH_ROWS", 3)
+    assert [row["paragraph"] for row in sources.iter_parquet(path, None)] == texts
+    assert list(sources.iter_parquet(path, ["paragraph"])) == [{"paragraph": t} for t in texts]  # only that column
+    assert paragraphs(path) == texts
     with pytest.raises(UserError, match="no column 'body'"):
-        list(sources.iter_paragraphs(str(path), text_column="body"))
+        paragraphs(path, text_column="body")
 
 
 def test_saved_dataset_and_dataset_dict(tmp_path):
@@ -121,14 +143,14 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
 
     ds = datasets.Dataset.from_dict({"text": ["Alpha one.", "CHAPTER II", "Beta  two."], "n": [1, 2, 3]})
     ds.save_to_disk(str(tmp_path / "flat"))
-    assert list(sources.iter_paragraphs(str(tmp_path / "flat"))) == ["Alpha one.", "Beta two."]
-    assert sources.source_splits(str(tmp_path / "flat")) is None
+    assert paragraphs(tmp_path / "flat") == ["Alpha one.", "Beta two."]
+    assert sources.resolve(str(tmp_path / "flat")).parts() is None
     dd = datasets.DatasetDict({"train": ds, "valid": datasets.Dataset.from_dict({"text": ["Gamma.", "Delta."]})})
     dd.save_to_disk(str(tmp_path / "dict"))
-    source = str(tmp_path / "dict")
-    assert sources.source_splits(source) == ("train", "validation")
-    assert list(sources.iter_paragraphs(source, split="train")) == ["Alpha one.", "Beta two."]
-    assert list(sources.iter_paragraphs(source, split="validation")) == ["Gamma.", "Delta."]
+    source = sources.resolve(str(tmp_path / "dict"))
+    assert source.parts() == ("train", "valid")  # "valid" names the validation part too
+    assert list(iter_paragraphs(source, part="train")) == ["Alpha one.", "Beta two."]
+    assert list(iter_paragraphs(source, part="valid")) == ["Gamma.", "Delta."]
 
 
 def test_missing_and_unknown_sources(tmp_path):
@@ -148,7 +170,12 @@ def test_a_table_read_for_the_cache_uses_the_named_text_column(tmp_path, suffix)
     path = tmp_path / f"reviews{suffix}"
     {".csv": lambda: frame.to_csv(path, index=False), ".json": lambda: frame.to_json(path, orient="records"),
      ".pkl": lambda: frame.to_pickle(path)}[suffix]()  # fmt: skip
-    assert sources.source_splits(str(path), text_column="body") is None
-    assert sources.read_corpus(str(path), text_column="body").train == list(frame["body"])
+    from conftest import build_tokenizer
+
+    assert sources.resolve(str(path)).parts() is None
+    assert paragraphs(path, text_column="body") == list(frame["body"])
+    tokenizer = build_tokenizer()
+    cache = open_cache(str(path), tokenizer, Recipe(text_column="body"), cache_dir=tmp_path / "cache")
+    assert [tokenizer.decode(cache.tokens(i)) for i in range(cache.n_records)] == list(frame["body"])
     with pytest.raises(UserError, match="no text column"):
-        sources.source_splits(str(path))
+        open_cache(str(path), tokenizer, Recipe(), cache_dir=tmp_path / "cache")

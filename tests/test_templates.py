@@ -1,12 +1,18 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import build_tokenizer, shared_or_skip
-from qlora_ft.data import collate
+from qlora_ft.data import encode as encode_module
+from qlora_ft.data.batches import collate, cut_windows
+from qlora_ft.data.cache import open_or_build
+from qlora_ft.data.encode import encode, encode_chunks, generation_prompt, prompt_ids, render
+from qlora_ft.data.prepare import Recipe, open_cache
+from qlora_ft.data.records import Chat, Instruction, iter_records
+from qlora_ft.data.sources import resolve
 from qlora_ft.errors import UserError
-from qlora_ft.records import Chat, Instruction, load_records
 from qlora_ft.templates import (
     DEFAULT_CHAT_TEMPLATE,
     HEADER_STOP,
@@ -14,14 +20,8 @@ from qlora_ft.templates import (
     FormatCheck,
     Template,
     check_format,
-    collate_masked,
     cut_at_stop,
-    encode,
-    encode_records,
-    fit,
-    generation_prompt,
     get_template,
-    render,
     rouge_l,
 )
 
@@ -48,6 +48,22 @@ def labelled_spans(tok, batch, row=0) -> list[str]:
             spans.append(tok.decode(run))
             run = []
     return spans
+
+
+def encode_records(tok, records, template) -> list[tuple[list[int], list[int]]]:
+    return [encode(tok, render(r, template, tok)) for r in records]
+
+
+def collate_masked(rows, pad_id):
+    """`collate` of rows of (ids, mask) pairs."""
+    return collate([[ids for ids, _ in row] for row in rows], pad_id, [[mask for _, mask in row] for row in rows])
+
+
+def record_cache(tmp_path, tok, records, template):
+    """A token cache of `records` rendered with `template`, as training builds it."""
+    covers = {"test": [repr(r) for r in records], "template": template.to_dict()}
+    segments = lambda: (render(r, template, tok) for r in records)  # noqa: E731
+    return open_or_build(covers, tok, segments, cache_dir=tmp_path / "cache", lead=True)
 
 
 def test_alpaca_texts():
@@ -113,16 +129,26 @@ def test_labels_with_and_without_packing(tok, packing):
             assert (batch["labels"][r, n:] == -100).all()
 
 
-def test_encoding_in_batches_equals_one_by_one(tok):
+@pytest.mark.parametrize("chunk_chars", [50, 1 << 18], ids=["small-chunks", "one-chunk"])
+def test_encoding_in_batches_equals_one_by_one(tok, monkeypatch, chunk_chars):
+    """The token cache tokenizes many records per call: ids, masks and prompt lengths as `encode` and
+    `prompt_ids` give them one record at a time."""
+    monkeypatch.setattr(encode_module, "CHUNK_CHARS", chunk_chars)
     records = [NO_INPUT, CHAT, WITH_INPUT, Instruction("Say it.", "Yes."), CHAT]
-    one_by_one = [encode(tok, render(r, ALPACA, tok)) for r in records]
-    assert encode_records(tok, records, ALPACA, batch=2) == encode_records(tok, records, ALPACA) == one_by_one
+    one_by_one = encode_records(tok, records, ALPACA)
+    chunks = list(encode_chunks([render(r, ALPACA, tok) for r in records], tok, lead=True, workers=1))
+    assert (len(chunks) > 1) == (chunk_chars == 50)
+    ids, lengths, masks, _, prompts = (np.concatenate([c[i] for c in chunks]) for i in range(5))
+    starts = np.cumsum(lengths) - lengths
+    batched = [(ids[a : a + n].tolist(), masks[a : a + n].tolist()) for a, n in zip(starts, lengths, strict=True)]
+    assert batched == one_by_one
+    assert prompts.tolist() == [len(prompt_ids(r, ALPACA, tok)) for r in records]
 
 
 def test_all_ones_masks_collate_like_plain_text():
     windows = [[0, 5, 6, 0], [0, 7, 0], [0, 8]]
     for rows in ([[w] for w in windows], [windows[:2], windows[2:]]):
-        masked = collate_masked([[(w, [1] * len(w)) for w in row] for row in rows], pad_id=0)
+        masked = collate(rows, pad_id=0, masks=[[[1] * len(w) for w in row] for row in rows])
         plain = collate(rows, pad_id=0)
         assert masked.keys() == plain.keys()
         assert all(torch.equal(masked[k], plain[k]) for k in plain)
@@ -144,12 +170,18 @@ def test_leading_eos_is_not_doubled(tok):
     assert ids[0] == tok.eos_token_id and ids[1] != tok.eos_token_id and mask[0] == 0
 
 
-def test_fit_drops_long_records_whole(tok):
-    encoded = encode_records(tok, [NO_INPUT, WITH_INPUT, Instruction("Say it.", "Yes. " * 30)], ALPACA)
-    limit = max(len(encoded[0][0]), len(encoded[1][0]))
-    kept, n_dropped = fit(encoded, limit)
-    assert kept == encoded[:2] and n_dropped == 1
-    assert fit(encoded, 10_000) == (encoded, 0)
+def test_windows_drop_long_records_whole(tmp_path, tok, caplog):
+    records = [NO_INPUT, Instruction("Say it.", "Yes. " * 30), WITH_INPUT]
+    encoded = encode_records(tok, records, ALPACA)
+    cache = record_cache(tmp_path, tok, records, ALPACA)
+    limit = max(len(encoded[0][0]), len(encoded[2][0]))
+    with caplog.at_level("WARNING"):
+        windows = cut_windows(cache, [0, 1, 2], limit)
+    assert windows.record.tolist() == [0, 2]  # whole records, never cut
+    assert [(windows.ids(k).tolist(), windows.mask(k).tolist()) for k in range(2)] == [encoded[0], encoded[2]]
+    assert [r.getMessage() for r in caplog.records] == [f"left out 1 of 3 records longer than {limit} tokens"]
+    everything = cut_windows(cache, [0, 1, 2], 10_000)
+    assert [(everything.ids(k).tolist(), everything.mask(k).tolist()) for k in range(3)] == encoded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,17 +268,23 @@ def test_tokenizer_chat_template_is_used_when_present(tok):
     "chat_template, message",
     [
         ("{{ messages[-1]['content'] }}", "record 1: the chat template rewrites earlier turns when turn 1 (assistant)"),
-        ("{% for m in messages %}{{ m['content'] }", "record 1: the chat template fails on turn 0 (user): "),
-        ("{{ raise_exception('roles must alternate') }}", "record 1: the chat template fails on turn 0 (user): "
+        ("{% for m in messages %}{{ m['content'] }", "record 0: the chat template fails on turn 0 (user): "),
+        ("{{ raise_exception('roles must alternate') }}", "record 0: the chat template fails on turn 0 (user): "
                                                           "roles must alternate"),
     ],
     ids=["rewrites-turns", "syntax-error", "refuses"],
 )  # fmt: skip
-def test_unusable_chat_template_names_the_record(tok, chat_template, message):
+def test_unusable_chat_template_names_the_record(tmp_path, tok, chat_template, message):
+    """As training reads chat data (into the token cache). Record 0's reply starts with its user turn, so a
+    template that renders only the last message still appears to append there; record 1's does not."""
     template = Template("x", "{instruction}{input}", "{instruction}", chat_template=chat_template)
+    data = tmp_path / "chat.jsonl"
+    chats = [(("user", "Hi"), ("assistant", "Hi!")), (("user", "Hi"), ("assistant", "Hello"))]
+    data.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in chat]}) + "\n"
+                            for chat in chats))  # fmt: skip
     with pytest.raises(UserError) as e:
-        encode_records(tok, [NO_INPUT, Chat((("user", "Hi"), ("assistant", "Hello")))], template)
-    assert str(e.value).startswith(message)
+        open_cache(str(data), tok, Recipe("chat", template), cache_dir=tmp_path / "cache")
+    assert str(e.value).startswith(f"{data}: {message}"), e.value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,7 +359,9 @@ def test_rouge_l():
 
 def test_shared_instruction_data_renders_and_masks(tok):
     """Every record of the shared file: the labelled tokens are its output and EOS, the rest its prompt."""
-    records = load_records(str(shared_or_skip("data", "instructions", "instruction-data.json"))).train
+    records = list(
+        iter_records(resolve(str(shared_or_skip("data", "instructions", "instruction-data.json"))), "instruction")
+    )
     encoded = encode_records(tok, records, ALPACA)
     for record, (ids, mask) in zip(records, encoded, strict=True):
         n = sum(mask)

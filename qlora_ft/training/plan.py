@@ -10,13 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
-from qlora_ft.data import collate, epoch_batches, epoch_rows
-from qlora_ft.templates import collate_masked
-
-Rows = list[list[int]]  # rows of a batch, each a list of window indices (several when packed)
+from qlora_ft.data.batches import Rows, epoch_batches, epoch_rows
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -28,55 +22,6 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def make_batch(
-    rows: Rows, windows: Sequence[Sequence[int]], pad_id: int, masks: Sequence[Sequence[int]] | None = None
-) -> dict[str, torch.Tensor]:
-    """`collate` of the rows' windows, plus `n_tokens`: the real (non-pad) tokens in the batch. With `masks`
-    (instruction and chat records), `collate_masked`: labels -100 where a window's mask is 0 (the prompt).
-
-    >>> make_batch([[0, 1], [2]], [[9, 5], [9, 6, 7], [9, 8]], pad_id=0)["n_tokens"].item()
-    7
-    """
-    ids = [[windows[i] for i in row] for row in rows]  # once: from a token cache, each index reads the memory map
-    if masks is None:
-        batch = collate(ids, pad_id)
-    else:
-        batch = collate_masked([[(w, masks[i]) for w, i in zip(ws, row, strict=True)] for ws, row in
-                                zip(ids, rows, strict=True)], pad_id)  # fmt: skip
-    batch["n_tokens"] = torch.tensor(sum(len(w) for row in ids for w in row))
-    return batch
-
-
-def validation_subset(lengths: Sequence[int], max_tokens: int, seed: int) -> list[int]:
-    """The sequences validation scores: all of them when they hold at most `max_tokens` tokens (or `max_tokens`
-    is 0), else a seeded random subset of at most `max_tokens` tokens (at least one sequence), in index order:
-    the same subset at every validation and every resume, so the curve compares like with like.
-
-    >>> validation_subset([4, 4, 4, 4], 0, seed=0), validation_subset([4, 4, 4, 4], 8, seed=0)
-    ([0, 1, 2, 3], [0, 2])
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if not max_tokens or int(lengths.sum()) <= max_tokens:
-        return list(range(len(lengths)))
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    n = max(1, int(np.searchsorted(np.cumsum(lengths[order]), max_tokens, side="right")))
-    return sorted(order[:n].tolist())
-
-
-class LazyBatches(Sequence):
-    """Batches made when indexed, from rows of sequence indices: the validation batches of a large corpus are
-    read from the token cache's memory map at each validation instead of held in memory."""
-
-    def __init__(self, rows: list[Rows], ids: Sequence[Sequence[int]], pad_id: int, masks=None):
-        self.rows, self.ids, self.pad_id, self.masks = rows, ids, pad_id, masks
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, k):  # type: ignore[override]
-        return make_batch(self.rows[k], self.ids, self.pad_id, self.masks)
 
 
 @dataclass

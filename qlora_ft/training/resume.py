@@ -8,7 +8,7 @@ from typing import Any
 
 from qlora_ft import checkpoint
 from qlora_ft.config import TrainConfig, train_config_from_dict
-from qlora_ft.dataset import TEMPLATE_KEY, TrainData
+from qlora_ft.data.prepare import TEMPLATE_KEY, TrainData
 from qlora_ft.errors import UserError
 from qlora_ft.training.run import Resume, Run
 from qlora_ft.training.state import TrainState

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from qlora_ft.config import TrainConfig
-from qlora_ft.dataset import TrainData
+from qlora_ft.data.batches import LazyBatches, Rows, make_batch
+from qlora_ft.data.prepare import TrainData
 from qlora_ft.engines import Engine
-from qlora_ft.training.plan import EpochPlan, LazyBatches, Rows, make_batch
+from qlora_ft.training.plan import EpochPlan
 
 
 @dataclass
@@ -63,8 +64,8 @@ class Run:
         the process count."""
         train, mine = self.data.train, rows[self.engine.rank :: self.engine.world]
         if mine:
-            return make_batch(mine, train.ids, self.pad_id, train.masks)
-        batch = make_batch(rows[:1], train.ids, self.pad_id, train.masks)
+            return make_batch(mine, train, self.pad_id)
+        batch = make_batch(rows[:1], train, self.pad_id)
         batch["labels"].fill_(-100)
         batch["n_tokens"].zero_()
         return batch

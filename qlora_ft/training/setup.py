@@ -17,8 +17,8 @@ import torch
 
 from qlora_ft import checkpoint, engines
 from qlora_ft.config import TrainConfig, apply_mode_defaults, take_unset_from, warmup_steps_for
-from qlora_ft.data import collate, eval_batches
-from qlora_ft.dataset import TrainData, prepare_data
+from qlora_ft.data.batches import LazyBatches, collate, eval_batches, validation_subset
+from qlora_ft.data.prepare import TrainData, prepare_data
 from qlora_ft.engines import Engine
 from qlora_ft.errors import UserError
 from qlora_ft.loss import output_layer
@@ -34,7 +34,7 @@ from qlora_ft.model import (
 )
 from qlora_ft.precision import Precision, precision_policy
 from qlora_ft.training.methods import add_neftune, make_optimizer
-from qlora_ft.training.plan import EpochPlan, LazyBatches, lr_at, validation_subset
+from qlora_ft.training.plan import EpochPlan, lr_at
 from qlora_ft.training.resume import check_compatible, check_packing, check_same_records, read_resume
 from qlora_ft.training.run import Run
 
@@ -59,11 +59,12 @@ def set_up(cfg: TrainConfig) -> Run:
     engine = engines.make_engine(engines.make_accelerator(out_dir, precision.accelerate_name), cfg)
 
     # --- data (its mode settles the options left to the mode's default), model, optimizer -------------
-    tokenizer, data = load_data_once(cfg, engine, resume.split if resume else None)
+    tokenizer, data = load_data_once(cfg, engine)
     engine.configure(cfg)  # (DeepSpeed: the batch size, which the data's mode may have set)
-    if resume:
+    if resume:  # the settings first, then the data: a changed flag is named as such
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
         check_same_records(resume, data)
+        data.check_split(resume.split)
     model = build_model(cfg, engine, precision.dtype)
     head = probe_shortcuts(cfg, model, engine)
     log_setup(cfg, engine, precision)
@@ -90,12 +91,11 @@ def set_up(cfg: TrainConfig) -> Run:
                model, optimizer, head, (trainable, total), out_dir, check_dir, resume, neftune)  # fmt: skip
 
 
-def load_data(cfg: TrainConfig, saved_split: dict[str, Any] | None) -> tuple[Any, TrainData]:
-    """(tokenizer, data): paragraphs -> windows, or records -> template -> ids + loss masks; split. The data's
-    mode (text, instruction, chat) fills the options left to it in `cfg`. `saved_split`: a checkpoint's
-    split, which a resumed run keeps."""
+def load_data(cfg: TrainConfig) -> tuple[Any, TrainData]:
+    """(tokenizer, data): the data road (`prepare_data`: token cache, split, windows). The data's mode (text,
+    instruction, chat) fills the options left to it in `cfg`."""
     tokenizer = load_tokenizer(cfg.model.model)
-    data = prepare_data(cfg, tokenizer, saved_split)
+    data = prepare_data(cfg, tokenizer)
     apply_mode_defaults(cfg, data.mode)  # unset per-mode options (--lr, --rank-lora, ...) take the mode's default
     # the model's context, from its config (no weights yet): sequences or samples past it fail now, not mid-run
     check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
@@ -115,16 +115,16 @@ def validation_batches(cfg: TrainConfig, data: TrainData, pad_id: int) -> LazyBa
                  d.eval_max_tokens)  # fmt: skip
     rows = eval_batches([int(lengths[i]) for i in subset], d.max_input_length, d.packing, d.batch_size * 2)
     rows = [[[subset[i] for i in row] for row in batch] for batch in rows]  # back to indices into `val`
-    return LazyBatches(rows, val.ids, pad_id, val.masks)
+    return LazyBatches(rows, val, pad_id)
 
 
-def load_data_once(cfg: TrainConfig, engine: Engine, saved_split: dict[str, Any] | None) -> tuple[Any, TrainData]:
+def load_data_once(cfg: TrainConfig, engine: Engine) -> tuple[Any, TrainData]:
     """`load_data` on process 0 first (it builds a missing token cache), then on the others (they open it). A
     failure on process 0 still releases the others, which then meet the same bad input and fail as it did."""
     if not engine.is_main:
         engine.barrier()
     try:
-        return load_data(cfg, saved_split)
+        return load_data(cfg)
     finally:
         if engine.is_main:
             engine.barrier()

@@ -1,0 +1,152 @@
+"""The data road end to end: every mode through the token cache, the split's identity across versions and rules."""
+
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import build_tokenizer, make_paragraphs
+from qlora_ft.config import TrainConfig
+from qlora_ft.data import records as rec
+from qlora_ft.data.cache import fingerprint
+from qlora_ft.data.encode import encode, prompt_ids, render
+from qlora_ft.data.prepare import Recipe, open_cache, prepare_data
+from qlora_ft.data.split import Split
+from qlora_ft.errors import UserError
+from qlora_ft.options import parse_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def instruction_rows(n: int) -> list[dict]:
+    rng = random.Random(0)
+    words = "apple river stone light quiet green tall seven".split()
+    return [{"instruction": f"Task {i}: " + " ".join(rng.choices(words, k=4)),
+             "input": " ".join(rng.choices(words, k=3)) if i % 3 else "",
+             "output": " ".join(rng.choices(words, k=rng.randint(2, 9)))} for i in range(n)]  # fmt: skip
+
+
+def chat_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": ""}, {"role": "user", "content": f"Question {i}?\n"},
+                          {"role": "assistant", "content": f"Answer {i}."}, {"role": "user", "content": "More?"},
+                          {"role": "assistant", "content": f"Yes, {i}."}]} for i in range(n)]  # fmt: skip
+
+
+def config(tmp_path, data, *flags) -> TrainConfig:
+    argv = ["--data", str(data), "--model", "unused", "--cache-dir", str(tmp_path / "cache"), *map(str, flags)]
+    return parse_config(TrainConfig, argv, "train.py")
+
+
+@pytest.mark.parametrize("rows", [instruction_rows, chat_rows])
+def test_records_train_from_the_token_cache(tmp_path, tokenizer, rows):
+    """Instruction and chat records are tokenized once into the cache; a second start opens it. Each window holds
+    exactly `encode(render(record))`, and its prompt is exactly what inference feeds the model (`prompt_ids`)."""
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(rows(40)))
+    first = prepare_data(config(tmp_path, data), tokenizer)
+    second = prepare_data(config(tmp_path, data), tokenizer)
+    assert first.cache.built and not second.cache.built and first.cache.path == second.cache.path
+    assert second.mode == ("instruction" if rows is instruction_rows else "chat")
+    for windows in (second.train, second.validation):
+        records = second.read(windows.record)
+        for k, record in enumerate(records):
+            ids, mask = encode(tokenizer, render(record, second.template, tokenizer))
+            assert windows.ids(k).tolist() == ids and windows.mask(k).tolist() == mask
+            assert windows.prompt(k) == prompt_ids(record, second.template, tokenizer)
+    assert sorted([*second.split.train_idx, *second.split.val_idx]) == list(range(40))
+
+
+def test_train_on_prompt_shares_the_cache_and_targets_every_token(tmp_path, tokenizer):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(instruction_rows(20)))
+    responses = prepare_data(config(tmp_path, data), tokenizer)
+    every = prepare_data(config(tmp_path, data, "--train-on-prompt", "True"), tokenizer)
+    assert every.cache.path == responses.cache.path and not every.cache.built
+    from qlora_ft.data.batches import make_batch
+
+    masked, whole = make_batch([[0]], responses.train, 0), make_batch([[0]], every.train, 0)
+    n = len(responses.train.ids(0))
+    assert int((whole["labels"] != -100).sum()) == n - 1  # every token after the leading EOS
+    assert int((masked["labels"] != -100).sum()) == int(responses.train.mask(0).sum()) < n - 1
+
+
+def test_the_rules_version_is_part_of_the_fingerprint(tmp_path, tokenizer, monkeypatch):
+    """A cache tokenized under other paragraph rules is not reused: the rules' version is in its fingerprint."""
+    (tmp_path / "book.txt").write_text("\n\n".join(["CHAPTER I", *make_paragraphs(30)]))
+    before = open_cache(str(tmp_path / "book.txt"), tokenizer, Recipe(), cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(rec, "RULES_VERSION", rec.RULES_VERSION + 1)
+    after = open_cache(str(tmp_path / "book.txt"), tokenizer, Recipe(), cache_dir=tmp_path / "cache")
+    assert after.built and after.fingerprint != before.fingerprint
+    assert before.meta["covers"]["rules"] == after.meta["covers"]["rules"] - 1
+
+
+def text_data(tmp_path, tokenizer, *flags):
+    paragraphs = make_paragraphs(60)  # and one twice: cache indices then differ from indices of distinct ones
+    (tmp_path / "book.txt").write_text(
+        "\n\n".join(["CHAPTER I", *paragraphs[:30], "IV", paragraphs[3], *paragraphs[30:]])
+    )
+    return prepare_data(config(tmp_path, tmp_path / "book.txt", *flags), tokenizer)
+
+
+def test_a_split_saved_before_the_rules_version_still_resumes(tmp_path, tokenizer):
+    """Checkpoints of the token cache's first version name its fingerprint without the rules: the same ids, so they
+    resume; any other fingerprint, seed or share is refused."""
+    data = text_data(tmp_path, tokenizer)
+    covers = {k: v for k, v in data.cache.meta["covers"].items() if k != "rules"}
+    saved = {**data.split.to_json(), "cache_fingerprint": fingerprint(covers)}
+    keys = lambda: pytest.fail("the records are not read for a fingerprinted split")  # noqa: E731
+    data.split.check(saved, data.cache, keys)  # accepted
+    with pytest.raises(UserError, match="fingerprint changed"):
+        data.split.check({**saved, "cache_fingerprint": "0" * 24}, data.cache, keys)
+    with pytest.raises(UserError, match="--seed 7 \\(this run: 42\\)"):
+        data.split.check({**saved, "seed": 7}, data.cache, keys)
+
+
+def listed_split(paragraphs: list[str], seed: int, share: float) -> dict:
+    """split.json as versions before the token cache wrote it: indices into the distinct paragraphs."""
+    distinct = list(dict.fromkeys(paragraphs))
+    order = list(range(len(distinct)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(distinct) * (1 - share)))
+    digest = hashlib.sha256()
+    for p in distinct:
+        digest.update(p.encode() + b"\x00")
+    return {"data_sha256": digest.hexdigest(), "n_paragraphs": len(distinct), "train": sorted(order[n_val:]),
+            "validation": sorted(order[:n_val])}  # fmt: skip
+
+
+def test_a_listed_split_of_earlier_versions_maps_onto_the_cache(tmp_path, tokenizer):
+    """split.json of versions before the token cache listed indices into the distinct records: checked against the
+    records read now and mapped onto the cache (where a record repeats, the indices differ), then kept as this
+    version's split, which later checkpoints record by fingerprint, seed and share."""
+    data = text_data(tmp_path, tokenizer)
+    paragraphs = data.read(np.arange(data.cache.n_records))
+    distinct = list(dict.fromkeys(paragraphs))
+    assert len(distinct) < len(paragraphs)
+    saved = listed_split(paragraphs, seed=42, share=0.9)  # the run's own seed and share
+    resumed = prepare_data(config(tmp_path, tmp_path / "book.txt"), tokenizer, saved)
+    assert data.read(resumed.split.val_idx) == [distinct[i] for i in saved["validation"]]
+    assert data.read(resumed.split.train_idx) == [distinct[i] for i in saved["train"]]
+    assert resumed.split.to_json() == data.split.to_json()
+    other = listed_split(paragraphs, seed=3, share=0.9)  # same records, another split: not this version's
+    with pytest.raises(UserError, match="split differs"):
+        prepare_data(config(tmp_path, tmp_path / "book.txt"), tokenizer, other)
+    changed = listed_split([*paragraphs, "IV"], seed=42, share=0.9)  # headings kept, as hub data once was
+    with pytest.raises(UserError, match="rules") as e:
+        prepare_data(config(tmp_path, tmp_path / "book.txt"), tokenizer, changed)
+    assert "hub datasets" in str(e.value)
+
+
+def test_one_split_type(tmp_path, tokenizer):
+    """Text and records split into the same type, a function of (fingerprint, seed, share)."""
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps(instruction_rows(30)))
+    for data in (text_data(tmp_path, tokenizer), prepare_data(config(tmp_path, records), tokenizer)):
+        again = Split.of(data.cache, data.split.seed, data.split.train_share)
+        assert type(data.split) is Split and data.split.to_json() == again.to_json()
+        assert (data.split.val_idx == again.val_idx).all() and (data.split.train_idx == again.train_idx).all()
