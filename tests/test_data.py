@@ -15,8 +15,9 @@ from conftest import build_tokenizer, make_paragraphs
 from qlora_ft.data.batches import collate, cut_windows, epoch_batches, epoch_rows, pack
 from qlora_ft.data.prepare import Recipe, open_cache
 from qlora_ft.data.records import iter_paragraphs
-from qlora_ft.data.sources import resolve, safe_unpickle
+from qlora_ft.data.sources import resolve
 from qlora_ft.data.split import Split
+from qlora_ft.data.unpickle import safe_unpickle
 from qlora_ft.errors import UserError
 
 TEXTS = ["First paragraph.", "Second one here.", "Third, with more words."]

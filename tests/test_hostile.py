@@ -14,8 +14,9 @@ from qlora_ft.config import TrainConfig
 from qlora_ft.data.batches import cut_windows
 from qlora_ft.data.prepare import Recipe, open_cache
 from qlora_ft.data.records import clean_paragraph, iter_paragraphs
-from qlora_ft.data.sources import detect_layout, resolve, safe_unpickle
+from qlora_ft.data.sources import detect_layout, resolve
 from qlora_ft.data.split import Split
+from qlora_ft.data.unpickle import safe_unpickle
 from qlora_ft.errors import UserError
 from qlora_ft.options import parse_config
 

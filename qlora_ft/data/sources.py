@@ -17,11 +17,9 @@ A source already split (a DatasetDict or table with train and validation parts) 
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import logging
-import pickle
 import re
 import sys
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from qlora_ft.data.unpickle import safe_unpickle
 from qlora_ft.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -402,57 +401,3 @@ def _load_json(path: Path) -> Any:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             return list(iter_jsonl(path))
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Restricted unpickling
-#
-# Hand-written because no library restricts pickle: `pickle.load` runs any callable a file names. This
-# unpickler resolves only the globals a list/dict of strings or a pandas DataFrame/Series of text needs
-# (current and older pandas/numpy names); everything else is refused before anything is called.
-
-_SAFE_GLOBALS = {
-    ("builtins", "slice"), ("builtins", "bytearray"), ("builtins", "set"), ("builtins", "frozenset"),
-    ("builtins", "complex"), ("__builtin__", "slice"), ("__builtin__", "bytearray"), ("__builtin__", "set"),
-    ("_codecs", "encode"),  # how protocol 2 stores bytes
-    ("collections", "OrderedDict"),
-    ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-    ("pandas", "DataFrame"), ("pandas", "Series"), ("pandas", "Index"), ("pandas", "RangeIndex"),
-    ("pandas", "NA"), ("pandas", "StringDtype"),
-    ("pandas.core.frame", "DataFrame"), ("pandas.core.series", "Series"),
-    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.base", "_new_Index"),
-    ("pandas.core.indexes.range", "RangeIndex"),
-    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.managers", "SingleBlockManager"),
-    ("pandas.core.internals.blocks", "new_block"), ("pandas.core.internals.blocks", "ObjectBlock"),
-    ("pandas.core.internals.blocks", "Block"), ("pandas.core.internals.blocks", "NumpyBlock"),
-    ("pandas._libs.internals", "_unpickle_block"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
-    ("pandas.arrays", "StringArray"), ("pandas.arrays", "ArrowStringArray"),
-    ("pandas.core.arrays.string_", "StringArray"), ("pandas.core.arrays.string_", "StringDtype"),
-    ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
-    ("pyarrow.lib", "_restore_array"), ("pyarrow.lib", "py_buffer"), ("pyarrow.lib", "type_for_alias"),
-}  # fmt: skip
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def safe_unpickle(data: bytes, source: str = "pickle") -> Any:
-    """Load pickled builtin containers, strings, numbers and pandas text tables without running other code."""
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
-        if str(e).startswith("refusing"):
-            raise UserError(
-                f"{source}: {e}: only lists/dicts of text and pandas DataFrames/Series are accepted "
-                "(nothing in the file was executed)"
-            ) from None
-        raise UserError(f"{source}: not a readable pickle, corrupt or truncated ({e})") from None
-    except Exception as e:  # any failure inside a malformed stream: EOFError, ValueError, struct errors, ...
-        raise UserError(f"{source}: not a readable pickle, corrupt or truncated ({type(e).__name__}: {e})") from None
