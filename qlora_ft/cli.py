@@ -48,8 +48,10 @@ def leave_objects_at_exit() -> None:
     """At interpreter exit, hand the objects still alive to the OS instead of collecting them: the final
     collections walk everything torch, transformers, bitsandbytes and peft loaded (~3,700 modules), 1-2 s after
     the last log line. By then the entry point has returned, every output is written and closed, and logging
-    flushes in its own exit hook (which runs after this one)."""
-    atexit.register(gc.freeze)
+    flushes in its own exit hook (which runs after this one). Not under a multi-process launcher: there the
+    collections also tear down distributed back ends in order (a DeepSpeed process once aborted at exit)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        atexit.register(gc.freeze)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -184,3 +185,8 @@ def test_entry_points_leave_the_last_objects_to_the_os(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, "cache", "list", "--cache-dir", str(tmp_path)],
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert result.stdout.splitlines() == [f"0 token cache(s) in {tmp_path}", "frozen True"]
+    # not one process of several: there the collections tear the distributed back ends down in order
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    result = subprocess.run([sys.executable, "-c", code, "cache", "list", "--cache-dir", str(tmp_path)],
+                            capture_output=True, text=True, check=True, env=env)  # fmt: skip
+    assert result.stdout.splitlines()[-1] == "frozen False"
