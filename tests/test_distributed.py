@@ -197,6 +197,26 @@ def test_deepspeed_bf16_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_deepspeed_loraplus_equals_one_process_and_resumes_exactly(tmp_path, data_pkl, tiny_model_dir):
+    """LoRA+ under DeepSpeed: its flat parameter groups keep each group's learning-rate ratio through the schedule,
+    and their optimizer state saves and restores group by group, so 2 processes match one and an interrupted
+    run ends with the adapter of an uninterrupted one."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    tiny_model_dir = no_dropout_copy(tiny_model_dir, tmp_path / "model")
+    plus = ("--loraplus-ratio", "4")
+    launch(2, tmp_path, data_pkl, tiny_model_dir, "ds", "--batch-size", "2", *plus, "--save-every-steps", "2",
+           engine="deepspeed")  # fmt: skip
+    launch(1, tmp_path, data_pkl, tiny_model_dir, "one", "--batch-size", "4", *plus)
+    launch(2, tmp_path, data_pkl, tiny_model_dir, "resumed", "--batch-size", "2", *plus, "--check-dir",
+           str(tmp_path / "ckpt-ds"), "--restore-file", "step-000002", "--output-dir", str(tmp_path / "resumed"),
+           engine="deepspeed")  # fmt: skip
+    ds, one, resumed = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("ds", "one", "resumed"))
+    for k in ds:
+        torch.testing.assert_close(ds[k], one[k], atol=1e-5, rtol=1e-4)
+        assert torch.equal(ds[k], resumed[k]), k
+
+
+@pytest.mark.slow
 def test_deepspeed_full_fine_tuning_equals_one_process(tmp_path, data_pkl, tiny_model_dir):
     """Full fine-tuning (every weight trained, ZeRO-2 splitting its AdamW state) on 2 processes matches one
     process; the tied output layer is saved once."""
