@@ -93,10 +93,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     run = Path(args.model_path)
     train_cfg = read_run(run)
     device = default_device()
-    base_name = resolve_base_name(args.base_model or adapter_base_name(run))
+    adapter = is_adapter_folder(run)
+    base_name = resolve_base_name(args.base_model or (adapter_base_name(run) if adapter else train_cfg.model.model))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base_name)
     if (template := read_template(run)) is not None:  # an instruction or chat run
         return instruction_eval(args, train_cfg, template, run, base_name, tokenizer, device)
+    if not adapter:
+        raise UserError(f"{run} is a fully fine-tuned text run: eval compares a text run's adapter with its base "
+                        "(instruction and chat runs are scored either way)")  # fmt: skip
     ref_cfg = read_run(Path(args.lora_reference)) if args.lora_reference else None
     data = _held_out(args, train_cfg, run, tokenizer)
     result: dict[str, Any] = {
@@ -291,7 +295,8 @@ def instruction_eval(args, train_cfg: TrainConfig, template: Template, run: Path
     models = {"base": load_base(base_name, False, fine_tuned.dtype, device).eval(), "fine_tuned": fine_tuned}
     _response_perplexity(models, batches, result)
     _answer_held_out(models, tokenizer, template, held.records[: args.n_prompts], args.max_length, result)
-    result["generation"]["fine_tuned_model"] = "merged_" + merge_target(run, "auto")
+    merged = "merged_" + merge_target(run, "auto") if is_adapter_folder(run) else "fully fine-tuned model"
+    result["generation"]["fine_tuned_model"] = merged
     _write_eval(result, run, Path(args.out_dir or run))
     return result
 

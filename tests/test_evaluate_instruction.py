@@ -192,6 +192,39 @@ def test_eval_of_an_instruction_run(instruction_run, tiny_model_dir, tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_eval_of_a_fully_fine_tuned_instruction_run(tmp_path, tiny_model_dir, capsys):
+    """A fully fine-tuned run (no adapter: its output folder is a model) is scored like an adapter run: the base
+    named in its configuration, the model loaded as transformers loads it; a text run without an adapter is
+    refused in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = instruction_rows(24)
+    run = train_run(tmp_path / "full", rows, tiny_model_dir, "--qlora", "False", "--lora", "False", "--template",
+                    "plain")  # fmt: skip
+    main(["eval", "--model_path", str(run), "--n-prompts", "2", "--max-length", "8"])
+    result = json.loads((run / "eval.json").read_text())
+    assert result["method"] == "full fine-tuning" and result["base_model"] == str(tiny_model_dir)
+    assert result["generation"]["fine_tuned_model"] == "fully fine-tuned model"
+    tuned = AutoModelForCausalLM.from_pretrained(run).eval()
+    held_out = validation_rows(run, rows)
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    by_hand = perplexity_by_hand(tuned, tokenizer, held_out)
+    assert result["response_perplexity"]["fine_tuned"] == pytest.approx(by_hand, rel=1e-4)
+
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(f"{words(random.Random(i), 6, 12)}." for i in range(30)))
+    train_main(["--data", str(text), "--model", str(tiny_model_dir), "--qlora", "False", "--lora", "False",
+                "--max-steps", "1", "--max-input-length", "64", "--sample-every", "0", "--check-dir",
+                str(tmp_path / "ckpt-text"),
+                "--output-dir", str(tmp_path / "text")])  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model_path", str(tmp_path / "text")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "fully fine-tuned text run" in err[0], err
+
+
 def test_eval_with_data_holds_out_every_record(instruction_run, tmp_path):
     """--data: every distinct record of the file, through the run's template; over-long ones left out, counted."""
     run, _ = instruction_run

@@ -236,12 +236,14 @@ def held_out_data(cfg: TrainConfig, source: str, tokenizer, template: Template |
 
 
 def read_run(path: Path) -> TrainConfig:
+    """The configuration a run's output folder (an adapter, or a fully fine-tuned model) was trained with."""
     if not path.is_dir():
         raise UserError(f"run directory not found: {path}")
-    saved = checkpoint.read_run_config(path) if is_adapter_folder(path) else None
+    has_weights = is_adapter_folder(path) or (path / "config.json").is_file()
+    saved = checkpoint.read_run_config(path) if has_weights else None
     if saved is None:
-        raise UserError(f"{path} is not a qlora-ft run's output dir (needs {checkpoint.ADAPTER_CONFIG} and "
-                        f"{checkpoint.CONFIG_JSON})")  # fmt: skip
+        raise UserError(f"{path} is not a qlora-ft run's output dir (needs {checkpoint.ADAPTER_CONFIG} or a "
+                        f"model's config.json, and {checkpoint.CONFIG_JSON})")  # fmt: skip
     return train_config_from_dict(saved)
 
 
