@@ -50,7 +50,7 @@ CANDIDATES: dict[str, str] = {
     # the original style approach's flags (r 64, alpha 16, lr 5e-4, 300 steps, 100-token windows)
     "original": "--rank-lora 64 --alpha-lora 16 --lr 5e-4 --max-steps 300 --max-input-length 100",
     # full fine-tuning, the reference row of the instruction table (its best lr)
-    **{f"full-{lr}": f"--qlora False --lr {lr}" for lr in ("5e-5", "1e-4", "2e-4", "5e-4")},
+    **{f"full-{lr}": f"--qlora False --lora False --lr {lr}" for lr in ("5e-5", "1e-4", "2e-4", "5e-4")},
 }
 DEFAULT_CANDIDATES = {
     "instructions": ["defaults", "dora", "rslora", "loraplus", "neftune", "best", "full-5e-5", "full-1e-4",
