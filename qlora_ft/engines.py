@@ -412,8 +412,7 @@ def _deepspeed_optimizer_state(model, optimizer) -> dict[str, Any]:
     from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
 
     zero, adamw = _zero_optimizer(optimizer)
-    # DeepSpeed links each parameter to its slice of AdamW's state once, right after the first group's first
-    # step, when a later group (LoRA+) has no state yet; so link every group again, now that all have stepped
+    # DeepSpeed links parameters to AdamW's state after the first group's first step, before a later one has any
     for i, flat in enumerate(zero.single_partition_of_fp32_groups):
         if flat in adamw.state:
             lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, adamw.state)

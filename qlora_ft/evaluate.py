@@ -30,7 +30,7 @@ from qlora_ft.config import TrainConfig
 from qlora_ft.data.batches import Windows, held_out_batches
 from qlora_ft.data.encode import generation_prompt, prompt_ids
 from qlora_ft.data.prepare import held_out_data, read_run, read_template, run_data
-from qlora_ft.data.records import Instruction, Record, iter_paragraphs
+from qlora_ft.data.records import Record, iter_paragraphs, prompt_side
 from qlora_ft.data.sources import resolve
 from qlora_ft.errors import UserError
 from qlora_ft.generate import sample, stop_strings
@@ -328,7 +328,7 @@ def _answer_held_out(models: dict[str, Any], tokenizer, template: Template, reco
     log.info("ROUGE-L: base %.3f -> fine-tuned %.3f; format adherence: base %.0f%% -> fine-tuned %.0f%%",
              rouge["base"], rouge["fine_tuned"], adherence["base"], adherence["fine_tuned"])  # fmt: skip
     result["responses"] = [
-        {**_describe_record(record), "prompt": prompt, "reference": reference, **{k: v[i] for k, v in answers.items()}}
+        {**prompt_side(record), "prompt": prompt, "reference": reference, **{k: v[i] for k, v in answers.items()}}
         for i, (record, (prompt, reference)) in enumerate(zip(records, prompts, strict=True))
     ]
     capped = sum(a["token_limit"] < max_new_tokens for items in answers.values() for a in items)
@@ -399,14 +399,6 @@ def score_answers(answers: list[dict[str, Any]], references: list[str]) -> tuple
               "ended_with_eos": sum(a["ended_with_eos"] for a in answers) / n,
               "repeated_header": sum(a["repeated_header"] for a in answers) / n}  # fmt: skip
     return sum(scores) / n, shares
-
-
-def _describe_record(record: Record) -> dict[str, Any]:
-    """A held-out record for eval.json: its instruction and input, or its turns before the answered one."""
-    if isinstance(record, Instruction):
-        return {"instruction": record.instruction, "input": record.input}
-    last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
-    return {"messages": [{"role": role, "content": content} for role, content in record.messages[:last]]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -71,6 +71,15 @@ def record_key(record: Record | str) -> str:
     return json.dumps(asdict(record), ensure_ascii=False, sort_keys=True)
 
 
+def prompt_side(record: Record) -> dict[str, Any]:
+    """What a record asks, as a row (for eval.json): its instruction and input, or its turns before the last
+    assistant turn."""
+    if isinstance(record, Instruction):
+        return {"instruction": record.instruction, "input": record.input}
+    last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
+    return {"messages": [{"role": role, "content": content} for role, content in record.messages[:last]]}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Paragraphs: the cleaning and heading rules
 
