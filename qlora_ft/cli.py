@@ -48,10 +48,26 @@ def leave_objects_at_exit() -> None:
     """At interpreter exit, hand the objects still alive to the OS instead of collecting them: the final
     collections walk everything torch, transformers, bitsandbytes and peft loaded (~3,700 modules), 1-2 s after
     the last log line. By then the entry point has returned, every output is written and closed, and logging
-    flushes in its own exit hook (which runs after this one). Not under a multi-process launcher: there the
-    collections also tear down distributed back ends in order (a DeepSpeed process once aborted at exit)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    flushes in its own exit hook (which runs after this one). A launched process ends by `end_launched_process`."""
+    if not launched():
         atexit.register(gc.freeze)
+
+
+def launched() -> bool:
+    """One process of several started by torchrun, `accelerate launch` or deepspeed."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def end_launched_process() -> None:
+    """End one finished process of several here, skipping interpreter finalization: by now every output is
+    written and closed and the process group destroyed, while finalization is where the back ends' C++ threads
+    meet objects already torn down ("terminate called without an active exception", SIGABRT, seen under FSDP and
+    DeepSpeed on CPU after a complete run) - which the launcher would report as a failed run."""
+    if launched():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,6 +81,7 @@ def run_train(cfg: TrainConfig) -> None:
 
     with logging_redirect_tqdm():
         train(cfg)
+    end_launched_process()
 
 
 @exits_cleanly("train.py")

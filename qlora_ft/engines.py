@@ -229,9 +229,11 @@ class Engine:
         return self.accelerator.gather(state[None].to(self.device)).cpu()
 
     def finish(self) -> None:
-        """Close the trackers and, with several processes, the process group (else gloo aborts at exit)."""
+        """Close the trackers and, with several processes, the process group (else gloo aborts at exit), once
+        every process is here: the main one writes the outputs after the last collective."""
         self.accelerator.end_training()
         if self.world > 1 and torch.distributed.is_initialized():
+            self.barrier()
             torch.distributed.destroy_process_group()
 
 

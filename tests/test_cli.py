@@ -185,8 +185,21 @@ def test_entry_points_leave_the_last_objects_to_the_os(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, "cache", "list", "--cache-dir", str(tmp_path)],
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert result.stdout.splitlines() == [f"0 token cache(s) in {tmp_path}", "frozen True"]
-    # not one process of several: there the collections tear the distributed back ends down in order
+    # not one process of several: that one ends without finalization (end_launched_process)
     env = {**os.environ, "WORLD_SIZE": "2"}
     result = subprocess.run([sys.executable, "-c", code, "cache", "list", "--cache-dir", str(tmp_path)],
                             capture_output=True, text=True, check=True, env=env)  # fmt: skip
     assert result.stdout.splitlines()[-1] == "frozen False"
+
+
+def test_a_launched_process_ends_after_its_logs_without_finalization():
+    """One process of several ends at once when its run is complete (finalization is where the distributed back
+    ends abort), exit 0, its last log line flushed; the exit hooks of finalization never run."""
+    code = ("import atexit, logging; atexit.register(lambda: print('finalized')); "
+            "from qlora_ft.cli import end_launched_process, setup_logging; setup_logging(); "
+            "logging.getLogger('qlora_ft').info('done'); print('written'); end_launched_process(); print('after')")
+    for world, expected in (("2", ["written"]), ("1", ["written", "after", "finalized"])):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={**os.environ, "WORLD_SIZE": world})  # fmt: skip
+        assert result.returncode == 0 and result.stdout.splitlines() == expected, result
+        assert "INFO done" in result.stderr
