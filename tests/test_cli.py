@@ -195,9 +195,11 @@ def test_entry_points_leave_the_last_objects_to_the_os(tmp_path):
 def test_a_launched_process_ends_after_its_logs_without_finalization():
     """One process of several ends at once when its run is complete (finalization is where the distributed back
     ends abort), exit 0, its last log line flushed; the exit hooks of finalization never run."""
-    code = ("import atexit, logging; atexit.register(lambda: print('finalized')); "
-            "from qlora_ft.cli import end_launched_process, setup_logging; setup_logging(); "
-            "logging.getLogger('qlora_ft').info('done'); print('written'); end_launched_process(); print('after')")
+    code = (
+        "import atexit, logging; atexit.register(lambda: print('finalized')); "
+        "from qlora_ft.cli import end_launched_process, setup_logging; setup_logging(); "
+        "logging.getLogger('qlora_ft').info('done'); print('written'); end_launched_process(); print('after')"
+    )
     for world, expected in (("2", ["written"]), ("1", ["written", "after", "finalized"])):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 env={**os.environ, "WORLD_SIZE": world})  # fmt: skip
