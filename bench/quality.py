@@ -47,6 +47,12 @@ CANDIDATES: dict[str, str] = {
     "loraplus": "--loraplus-ratio 16",
     "neftune": "--neftune-alpha 5",
     "best": "--output-best",
+    # more capacity, a higher rate or a longer run: closing the gap to full fine-tuning
+    "lr2e-3": "--lr 2e-3",
+    "lr3e-3": "--lr 3e-3",
+    "alpha64": "--alpha-lora 64",
+    "r64": "--rank-lora 64",
+    "epochs4": "--epochs 4",
     # the original style approach's flags (r 64, alpha 16, lr 5e-4, 300 steps, 100-token windows)
     "original": "--rank-lora 64 --alpha-lora 16 --lr 5e-4 --max-steps 300 --max-input-length 100",
     # full fine-tuning, the reference row of the instruction table (its best lr)
