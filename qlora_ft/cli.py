@@ -179,11 +179,13 @@ def run_export(cfg: ExportConfig) -> None:
     args = cfg.export
     if args.model_path is None or args.out is None:
         raise UserError("--model_path and --out are required")
+    if args.gguf_type is not None and args.format != "gguf":
+        raise UserError(f"--gguf-type {args.gguf_type} types a GGUF file: add --format gguf")
     check_export_out(Path(args.out), args.format, args.overwrite)
     if args.format == "gguf":
         from qlora_ft.gguf_export import export_gguf
 
-        export_gguf(args.model_path, args.base_model, args.merge_into, Path(args.out), args.gguf_type)
+        export_gguf(args.model_path, args.base_model, args.merge_into, Path(args.out), args.gguf_type or "f16")
         return
     model, tokenizer = load_for_inference(args.model_path, args.base_model, False, torch.device("cpu"), args.merge_into)
     # the folder is a plain transformers model: its generation config names the tokens `pipeline` stops and pads with

@@ -93,7 +93,9 @@ class ExportArgs(InferenceArgs):
     format: Literal["safetensors", "gguf"] = arg(
         "safetensors", "safetensors: a transformers model folder; gguf: one llama.cpp file (GPT-2 models only)"
     )
-    gguf_type: Literal["f16", "q8_0", "q4_0"] = arg("f16", "--format gguf: the weight matrices' type (docs/gguf.md)")
+    gguf_type: Literal["f16", "q8_0", "q4_0"] | None = arg(
+        None, "--format gguf: the weight matrices' type (default: f16; docs/gguf.md)"
+    )
     overwrite: bool = arg(False, "replace an existing --out (an existing non-empty folder or file is refused)")
 
 

@@ -97,6 +97,7 @@ def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys)
     (folder / "notes.txt").write_text("keep me")
     assert "--overwrite" in one_line(capsys, [*export_argv, str(folder)])  # the safetensors export too
     assert "--format gguf" in one_line(capsys, [*export_argv, str(tmp_path / "new.gguf")])
+    assert "--format gguf" in one_line(capsys, [*export_argv, str(tmp_path / "new"), "--gguf-type", "q8_0"])
     assert existing.read_bytes() == b"keep me" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "merged", "old.gguf"]
 
