@@ -50,9 +50,11 @@ CANDIDATES: dict[str, str] = {
     # more capacity, a higher rate or a longer run: closing the gap to full fine-tuning
     "lr2e-3": "--lr 2e-3",
     "lr3e-3": "--lr 3e-3",
+    "lr5e-3": "--lr 5e-3",
     "alpha64": "--alpha-lora 64",
     "r64": "--rank-lora 64",
     "epochs4": "--epochs 4",
+    "lora32": "--qlora False --lora True",  # LoRA on the 32-bit base: what 4-bit quantization of the base costs
     # the original style approach's flags (r 64, alpha 16, lr 5e-4, 300 steps, 100-token windows)
     "original": "--rank-lora 64 --alpha-lora 16 --lr 5e-4 --max-steps 300 --max-input-length 100",
     # full fine-tuning, the reference row of the instruction table (its best lr)
