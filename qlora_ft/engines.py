@@ -44,9 +44,8 @@ def make_accelerator(out_dir: Path, precision: str):
     )
     cpu_engines = (DistributedType.NO, DistributedType.MULTI_CPU)
     if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.distributed_type in cpu_engines:
-        # accelerate runs fp16 on CPU with neither autocast nor a loss scaler (it silently trains in float32),
-        # though torch has both for CPU: switch on accelerate's own fp16 path (autocast around the forward,
-        # scaled backward, unscale before clipping, scaler.step/update in optimizer.step) with a CPU scaler
+        # accelerate runs fp16 on CPU with neither autocast nor a loss scaler (silently float32), though torch has
+        # both for CPU: switch on accelerate's own fp16 path (autocast, scaled backward, unscale) with a CPU scaler
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu")
     return accelerator
@@ -229,8 +228,7 @@ class Engine:
         return self.accelerator.gather(state[None].to(self.device)).cpu()
 
     def finish(self) -> None:
-        """Close the trackers and, with several processes, the process group (else gloo aborts at exit), once
-        every process is here: the main one writes the outputs after the last collective."""
+        """Close the trackers and, with several processes, the process group once all are here (else gloo aborts)."""
         self.accelerator.end_training()
         if self.world > 1 and torch.distributed.is_initialized():
             self.barrier()
