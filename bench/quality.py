@@ -44,6 +44,7 @@ CANDIDATES: dict[str, str] = {
     "defaults": "",
     "dora": "--dora",
     "rslora": "--rslora",
+    "no-rslora": "--rslora False",  # the text mode's defaults before rsLoRA became one of them
     "loraplus": "--loraplus-ratio 16",
     "neftune": "--neftune-alpha 5",
     "best": "--output-best",
@@ -63,7 +64,7 @@ CANDIDATES: dict[str, str] = {
 DEFAULT_CANDIDATES = {
     "instructions": ["defaults", "dora", "rslora", "loraplus", "neftune", "best", "full-5e-5", "full-1e-4",
                      "full-2e-4", "full-5e-4"],
-    "style": ["defaults", "dora", "rslora", "loraplus", "neftune", "best", "original"],
+    "style": ["defaults", "no-rslora", "dora", "loraplus", "neftune", "best", "original"],
 }  # fmt: skip
 
 

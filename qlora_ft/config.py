@@ -62,13 +62,14 @@ class Share:
 
 # the instruction values were measured at --batch-size 4 (docs/instructions.md), so that is the mode's batch size
 _INSTRUCTION_DEFAULTS = {"lr": 1e-3, "rank_lora": 16, "alpha_lora": 32, "targets_lora": ["all-linear"],
-                         "epochs": 2, "warmup_steps": Share(0.03), "batch_size": 4}  # fmt: skip
+                         "rslora": False, "epochs": 2, "warmup_steps": Share(0.03), "batch_size": 4}  # fmt: skip
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "text": {
         "lr": 2e-4,
         "rank_lora": 64,
         "alpha_lora": 16,
         "targets_lora": ["auto"],
+        "rslora": True,  # r 64 with alpha 16: alpha / sqrt(r) = 2, not alpha / r = 0.25 (docs/quality.md)
         "epochs": 3,
         "warmup_steps": 100,
         "batch_size": 8,
@@ -223,8 +224,8 @@ class ModelArgs:
     dora: bool = arg(
         False, "DoRA (peft use_dora): LoRA on the weights' direction plus a trained magnitude vector per output"
     )
-    rslora: bool = arg(
-        False, "rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(r), not alpha / r"
+    rslora: bool | None = per_mode(
+        "rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(r), not alpha / r", "rslora"
     )
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
     loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
@@ -401,4 +402,6 @@ def train_config_from_dict(d: dict[str, Any], source: str = "the saved run confi
     the rules about options a user gave (it names every option). Its data section may also hold
     `template_used`, the template as data, which is no option."""
     d = {**d, "data": {k: v for k, v in d.get("data", {}).items() if k != "template_used"}} if "data" in d else d
+    if isinstance(d.get("model"), dict) and "rslora" not in d["model"]:  # saved before --rslora existed: off
+        d = {**d, "model": {**d["model"], "rslora": False}}
     return build_config(TrainConfig, flatten_options(d, TrainConfig, source))

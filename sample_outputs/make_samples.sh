@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Makes everything in sample_outputs/ from ../shared: mini-gpt2-fiction (pretrained on Dickens, Eliot, Brontë
-# and Wilde, never Austen) fine-tuned for two epochs on the five Austen novels, LoRA on every linear layer of
-# its blocks, with QLoRA and, as the reference, with 32-bit LoRA on the same tokens; then `qlora-ft eval`
-# (Dickens as the contrast style) and `qlora-ft compare`.
+# and Wilde, never Austen) fine-tuned on the five Austen novels at the text mode's defaults, with QLoRA and,
+# as the reference, with 32-bit LoRA on the same tokens; then `qlora-ft eval` (Dickens as the contrast
+# style) and `qlora-ft compare`.
 # Then the same model instruction-tuned on ../shared/data/instructions (the instruction mode's defaults) and
 # evaluated on its held-out records (`qlora-ft eval`: base vs tuned).
 # Run from the repository root: bash sample_outputs/make_samples.sh [WORK_DIR] [all|austen|instructions]
-# About 90 minutes on 2 CPU cores for austen (the two training runs can run side by side, OMP_NUM_THREADS=1 each),
-# about 10 for instructions. A run already finished in WORK_DIR (train_summary.json) is reused.
+# About an hour on 2 CPU cores for austen (its two training runs go side by side, one thread each), about 10
+# minutes for instructions. A run already finished in WORK_DIR (train_summary.json) is reused.
 set -euo pipefail
 root=$(pwd)
 model=$(realpath ../shared/models/mini-gpt2-fiction)
@@ -57,13 +57,15 @@ PY
 
 if [[ $part == instructions ]]; then instruction_sample; exit 0; fi
 [[ -f austen_dataset.pkl ]] || python -m qlora_ft prepare "$corpora/austen" --out austen_dataset.pkl
-common=(--model "$model" --data austen_dataset.pkl --epochs 2 --lr 1e-3 --warmup-steps 20 --targets-lora all-linear
-        --sample-every 100 --log-every 20)
-[[ -f qlora_run/train_summary.json ]] ||
-  python "$root/train.py" --qlora True "${common[@]}" --output-dir qlora_run --check-dir qlora_ckpt 2> qlora.log
-[[ -f lora_run/train_summary.json ]] ||
-  python "$root/train.py" --qlora False --lora True "${common[@]}" --output-dir lora_run --check-dir lora_ckpt \
-    2> lora.log
+common=(--model "$model" --data austen_dataset.pkl --sample-every 100 --log-every 20)
+train() {  # train RUN FLAGS...: one run on one thread, skipped when RUN finished before
+  [[ -f $1/train_summary.json ]] ||
+    OMP_NUM_THREADS=1 python "$root/train.py" "${@:2}" "${common[@]}" --output-dir "$1" --check-dir "$1_ckpt" 2> "$1.log"
+}
+train qlora_run --qlora True & qlora=$!
+train lora_run --qlora False --lora True & lora=$!
+wait $qlora
+wait $lora
 python -m qlora_ft eval --model_path qlora_run --contrast "$corpora/dickens" --lora-reference lora_run 2> eval.log
 python -m qlora_ft compare --model_path qlora_run --prompt "It is a truth universally acknowledged" \
   --prompt "She was" --prompt "Mr. Darcy" --prompt "" --out compare.md 2>> eval.log
@@ -76,9 +78,8 @@ cp lora_run/train_summary.json "$dest/lora_reference_train_summary.json"
   echo "# Before and after: mini-gpt2-fiction fine-tuned on Jane Austen"
   echo
   echo "Made by \`bash sample_outputs/make_samples.sh\`: ../shared/models/mini-gpt2-fiction fine-tuned with"
-  echo "\`train.py --qlora True --model ../shared/models/mini-gpt2-fiction --data austen_dataset.pkl --epochs 2"
-  echo "--lr 1e-3 --warmup-steps 20 --targets-lora all-linear --sample-every 100 --log-every 20\` (two epochs over the"
-  echo "Austen paragraphs in"
+  echo "\`train.py --qlora True --model ../shared/models/mini-gpt2-fiction --data austen_dataset.pkl --sample-every 100"
+  echo "--log-every 20\` (the text mode's defaults: three epochs over the Austen paragraphs in"
   echo "../shared/data/corpora/austen, 90/10 split), then \`qlora-ft compare\` below: the same prompts, seed and"
   echo "sampling settings for the base and the fine-tuned model. The evaluation (perplexity, style classifier,"
   echo "merge parity, copying) is in austen-mini-gpt2-fiction/eval.md; the full report in"

@@ -146,6 +146,7 @@ def test_lora_flag_with_qlora_false_trains_an_adapter(run):
     tmp, _ = run
     config = json.loads((tmp / "out" / "adapter_config.json").read_text())
     assert config["r"] == 4 and not (tmp / "out" / "model.safetensors").exists()
+    assert config["use_rslora"] is True  # the text mode's default (docs/quality.md)
 
 
 def test_warmup_longer_than_the_run_warns_once(run):

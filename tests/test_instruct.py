@@ -110,7 +110,8 @@ def test_train_py_on_instruction_json_then_inference(tmp_path, wide_model_dir, c
     assert (run_config["model"]["rank_lora"], run_config["model"]["alpha_lora"]) == (16, 32)
     assert (run_config["optim"]["lr"], run_config["optim"]["epochs"]) == (1e-3, 2)
     assert run_config["model"]["targets_lora"] == ["all-linear"]
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["use_rslora"] is False  # rsLoRA is a text default only
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all("### Instruction:" in s["prompt"] and "### Response:" in s["prompt"] for s in samples)
     capsys.readouterr()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_ft.cli import main, train_main
-from qlora_ft.config import TrainConfig, apply_mode_defaults, take_unset_from
+from qlora_ft.config import TrainConfig, apply_mode_defaults, take_unset_from, train_config_from_dict
 from qlora_ft.loop import train
 from qlora_ft.options import parse_config
 from qlora_ft.training.methods import add_neftune
@@ -44,6 +44,7 @@ def test_the_batch_size_is_per_mode_and_a_resume_keeps_what_the_checkpoint_train
     apply_mode_defaults(text, "text")
     apply_mode_defaults(instruction, "instruction")
     assert (text.data.batch_size, instruction.data.batch_size) == (8, 4)
+    assert (text.model.rslora, instruction.model.rslora) == (True, False)  # measured per mode: docs/quality.md
     given = parse_config(TrainConfig, ["--batch-size", "2"], "train.py")
     apply_mode_defaults(given, "instruction")
     assert given.data.batch_size == 2
@@ -51,9 +52,17 @@ def test_the_batch_size_is_per_mode_and_a_resume_keeps_what_the_checkpoint_train
     saved = parse_config(TrainConfig, ["--batch-size", "3", "--lr", "5e-3", "--rank-lora", "4"], "train.py")
     apply_mode_defaults(saved, "text")
     resumed = parse_config(TrainConfig, ["--rank-lora", "8"], "train.py")  # given: stays; unset: the checkpoint's
-    assert take_unset_from(resumed, saved) == {"batch_size": 3, "lr": 5e-3, "alpha_lora": 16,
-                                               "targets_lora": ["auto"], "epochs": 3, "warmup_steps": 100}  # fmt: skip
+    assert take_unset_from(resumed, saved) == {"batch_size": 3, "lr": 5e-3, "alpha_lora": 16, "targets_lora": ["auto"],
+                                               "rslora": True, "epochs": 3, "warmup_steps": 100}  # fmt: skip
     assert (resumed.data.batch_size, resumed.optim.lr, resumed.model.rank_lora) == (3, 5e-3, 8)
+
+    # a checkpoint saved before rsLoRA was a text default trained without it, and its resume goes on so
+    old = saved.to_dict()
+    del old["model"]["rslora"]
+    resumed = parse_config(TrainConfig, [], "train.py")
+    take_unset_from(resumed, train_config_from_dict(old))
+    apply_mode_defaults(resumed, "text")
+    assert resumed.model.rslora is False
 
 
 def test_neftune_noises_the_embeddings_in_the_training_forward_only(tiny_model_dir):
