@@ -101,6 +101,8 @@ def apply_mode_defaults(cfg: TrainConfig, mode: Mode) -> None:
     """Fill every unset per-mode option of `cfg` with `mode`'s default, except a warmup given as a share of
     the run, which `warmup_steps_for` resolves once the run's length is known."""
     defaults = mode_defaults(mode)
+    if not cfg.model.lora and cfg.model.rslora is None:
+        cfg.model.rslora = False  # a LoRA option: off in full fine-tuning, which refuses it when given
     for group in (cfg.data, cfg.model, cfg.optim):
         for name, value in defaults.items():
             if hasattr(group, name) and getattr(group, name) is None and not isinstance(value, Share):

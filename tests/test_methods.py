@@ -45,6 +45,9 @@ def test_the_batch_size_is_per_mode_and_a_resume_keeps_what_the_checkpoint_train
     apply_mode_defaults(instruction, "instruction")
     assert (text.data.batch_size, instruction.data.batch_size) == (8, 4)
     assert (text.model.rslora, instruction.model.rslora) == (True, False)  # measured per mode: docs/quality.md
+    full = parse_config(TrainConfig, ["--qlora", "False", "--lora", "False"], "train.py")
+    apply_mode_defaults(full, "text")  # a LoRA option stays off in full fine-tuning, and its config reloads
+    assert full.model.rslora is False and train_config_from_dict(full.to_dict()) == full
     given = parse_config(TrainConfig, ["--batch-size", "2"], "train.py")
     apply_mode_defaults(given, "instruction")
     assert given.data.batch_size == 2
