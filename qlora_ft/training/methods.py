@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from qlora_ft.config import TrainConfig
-from qlora_ft.engines import trained_parameters
 from qlora_ft.errors import UserError
+from qlora_ft.sharded_state import trained_parameters
 
 log = logging.getLogger(__name__)
 
