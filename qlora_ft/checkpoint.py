@@ -11,6 +11,8 @@
     split.json            which paragraphs are train / validation, and the data's fingerprint
     manifest.json         written last: every other file with its size and sha256, the format version and
                           the data identity (fingerprint, seed, train share)
+    best/                 --output-best, when the best validation so far is not this step's: its weights
+                          (the same files), so a resume ships them whatever the output folder holds
   latest                  name of the newest complete checkpoint, written last
   .qlora-ft               marker: a qlora-ft run folder (also in the output folder and its tb/)
 <output_dir>/             peft's (or the model's) files, the tokenizer, run_config.json, metrics, report
@@ -53,6 +55,11 @@ MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's names, fixed by peft's save_pretrained
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LATEST = "latest"
+BEST = "best"
+WEIGHT_FILES = (
+    "adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json", "model.safetensors",
+    "model-*-of-*.safetensors", "model.safetensors.index.json",
+)  # fmt: skip
 MARKER = ".qlora-ft"  # written into each folder the package creates for a run
 FORMAT = 2  # trainer_state.json: "epoch" is 1-based (format 1, without the key: 0-based)
 CHECKPOINT_NAME = re.compile(r"(Epoch_\d+|step-\d+)")
@@ -131,9 +138,11 @@ def save_checkpoint(
     run_config: dict[str, Any],
     split: dict[str, Any],
     state_dict: dict[str, torch.Tensor] | None = None,
+    best: Path | None = None,
 ) -> Path:
     """Write `<check_dir>/<name>/` atomically (temp folder, fsync, rename) and then point `latest` at it.
-    `state_dict`: the weights to save where `model`'s own are not them (FSDP: a shard; DeepSpeed: 16-bit copies)."""
+    `state_dict`: the weights to save where `model`'s own are not them (FSDP: a shard; DeepSpeed: 16-bit copies).
+    `best`: a folder whose weights go into `best/` (--output-best: the best validation's, when not this step's)."""
     check_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(check_dir)
     final = check_dir / name
@@ -143,6 +152,8 @@ def save_checkpoint(
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         follow_umask(tmp.glob("*.safetensors"))  # safetensors writes 0600
+        if best is not None:
+            copy_weights(best, tmp / BEST)
         torch.save(tensors, tmp / STATE_PT)
         write_json(tmp / STATE_JSON, meta)
         write_json(tmp / CONFIG_JSON, run_config)
@@ -163,6 +174,30 @@ def save_checkpoint(
         reason = e.strerror or str(e)
         raise UserError(f"could not save checkpoint {final}: {reason} (earlier checkpoints are intact)") from None
     return final
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files in `folder`: peft's adapter files, or a model's."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in WEIGHT_FILES))
+
+
+def copy_weights(source: Path, folder: Path) -> None:
+    """Replace the weights in `folder` by those in `source`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in weight_files(folder):
+        old.unlink()
+    for file in weight_files(source):
+        shutil.copyfile(file, folder / file.name)
+
+
+def best_weights(path: Path, best_step: int) -> Path | None:
+    """The folder of checkpoint `path` holding the weights of step `best_step` (--output-best's best validation):
+    the checkpoint itself when it is that step's, else its `best/`; None where it has neither (an earlier version)."""
+    if _step_of(path) == best_step:
+        return path
+    return path / BEST if weight_files(path / BEST) else None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -405,6 +405,18 @@ def score_answers(answers: list[dict[str, Any]], references: list[str]) -> tuple
 # compare
 
 
+def training_line(s: dict[str, Any]) -> str:
+    """compare.md's line on the training, from train_summary.json: the validation loss of the weights in the folder
+    (--output-best: an earlier step's, named)."""
+    shipped, steps = s.get("output_step"), s.get("steps")
+    earlier = shipped not in (None, steps)
+    before = s.get("initial_val_loss") or math.nan
+    after = s.get("best_val_loss" if earlier else "final_val_loss") or math.nan
+    line = (f"- training: {steps} steps, {s.get('train_tokens_total', 0):,} tokens, validation loss {before:.3f} "
+            f"-> {after:.3f}")  # fmt: skip
+    return line + (f"; the weights of step {shipped} of {steps} (--output-best)" if earlier else "")
+
+
 def run_compare(cfg: CompareConfig) -> Path:
     """Markdown: base vs fine-tuned generations for the same prompts, seed and sampling settings."""
     args = cfg.compare
@@ -435,9 +447,7 @@ def run_compare(cfg: CompareConfig) -> Path:
         f"{args.max_length} new tokens, seed {args.seed} (the same for both models)",
     ]
     if s := _summary(run):
-        before, after = s.get("initial_val_loss") or math.nan, s.get("final_val_loss") or math.nan
-        lines.append(f"- training: {s.get('steps')} steps, {s.get('train_tokens_total', 0):,} tokens, "
-                     f"validation loss {before:.3f} -> {after:.3f}")  # fmt: skip
+        lines.append(training_line(s))
     for i, prompt in enumerate(prompts):
         lines += ["", f"## Prompt {i + 1}: {prompt!r}" if prompt else f"## Prompt {i + 1}: (empty: <|endoftext|>)"]
         for name, title in (("base", "Base"), ("fine_tuned", "Fine-tuned")):

@@ -198,3 +198,36 @@ def test_neftune_without_the_transformers_hook_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers.integrations.neftune", None)  # as a release without it
     with pytest.raises(UserError, match="--neftune-alpha needs transformers' NEFTune hook"):
         add_neftune(object(), 5.0)
+
+
+@pytest.mark.slow
+def test_output_best_after_a_resume_ships_the_step_the_summary_names(tmp_path, data_pkl, tiny_model_dir):
+    """Validation worsens after its best (at step 3 or before); a resume from step 3 into a new output folder, and
+    one into a folder holding later weights (a crashed launch's), ship the best step's adapter, as the summary,
+    the returned result and `compare` say, and it loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    extra = ("--qlora", "False", "--lora", "True", "--lr", "0.3", "--max-steps", "6", "--eval-every", "1",
+             "--save-every-steps", "3", "--output-best")  # fmt: skip
+    full = train(parse_config(TrainConfig, argv(tmp_path, data_pkl, tiny_model_dir, *extra, run="full"), "t"))
+    losses = {s: v for s, v in val_losses(tmp_path / "full").items() if s > 0}
+    best = min(losses, key=losses.get)
+    assert best <= 3, f"validation improved after step 3 ({losses}): pick a larger --lr so the test checks something"
+    assert full.summary["output_step"] == full.output_step == best
+    shipped = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    later = tmp_path / "crashed"  # a launch that wrote step 6's weights there, then died
+    later.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (later / name).write_bytes((tmp_path / "ckpt" / "step-000006" / name).read_bytes())
+    for run in ("resumed", "crashed"):
+        args = [*argv(tmp_path, data_pkl, tiny_model_dir, *extra, run=run), "--restore-file", "step-000003"]
+        result = train(parse_config(TrainConfig, args, "t"))
+        summary = json.loads((tmp_path / run / "train_summary.json").read_text())
+        assert summary["output_step"] == result.output_step == best and summary["steps"] == 6, run
+        got = load_file(tmp_path / run / "adapter_model.safetensors")
+        assert got.keys() == shipped.keys() and all(torch.equal(got[k], shipped[k]) for k in got), run
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "resumed")
+    main(["compare", "--model_path", str(tmp_path / "resumed"), "--max_length", "4"])
+    text = (tmp_path / "resumed" / "compare.md").read_text()
+    assert f"-> {losses[best]:.3f}; the weights of step {best} of 6 (--output-best)" in text

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    model: Any  # the trained model (a PeftModel for LoRA runs), unwrapped from the engine
+    model: Any  # the trained model (a PeftModel for LoRA runs) at the last step, unwrapped from the engine
     summary: dict[str, Any]  # also written to <output_dir>/train_summary.json (empty on other processes)
+    output_step: int  # the step whose weights <output_dir> holds (--output-best: the best validation's)
 
 
 def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
@@ -45,7 +46,7 @@ def finish(run: Run, state: TrainState, session: Session) -> TrainResult:
     weights = None if run.cfg.ckpt.output_best else run.engine.gathered_weights()  # collective
     summary = write_outputs(run, state, session, weights) if run.engine.is_main else {}
     run.engine.finish()
-    return TrainResult(run.engine.unwrap(), summary)
+    return TrainResult(run.engine.unwrap(), summary, output_step(run, state))
 
 
 def stop_early(run: Run, state: TrainState, session: Session) -> NoReturn:
@@ -97,12 +98,16 @@ def train_summary(run: Run, state: TrainState, session: Session) -> dict[str, An
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": state.step,
         "best_val_loss": state.best_val_loss,
-        # the step whose weights the output folder holds: the best validation's with --output-best, else the last
-        "output_step": state.best_step if run.cfg.ckpt.output_best else state.step,
+        "output_step": output_step(run, state),
         "epochs": state.epoch + state.position / max(1, len(run.plan.batches(state.epoch))),
         "trainable_parameters": run.parameters[0],
         "total_parameters": run.parameters[1],
     }
+
+
+def output_step(run: Run, state: TrainState) -> int:
+    """The step whose weights the output folder holds: the best validation's with --output-best, else the last."""
+    return state.best_step if run.cfg.ckpt.output_best else state.step
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -173,7 +173,8 @@ def write_samples(run: Run, step: int) -> None:
 
 def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
     """Checkpoint `name`: weights, optimizer state and the TrainState, gathered whole from every process (so it
-    resumes under any engine and process count); pruned to --keep-checkpoints. Collective."""
+    resumes under any engine and process count), and --output-best's weights when they are an earlier step's (the
+    output folder holds them); pruned to --keep-checkpoints. Collective."""
     engine = run.engine
     session.last_saved_step = state.step
     state.capture_rng(engine)  # every process's RNG, for dropout
@@ -188,8 +189,9 @@ def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
     scaler = engine.scaler_state()  # fp16: the loss scale and its counters, for an exact resume
     if scaler is not None:
         tensors[engine.scaler_key] = scaler
+    best = run.out_dir if state.best_step not in (None, state.step) else None  # --output-best: what it ships
     path = checkpoint.save_checkpoint(run.check_dir, name, engine.unwrap(), meta, tensors, run.config_dict(),
-                                      run.data.split.to_json(), state_dict=weights)  # fmt: skip
+                                      run.data.split.to_json(), state_dict=weights, best=best)  # fmt: skip
     log.info("saved checkpoint %s", path)
     keep = run.cfg.ckpt.keep_checkpoints
     for old in checkpoint.prune_checkpoints(run.check_dir, keep):

@@ -23,10 +23,15 @@ LOGS = ("metrics.jsonl", "samples.jsonl")
 
 def start_outputs(run: Run, state: TrainState) -> None:
     """Ready the output and checkpoint folders, then TensorBoard: one run in <output-dir>/tb, continued on resume
-    (events past the checkpoint's step are purged, as are its metrics/samples rows: see `start_run_folders`)."""
+    (events past the checkpoint's step are purged, as are its metrics/samples rows: see `start_run_folders`). A
+    resumed --output-best run's folder gets the weights of the checkpoint's best step."""
     resumed = run.resume is not None
     if run.engine.is_main:
         start_run_folders(run.out_dir, run.check_dir, run.cfg, state.step if resumed else None)
+        if resumed and state.best_step is not None:  # whatever a later launch left there
+            checkpoint.copy_weights(checkpoint.best_weights(run.resume.path, state.best_step), run.out_dir)
+            log.info("--output-best: %s holds the weights of step %d, the best validation so far", run.out_dir,
+                     state.best_step)  # fmt: skip
     accelerator = run.engine.accelerator
     accelerator.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state.step + 1}} if resumed else None)
     if run.engine.is_main and not resumed:

@@ -98,6 +98,10 @@ def restore(run: Run) -> TrainState:
         log.info("the checkpoint was saved by %d process(es): processes %d to %d draw fresh dropout RNG streams, "
                  "seeded from --seed, the step and the process", resume.world, resume.world,
                  engine.world - 1)  # fmt: skip
+    if state.best_step is not None and checkpoint.best_weights(resume.path, state.best_step) is None:
+        log.warning("checkpoint %s does not hold the weights of its best validation (step %d): --output-best ships "
+                    "the best of the validations from here on", resume.path, state.best_step)  # fmt: skip
+        state.best_step = state.best_val_loss = None
     engine.restore_optimizer(resume.tensors["optimizer"])
     restore_loss_scaler(engine, resume.tensors)
     batches = len(run.plan.batches(state.epoch))
