@@ -176,6 +176,7 @@ def config_from_flat(cfg_cls: type, given: dict[str, Any], check_given: bool = T
 
 
 LORA_FLAGS = ("rank_lora", "alpha_lora", "targets_lora", "lora_dropout", "dora", "rslora", "loraplus_ratio")
+LORA_OFF = {"dora": False, "rslora": False, "loraplus_ratio": 0}  # a LoRA option at these values asks for no LoRA
 SAMPLE_FLAGS = ("sample_prompts", "max_output_length", "top_k", "top_p", "temperature")
 
 
@@ -185,8 +186,11 @@ def _flag(name: str) -> str:
 
 def _lora_from_flags(values: dict[str, Any]) -> None:
     """LoRA flags mean LoRA: with `--qlora False` and no `--lora`, they turn LoRA on (16/32-bit LoRA); with an
-    explicit `--lora False` (full fine-tuning) they would do nothing, which is an error."""
-    given = [_flag(k.split(".", 1)[1]) for k in values if k.split(".", 1)[-1] in LORA_FLAGS]
+    explicit `--lora False` (full fine-tuning) they would do nothing, which is an error. A switch given at its off
+    value (`--rslora False`, `--dora False`, `--loraplus-ratio 0`) asks for nothing: it does neither."""
+    names = {k: k.split(".", 1)[-1] for k in values}
+    given = [_flag(name) for k, name in names.items()
+             if name in LORA_FLAGS and not (name in LORA_OFF and values[k] == LORA_OFF[name])]  # fmt: skip
     if not given or values.get("model.qlora", ModelArgs.qlora):  # QLoRA always trains LoRA
         return
     if values.get("model.lora") is False:

@@ -58,6 +58,31 @@ def test_lora_flags_with_explicit_lora_false_are_an_error():
         train_cfg("--qlora", "False", "--lora", "False", "--rank-lora", "8", "--lora-dropout", "0.1")
 
 
+@pytest.mark.parametrize("lora", [[], ["--lora", "False"]])
+@pytest.mark.parametrize("off", [["--rslora", "False"], ["--dora", "False"], ["--loraplus-ratio", "0"],
+                                 ["--dora", "False", "--rslora", "False", "--loraplus-ratio", "0"]])  # fmt: skip
+def test_lora_options_at_their_off_value_keep_full_fine_tuning(off, lora, caplog):
+    """Asking for no rsLoRA (DoRA, LoRA+) is not asking for LoRA: full fine-tuning stays, with nothing refused."""
+    caplog.set_level(logging.INFO, logger="qlora_ft")
+    cfg = train_cfg("--qlora", "False", *lora, *off)
+    assert cfg.model.lora is False and not (cfg.model.dora or cfg.model.rslora or cfg.optim.loraplus_ratio)
+    assert not [r for r in caplog.records if "LoRA" in r.getMessage()]
+    assert train_cfg("--qlora", "False", "--rslora", "False", "--rank-lora", "8").model.lora is True  # (a real one)
+
+
+@pytest.mark.slow
+def test_a_run_with_lora_options_off_trains_every_weight(tmp_path, tiny_model_dir):
+    (tmp_path / "book.txt").write_text(BOOK)
+    train_main(["--qlora", "False", "--rslora", "False", "--dora", "False", "--loraplus-ratio", "0", "--model",
+                str(tiny_model_dir), "--data", str(tmp_path / "book.txt"), "--max-steps", "1", "--sample-every", "0",
+                "--max-input-length", "32", "--check-dir", str(tmp_path / "ckpt"), "--output-dir",
+                str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+
+
 def test_qlora_false_alone_is_still_full_fine_tuning_and_saved_configs_are_untouched(caplog):
     cfg = train_cfg("--qlora", "False")
     assert (cfg.model.qlora, cfg.model.lora) == (False, False)
