@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import pickle
@@ -14,7 +15,7 @@ import torch
 from conftest import build_tokenizer, make_paragraphs
 from qlora_ft.data.batches import collate, cut_windows, epoch_batches, epoch_rows, pack
 from qlora_ft.data.prepare import Recipe, open_cache
-from qlora_ft.data.records import iter_paragraphs
+from qlora_ft.data.records import is_heading, iter_paragraphs
 from qlora_ft.data.sources import resolve
 from qlora_ft.data.split import Split
 from qlora_ft.data.unpickle import safe_unpickle
@@ -138,6 +139,27 @@ def test_headings_are_dropped_from_every_source_by_one_rule(tmp_path, caplog, to
             cache = open_cache(source, tokenizer, Recipe(keep_headings=keep), cache_dir=tmp_path / "cache")
             cached = [tokenizer.decode(cache.tokens(i)) for i in range(cache.n_records)]
             assert cached == expected, (source, keep)
+
+
+# One-line paragraphs of novels (words, not numerals) that the heading rule must keep, and headings it drops
+SHORT_PARAGRAPHS = ["Did.", "Mild.", "Civil.", "Vivid.", "Part ways.", "Volume up.", "Mix.", "Dim.", "Lid.", "Vim.",
+                    "Ill.", "Mill.", "Indeed.", "I did.", "Civil, I hope.", "Book it.", "Part of it.", "Chapter and "
+                    "verse.", "Part the first.", "Dixi.", "Livid.", "cd", "mix", "Chapter the Last"]  # fmt: skip
+HEADINGS = ["CHAPTER IV", "IV.", "Chapter 12.", "= Title =", "VOLUME II", "Book Two", "Part One.", "1984", "12.",
+            "Chapter Twenty-First", "Vol. 3", "Chap. XII.", "CHAPTER XLII.", "MDCCCXII", "CHAPTER 1. I AM BORN",
+            "Book I: Boy and Girl", "CHAPTER II\u2014A DEAN, AND A CHAPTER ALSO"]  # fmt: skip
+
+
+def test_short_paragraphs_stay_and_headings_go(tmp_path):
+    """The heading rule drops numerals and numbered headings, not words made of the letters Roman numerals use,
+    nor "Part"/"Volume" without a number: read from a book and from a table alike."""
+    assert [p for p in SHORT_PARAGRAPHS if is_heading(p)] == []
+    assert [p for p in HEADINGS if not is_heading(p)] == []
+    mixed = [p for pair in itertools.zip_longest(HEADINGS, SHORT_PARAGRAPHS) for p in pair if p]
+    (tmp_path / "b.txt").write_text("\n\n".join(mixed))
+    pd.DataFrame({"text": mixed}).to_csv(tmp_path / "d.csv", index=False)
+    for source in (tmp_path / "b.txt", tmp_path / "d.csv"):
+        assert paragraphs(source) == [p for p in mixed if p in SHORT_PARAGRAPHS], source
 
 
 def test_austen_chapter_headings_are_gone_and_paragraphs_stay():
@@ -368,7 +390,7 @@ def test_padded_batches_grouped_by_length_waste_little():
 
 def test_book_text_handles_crlf_and_nul(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"a\r\nb\r\n\r\nc\x00d")
-    assert paragraphs(tmp_path / "b.txt", keep_headings=True) == ["a b", "cd"]  # ("cd" alone reads as CD: 400)
+    assert paragraphs(tmp_path / "b.txt", keep_headings=True) == ["a b", "cd"]
 
 
 def test_prepare_writes_the_pickle_dataset_atomically(tmp_path):

@@ -107,6 +107,23 @@ def test_a_split_saved_before_the_rules_version_still_resumes(tmp_path, tokenize
         data.split.check({**saved, "seed": 7}, data.cache, keys)
 
 
+def test_a_checkpoint_of_the_earlier_heading_rule_resumes_where_no_paragraph_changed(tmp_path, tokenizer):
+    """A checkpoint whose text was read by the paragraph rules of version 2 resumes when no paragraph of the data
+    reads differently now, and is refused in one line naming the change when one does ("Did." is kept now)."""
+    data = text_data(tmp_path, tokenizer)
+    covers = data.cache.meta["covers"]
+    saved = {**data.split.to_json(), "cache_fingerprint": fingerprint({**covers, "rules": 2})}
+    keys = lambda: pytest.fail("the records are not read for a fingerprinted split")  # noqa: E731
+    data.split.check(saved, data.cache, keys)  # accepted: the same records
+    (tmp_path / "book.txt").write_text((tmp_path / "book.txt").read_text() + "\n\nDid.")
+    changed = prepare_data(config(tmp_path, tmp_path / "book.txt"), tokenizer)
+    then = {**changed.split.to_json(), "cache_fingerprint": fingerprint({**changed.cache.meta["covers"], "rules": 2}),
+            "n_train": len(changed.split.train_idx) - 1}  # fmt: skip
+    with pytest.raises(UserError, match="paragraph rules of version 2") as e:
+        changed.split.check(then, changed.cache, keys)
+    assert "'Did.'" in str(e.value) and "\n" not in str(e.value)
+
+
 def listed_split(paragraphs: list[str], seed: int, share: float) -> dict:
     """split.json as versions before the token cache wrote it: indices into the distinct paragraphs."""
     distinct = list(dict.fromkeys(paragraphs))

@@ -24,7 +24,7 @@ from qlora_ft.checkpoint import is_adapter_folder
 from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.data import records as rec
 from qlora_ft.data.batches import Windows, cut_windows
-from qlora_ft.data.cache import Record, TokenCache, file_digests, open_or_build, tokenizer_digest
+from qlora_ft.data.cache import Record, TokenCache, file_digests, fingerprint, open_or_build, tokenizer_digest
 from qlora_ft.data.encode import Parallel, segments_of
 from qlora_ft.data.sources import Layout, Source, input_bytes, resolve
 from qlora_ft.data.split import Split
@@ -102,7 +102,17 @@ def open_cache(source: str, tokenizer: Any, recipe: Recipe, *, validation_source
     size = input_bytes(src) + (input_bytes(val_src) if val_src else 0)
     return open_or_build(covers, tokenizer, train, cache_dir=cache_dir, validation=validation[0] if validation
                          else None, input_bytes=size, workers=workers, parallel=parallel,
-                         lead=recipe.mode != "text")  # fmt: skip
+                         lead=recipe.mode != "text", earlier=earlier_fingerprints(covers))  # fmt: skip
+
+
+def earlier_fingerprints(covers: dict[str, Any]) -> dict[str, int | None]:
+    """The cache fingerprints earlier versions gave these covers, each with the paragraph rules version that read
+    the text (None for records): their checkpoints resume where the records are the same (`Split.check`)."""
+    if covers["format"] != "text":
+        return {}
+    earlier = {**covers, "rules": 2}
+    first = {k: v for k, v in earlier.items() if k != "rules"}  # the cache's first version: rules 2, unnamed
+    return {fingerprint(earlier): 2, fingerprint(first): 2}
 
 
 @dataclass

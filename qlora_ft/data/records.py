@@ -35,8 +35,13 @@ ROLES = ("system", "user", "assistant")
 TEXT_KEYS = ("sentence", "text", "paragraph")
 # The version of the paragraph rules (cleaning, the heading rule): the token cache's fingerprint covers it, so
 # text cut by other rules is tokenized again. 2: headings are dropped from every source, hub datasets included.
-RULES_VERSION = 2
-RULES_CHANGES = {2: "heading-only paragraphs are now dropped from hub datasets too (--keep-headings keeps them)"}
+# 3: fewer paragraphs are headings; a change only keeps paragraphs the rules before it dropped (`split.Split.check`).
+RULES_VERSION = 3
+RULES_CHANGES = {
+    2: "heading-only paragraphs are now dropped from hub datasets too (--keep-headings keeps them)",
+    3: "one-line paragraphs such as 'Did.' or 'Part ways.' are no longer taken for headings (a Roman numeral counts "
+    "only when valid and in capitals; Chapter, Volume, Book and Part only with a number)",
+}
 
 
 @dataclass(frozen=True)
@@ -92,26 +97,38 @@ def clean_paragraph(text: str) -> str:
     return " ".join(text.replace("\x00", "").split())
 
 
+# A number in a heading: a valid Roman numeral in capitals (IV, XII; not "Did", "Mild", "Civil" or "Vivid"), digits,
+# or a number word (two, Twelfth; "twenty-one" in a heading alone).
+_ROMAN = r"(?-i:(?=[IVXLCDM])M{0,3}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3}))"
+_TEENS = "(?:thir|four|fif|six|seven|eigh|nine)teen"
+_TENS = "(?:twen|thir|for|fif|six|seven|eigh|nine)t"
+_WORD = (
+    rf"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|{_TEENS}|{_TENS}y|hundred|first|second"
+    rf"|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|{_TEENS}th|{_TENS}ieth)"
+)
+_KEYWORD = r"(?:chapter|volume|book|part|vol\.|chap\.)"
 _HEADING = re.compile(
-    r"^(?:(?:chapter|volume|book|part|vol\.|chap\.)\s+(?:[ivxlcdm]+|\d+|[a-z-]+)\.?"  # CHAPTER I, Volume 2
+    rf"^(?:{_KEYWORD}\s+(?:{_ROMAN}|\d+|{_WORD}(?:-{_WORD})?)\.?"  # CHAPTER IV, Chapter 12., Book two, Part One
     r"|=(?:\s*=)*\s.*\s=(?:\s*=)*"  # WikiText: = Title =, = = Section = =
-    r"|[ivxlcdm]+\.?|\d+\.?)$",  # a bare chapter number: IV, 12.
+    rf"|{_ROMAN}\.?|\d+\.?)$",  # a lone numeral: IV, IV., 12., 1984
     re.IGNORECASE,
 )
 # A numbered heading with a title: "CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl"
-_TITLED = re.compile(r"^(?:chapter|volume|book|part)\s+(?:[ivxlcdm]+|\d+|[a-z]+)(\s*[.:\u2014-]\s*|\s+)(.+)$", re.I)
+_TITLED = re.compile(rf"^(?:chapter|volume|book|part)\s+(?:{_ROMAN}|\d+|{_WORD})(\s*[.:\u2014-]\s*|\s+)(.+)$", re.I)
 
 
 def is_heading(paragraph: str) -> bool:
-    """Whether a cleaned paragraph is only a heading (dropped from training text unless --keep-headings).
-    A heading with a title counts when the title is in capitals or follows a colon.
+    """Whether a cleaned paragraph is only a heading (dropped from training text unless --keep-headings): a
+    lone numeral (a valid Roman numeral in capitals, or digits: a year alone counts), "Chapter", "Volume",
+    "Book" or "Part" with a numeral or a number word, a WikiText "= Title =", or a numbered heading whose title
+    is in capitals or follows a colon. At most 8 words.
 
-    >>> [is_heading(p) for p in ["CHAPTER I", "Chapter 12.", "VOLUME II", "= = Early life = =", "IV", "I said so."]]
-    [True, True, True, True, True, False]
-    >>> [is_heading(p) for p in ["CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl"]]
-    [True, True, True]
-    >>> [is_heading(p) for p in ["Chapter and verse were quoted at him by the curate.", "Part of it was true."]]
-    [False, False]
+    >>> [is_heading(p) for p in ["CHAPTER IV", "Chapter 12.", "VOLUME II", "Book two.", "= = Early life = =", "IV."]]
+    [True, True, True, True, True, True]
+    >>> [is_heading(p) for p in ["CHAPTER 1. I AM BORN", "CHAPTER II—A DEAN", "Book I: Boy and Girl", "1984"]]
+    [True, True, True, True]
+    >>> [is_heading(p) for p in ["Did.", "Mild.", "Civil.", "Vivid.", "Part ways.", "Volume up.", "I said so."]]
+    [False, False, False, False, False, False, False]
     """
     text = paragraph.strip()
     if len(text.split()) > 8:

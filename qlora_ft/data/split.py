@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_ft.data.cache import TokenCache, fingerprint
+from qlora_ft.data.cache import TokenCache
 from qlora_ft.data.records import RULES_CHANGES, RULES_VERSION
 from qlora_ft.errors import UserError
 
@@ -57,15 +57,28 @@ class Split:
                 if a != b]  # fmt: skip
         if diff:
             raise UserError(f"this checkpoint was split with {', '.join(diff)}: resume with the same settings")
-        if saved.get("cache_fingerprint") not in {self.fingerprint, _without_rules(cache)}:  # (2nd: before rules)
+        rules = self._read_by(saved.get("cache_fingerprint"), cache)
+        sizes = (saved.get("n_train"), saved.get("n_validation"))
+        if sizes != (len(self.train_idx), len(self.val_idx)):
+            why = f" (read by the paragraph rules of version {rules}; since: {rules_changes(rules)})" if rules else ""
+            raise UserError(f"this checkpoint's split has {sizes[0]} / {sizes[1]} records{why}, this run's "
+                            f"{len(self.train_idx)} / {len(self.val_idx)}: start a new run")  # fmt: skip
+
+    def _read_by(self, saved_fingerprint: Any, cache: TokenCache) -> int | None:
+        """None when a checkpoint's cache fingerprint is this cache's, or an earlier version's fingerprint of the
+        same data, tokenizer and recipe read by the same rules; the rules version its text was read by when the
+        paragraph rules changed since. Each change since version 2 only keeps paragraphs that the rules before it
+        dropped, so the same record counts then mean the same records. UserError when the data differs."""
+        if saved_fingerprint == self.fingerprint:
+            return None
+        earlier = cache.meta.get("earlier", {})
+        if saved_fingerprint not in earlier:
             raise UserError(
                 "the data differs from the data this checkpoint was trained on (its tokens' fingerprint changed); "
                 "resume with the same --data, tokenizer and template, or start a new run"
             )
-        sizes = (saved.get("n_train"), saved.get("n_validation"))
-        if sizes != (len(self.train_idx), len(self.val_idx)):
-            raise UserError(f"this checkpoint's split has {sizes[0]} / {sizes[1]} records, this run's "
-                            f"{len(self.train_idx)} / {len(self.val_idx)}: start a new run")  # fmt: skip
+        rules = earlier[saved_fingerprint]
+        return rules if rules is not None and rules < RULES_VERSION else None
 
     def _listed(self, saved: dict[str, Any], keys: Callable[[], Iterable[str]]) -> None:
         """A split.json of earlier versions, which listed indices into the distinct records in load order with a
@@ -78,10 +91,9 @@ class Split:
                 digest.update(key.encode("utf-8"))
                 digest.update(b"\x00")
         if digest.hexdigest() != saved["data_sha256"]:
-            changes = "; ".join(RULES_CHANGES[v] for v in sorted(RULES_CHANGES) if v <= RULES_VERSION)
             raise UserError(
                 "the data differs from the data this checkpoint was trained on, or is read by other rules than "
-                f"when it was made ({changes}); resume with the same --data, or start a new run"
+                f"when it was made ({rules_changes(1)}); resume with the same --data, or start a new run"
             )
         where = np.fromiter(first.values(), dtype=np.int64, count=len(first))
         train, val = np.sort(where[list(saved["train"])]), np.sort(where[list(saved["validation"])])
@@ -91,11 +103,9 @@ class Split:
                             "(records are now deduplicated by their rendered text); start a new run")  # fmt: skip
 
 
-def _without_rules(cache: TokenCache) -> str:
-    """The fingerprint the cache had before the rules version joined it (the same ids: its reader applied the
-    rules of version 2 already)."""
-    covers = dict(cache.meta.get("covers", {}))
-    return fingerprint({k: v for k, v in covers.items() if k != "rules"}) if covers.get("rules") == 2 else ""
+def rules_changes(since: int) -> str:
+    """The paragraph rules' changes after version `since`, in one line."""
+    return "; ".join(RULES_CHANGES[v] for v in sorted(RULES_CHANGES) if since < v <= RULES_VERSION)
 
 
 def split_records(cache: TokenCache, seed: int, train_share: float) -> tuple[np.ndarray, np.ndarray]:
