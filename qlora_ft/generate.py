@@ -27,6 +27,13 @@ def encode_prompt(tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
+def prompt_tensor(tokenizer, prompt: str | Sequence[int], device: torch.device) -> torch.Tensor:
+    """A prompt's ids, shape (1, T): text through `encode_prompt`, token ids as they are."""
+    if isinstance(prompt, str):
+        return encode_prompt(tokenizer, prompt, device)
+    return torch.tensor([list(prompt)], dtype=torch.long, device=device)
+
+
 def fit_context(input_ids: torch.Tensor, limit: int | None, max_new_tokens: int, truncate: bool, number: int):
     """`input_ids` (1, T) when T + `max_new_tokens` fits the model's context of `limit` tokens (None: no limit).
 
@@ -53,7 +60,7 @@ def fit_context(input_ids: torch.Tensor, limit: int | None, max_new_tokens: int,
 def sample(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     sampling: SamplingArgs,
     max_new_tokens: int,
     num_return_sequences: int = 1,
@@ -62,6 +69,8 @@ def sample(
     truncate: bool = False,
 ) -> list[list[str]]:
     """For each prompt, `num_return_sequences` texts (prompt included), sampled with top-k/top-p/temperature.
+    A prompt is text (`encode_prompt` gives its ids) or token ids, used as given (a record's prompt as training
+    encoded it: `encode.prompt_ids`).
 
     Runs under `torch.random.fork_rng`, seeded with `seed`: the caller's RNG streams (e.g. the training
     loop's dropout) are left exactly as they were, and the same seed gives the same texts. Stops at `<eos>`.
@@ -71,7 +80,7 @@ def sample(
     limit = context_length(model.config)
     device = next(model.parameters()).device
     out: list[list[str]] = []
-    encoded = [fit_context(encode_prompt(tokenizer, prompt, device), limit, max_new_tokens, truncate, number)
+    encoded = [fit_context(prompt_tensor(tokenizer, prompt, device), limit, max_new_tokens, truncate, number)
                for number, prompt in enumerate(prompts, 1)]  # fmt: skip
     with seeded_eval(model, seed):
         for input_ids in encoded:

@@ -3,6 +3,7 @@ tokenizer and the seed, locking."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -177,6 +178,21 @@ def test_instruction_records_store_a_loss_mask(tmp_path, tok):
     assert lead.prompts.tolist() == [1 + n_prompt]
     assert cut_windows(lead, [0], 64).ids(0).tolist() == lead.tokens(0).tolist()
     assert len(cut_windows(lead, [0], len(lead.tokens(0)) - 1)) == 0
+
+
+def test_a_chat_prompt_ends_before_the_last_answer_and_an_earlier_count_is_rebuilt(tmp_path, tok):
+    """prompts.npy counts the tokens before a record's last response, also when a user turn follows it; a cache
+    whose prompts were counted by the earlier rule (up to the last segment) is rebuilt under the same name."""
+    record = [("<|user|>\nHi\n", False), ("<|assistant|>\n", False), ("Hello<|endoftext|>", True),
+              ("<|user|>\nThanks\n", False)]  # fmt: skip
+    c = cache.open_or_build({"t": "chat"}, tok, lambda: iter([record]), cache_dir=tmp_path, workers=1, lead=True)
+    prompt = [tok.eos_token_id, *(t for text, _ in record[:2] for t in tok(text, add_special_tokens=False).input_ids)]
+    assert c.tokens(0)[: int(c.prompts[0])].tolist() == prompt
+    meta = json.loads((c.path / "meta.json").read_text())
+    del meta["prompts_version"]
+    (c.path / "meta.json").write_text(json.dumps(meta))
+    again = cache.open_or_build({"t": "chat"}, tok, lambda: iter([record]), cache_dir=tmp_path, workers=1, lead=True)
+    assert again.built and again.path == c.path and again.prompts.tolist() == [len(prompt)]
 
 
 def test_disk_space_check_is_a_user_error(tmp_path, tok, book, monkeypatch):

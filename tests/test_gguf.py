@@ -140,6 +140,25 @@ def fields(path) -> dict:
     return values
 
 
+def test_conv1d_weights_are_written_as_llama_cpps_out_by_in_matrices(tiny_model_dir, tmp_path):
+    """GPT-2's Conv1D layers hold (in, out) weights, llama.cpp reads (out, in): each is written transposed,
+    the embeddings as they are. (The quick check of the layout; the slow tests run the file.)"""
+    pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
+    from transformers import AutoModelForCausalLM
+
+    export(tiny_model_dir, tmp_path / "f16.gguf", "--gguf-type", "f16")
+    data = fields(tmp_path / "f16.gguf")["data"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for b, block in enumerate(model.transformer.h):
+        layers = {"attn_qkv": block.attn.c_attn, "attn_output": block.attn.c_proj, "ffn_up": block.mlp.c_fc,
+                  "ffn_down": block.mlp.c_proj}  # fmt: skip
+        for name, layer in layers.items():
+            written = torch.from_numpy(data[f"blk.{b}.{name}.weight"].astype("float32"))
+            torch.testing.assert_close(written, layer.weight.detach().T, atol=1e-3, rtol=1e-3, msg=name)
+    embedding = torch.from_numpy(data["token_embd.weight"].astype("float32"))
+    torch.testing.assert_close(embedding, model.transformer.wte.weight.detach(), atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.slow
 def test_the_file_holds_llama_cpps_gpt2_layout_and_transformers_reads_it(small):
     from transformers import AutoModelForCausalLM, AutoTokenizer

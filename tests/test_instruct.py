@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import WORDS, build_model_dir
 from qlora_ft.cli import inference_main, main, train_main
-from qlora_ft.config import TrainConfig
+from qlora_ft.config import SamplingArgs, TrainConfig
 from qlora_ft.data.batches import epoch_batches, epoch_rows, make_batch
 from qlora_ft.data.prepare import prepare_data
 from qlora_ft.data.records import Chat, Instruction
@@ -167,6 +167,39 @@ def test_labels_of_a_training_batch_are_exactly_the_responses(tmp_path, tiny_mod
         labelled = batch["labels"][r][batch["labels"][r] != -100].tolist()
         assert labelled == [t for i in row for t in data.train.ids(i).tolist()[1:]]
         assert len(labelled) > sum(len(responses(tokenizer, records[i])) for i in row)
+
+
+def test_chat_sample_prompts_are_the_training_ids_before_the_last_answer(tmp_path, tiny_model_dir, monkeypatch):
+    """In-training samples of a chat run prompt with the ids training saw before the conversation's last answer,
+    ending at its assistant header, also when the conversation goes on with a user turn after that answer; the
+    model gets those ids, not their text tokenized again."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ft.data.encode import prompt_ids
+    from qlora_ft.generate import sample
+
+    rows = chat_rows(16)
+    for row in rows[::2]:  # half the conversations end in a user turn
+        row["messages"].append({"role": "user", "content": "thank you"})
+    data_path = write(tmp_path / "d.json", rows)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    cfg = parse_config(TrainConfig, argv(tmp_path, data_path, tiny_model_dir, "--train-size", "0.5"), "train.py")
+    data = prepare_data(cfg, tokenizer)
+    records = data.read(data.validation.record)
+    assert {r.messages[-1][0] for r in records} == {"user", "assistant"}
+    prompts = data.sample_prompts(n=len(records))
+    expected = [prompt_ids(r, data.template, tokenizer) for r in records]
+    assert sorted(map(tuple, prompts)) == sorted(map(tuple, expected))
+    header = tokenizer("<|assistant|>\n", add_special_tokens=False).input_ids
+    assert all(list(p[-len(header) :]) == header for p in prompts)
+
+    fed = []  # what the model is given: the ids as they are
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda input_ids, **kw: fed.append(input_ids[0].tolist()) or
+                        real(input_ids=input_ids, **kw))  # fmt: skip
+    texts = sample(model, tokenizer, prompts, SamplingArgs(), 2, seed=0)
+    assert fed == [list(p) for p in prompts] and len(texts) == len(prompts)
 
 
 @pytest.mark.slow

@@ -96,6 +96,29 @@ def test_neftune_noises_the_embeddings_in_the_training_forward_only(tiny_model_d
     assert torch.equal(model.get_input_embeddings()(ids), plain_emb)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_loraplus_groups_learn_at_their_ratio_of_the_schedules_rate(tiny_model_dir, dora):
+    """With --loraplus-ratio 4, every step's rate reaches the B matrices (and DoRA's magnitudes) x 4 and the A
+    matrices x 1: the optimizer's groups as the loop sets them (`set_learning_rate`) at two rates."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ft.model import add_lora
+    from qlora_ft.training.methods import make_optimizer, set_learning_rate
+
+    flags = ["--qlora", "False", "--lora", "True", "--rank-lora", "2", "--loraplus-ratio", "4", "--lr", "1e-2"]
+    cfg = parse_config(TrainConfig, [*flags, *(["--dora"] if dora else [])], "train.py")
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg.model)
+    optimizer = make_optimizer(cfg, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for lr in (3e-3, 7e-4):
+        set_learning_rate(optimizer, lr)
+        rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(rates) == sum(p.requires_grad for p in model.parameters())
+        for name, rate in rates.items():
+            assert rate == pytest.approx(lr * (1 if "lora_A" in name else 4), rel=1e-12), name
+        assert any("lora_B" in n for n in rates) and any("magnitude" in n for n in rates) == dora
+
+
 @pytest.mark.slow
 def test_dora_and_rslora_train_load_with_peft_and_export_to_transformers(tmp_path, data_pkl, tiny_model_dir):
     """QLoRA with DoRA and rsLoRA: peft's magnitude vectors train, the scaling is alpha / sqrt(r), the adapter

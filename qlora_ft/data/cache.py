@@ -51,6 +51,7 @@ from qlora_ft.fs import fsync, sha256_file
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+PROMPTS_VERSION = 2  # prompts.npy of version 1 counted a chat that ends in a user turn up to that turn (rebuilt)
 Record = list[Segment]  # a paragraph: [(text, True)]; an instruction: [(prompt, False), (response, True)]
 POOL_MIN_BYTES = 16 << 20  # below this much input, tokenize in this process (see open_or_build)
 BYTES_PER_TOKEN = 2  # a cautious estimate for the disk check (English BPE averages about 4 bytes a token)
@@ -179,6 +180,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or \
             meta.get("fingerprint") != path.name or not isinstance(meta.get("files"), dict):  # fmt: skip
         raise CacheInvalid(f"{path}: meta.json is from another format or folder")
+    if "prompts.npy" in meta["files"] and meta.get("prompts_version") != PROMPTS_VERSION:
+        raise CacheInvalid(f"{path}: prompts.npy counts the prompts by an earlier rule")
     for name, size in meta["files"].items():
         try:
             actual = (path / name).stat().st_size
@@ -372,13 +375,15 @@ def _build(
     starts = np.concatenate([[0], np.cumsum(lengths_all)[:-1]]).astype(np.int64)
     _save_npy(tmp / "index.npy", np.stack([starts, lengths_all.astype(np.int64)], axis=1))
     _save_npy(tmp / "hashes.npy", np.concatenate(hashes).astype(np.uint64))
+    extra = {}
     if lead:
         _save_npy(tmp / "prompts.npy", np.concatenate(prompts).astype(np.int64))
+        extra["prompts_version"] = PROMPTS_VERSION
     if all_trained and not lead:
         (tmp / "mask.bin").unlink()
     files = {p.name: p.stat().st_size for p in tmp.iterdir()}
     return {"n_records": len(lengths_all), "n_tokens": n_tokens, "n_train_fixed": n_train_fixed,
-            "dtype": np.dtype(dtype).name, "has_mask": not all_trained, "files": files}  # fmt: skip
+            "dtype": np.dtype(dtype).name, "has_mask": not all_trained, "files": files, **extra}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -262,7 +262,8 @@ def encode_chunk(chunk: list[list[Segment]], encode: Callable[[list[str]], list[
 
     Each segment is tokenized on its own, without special tokens, and its tokens get its `trained` flag. With
     `lead` (bos id, eos id), as for instruction and chat records, each record is `assemble`d as `encode` does it
-    (leading EOS) and its prompt length is the tokens before its last segment, the prompt `prompt_ids` gives.
+    (leading EOS) and its prompt length is the tokens before its last trained segment (its last response; a chat
+    may go on with a user turn), the prompt `prompt_ids` gives.
     """
     flat = encode([text for record in chunk for text, _ in record])
     ids: list[int] = []
@@ -277,7 +278,8 @@ def encode_chunk(chunk: list[list[Segment]], encode: Callable[[list[str]], list[
             rec_ids, rec_mask = assemble(record, pieces, *lead)
             ids += rec_ids
             mask += rec_mask
-            prompts.append(len(rec_ids) - len(pieces[-1]) if pieces else 0)
+            last = max((i for i, (_, trained) in enumerate(record) if trained), default=len(record) - 1)
+            prompts.append(len(rec_ids) - sum(map(len, pieces[last:])) if pieces else 0)
         else:
             for piece, (_, trained) in zip(pieces, record, strict=True):
                 ids += piece

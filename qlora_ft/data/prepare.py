@@ -129,15 +129,15 @@ class TrainData:
     sources: tuple[Source, Source | None]  # --data and --validation-data, as read
     recipe: Recipe
 
-    def sample_prompts(self, tokenizer, n: int = 3) -> list[str]:
+    def sample_prompts(self, n: int = 3) -> list[list[int]]:
         """Prompts for in-training samples of instruction and chat runs: the `n` validation records with the
-        shortest prompts, as training encoded them (decoded: byte-level BPE decodes losslessly). [] for text."""
+        shortest prompts, as the token ids training saw before each record's last response (`prompt_ids`:
+        through its assistant header, for a chat that goes on after it too). [] for text."""
         if self.template is None or not len(self.validation):
             return []
         lengths = np.asarray(self.cache.prompts)[self.validation.record]
         shortest = np.argsort(lengths, kind="stable")[:n].tolist()
-        prompts = [self.validation.prompt(k) for k in shortest]
-        return [tokenizer.decode(p[1:] if p[:1] == [tokenizer.eos_token_id] else p) for p in prompts]
+        return [self.validation.prompt(k) for k in shortest]
 
     def read(self, indices: np.ndarray) -> list[Any]:
         """The paragraphs or records at these cache indices, read again from the sources (for eval's texts and

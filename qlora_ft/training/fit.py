@@ -165,10 +165,18 @@ def write_samples(run: Run, step: int) -> None:
                        seed=cfg.data.seed + step, truncate=True)  # fmt: skip
     if not engine.is_main:
         return
-    rows = [{"step": step, "prompt": prompt, "text": text} for prompt, (text,) in zip(prompts, texts, strict=True)]
+    rows = [{"step": step, "prompt": prompt_text(run.tokenizer, prompt), "text": text}
+            for prompt, (text,) in zip(prompts, texts, strict=True)]  # fmt: skip
     append_jsonl(run.out_dir / "samples.jsonl", rows)
     for row in rows:
         tqdm.write(f"[sample @ step {step}] {row['text']}")
+
+
+def prompt_text(tokenizer, prompt: str | list[int]) -> str:
+    """A sample prompt as samples.jsonl shows it: a record's prompt ids decoded, without their leading <eos>."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(prompt[1:] if prompt[:1] == [tokenizer.eos_token_id] else prompt)
 
 
 def save(run: Run, state: TrainState, session: Session, name: str) -> Path:

@@ -70,10 +70,10 @@ class Run:
         batch["n_tokens"].zero_()
         return batch
 
-    def sample_prompts(self) -> list[str]:
-        """In-training sample prompts: --sample-prompts for text; a few validation prompts, through the template,
-        for instruction and chat records."""
-        return self.data.sample_prompts(self.tokenizer) or self.cfg.sample.sample_prompts
+    def sample_prompts(self) -> list[str] | list[list[int]]:
+        """In-training sample prompts: --sample-prompts for text; for instruction and chat records, the token ids
+        of a few validation prompts, as training encoded them."""
+        return self.data.sample_prompts() or self.cfg.sample.sample_prompts
 
     def config_dict(self) -> dict[str, Any]:
         """What run_config.json holds: the run's config, and the template instruction/chat records used."""
