@@ -204,12 +204,14 @@ def open_or_build(
     workers: int | None = None,
     parallel: Parallel = "threads",
     lead: bool = False,
+    read: dict[str, Any] | None = None,
 ) -> TokenCache:
     """The cache for `covers` (see `fingerprint`): opened when complete, else built from `records()` first.
 
     `records` is called only on a miss; `validation` (for pre-split sources) adds records that the split
     keeps on the validation side; `lead`: they are instruction or chat records (`encode.encode_chunk`).
-    `input_bytes` sizes the disk check. `workers`: how many cores tokenize
+    `read`: filled while `records()` is read with what the reader dropped; kept in meta.json. `input_bytes`
+    sizes the disk check. `workers`: how many cores tokenize
     (default: every core available), as the tokenizers library's threads in this process (`parallel="threads"`,
     measured faster on 2 cores: docs/data-cache.md) or as spawned processes. Raises UserError when the cache
     folder is unusable or too small.
@@ -245,6 +247,7 @@ def open_or_build(
             shutil.rmtree(stale, ignore_errors=True)
         meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel, lead))
         meta["covers"] = covers
+        meta["read"] = read or {}
         _publish(root, fp, meta)
     finally:
         lock.release()
