@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from qlora_ft import __version__
-from qlora_ft.config import DataArgs, TrainConfig, parse_bool
+from qlora_ft.config import CheckConfig, DataArgs, TrainConfig, parse_bool
 from qlora_ft.errors import UserError, exits_cleanly
 from qlora_ft.options import _Parser, build_parser, config_from_flat, parse_config
 from qlora_ft.run_options import ChatConfig, CompareConfig, EvalConfig, ExportConfig, GenerateConfig
@@ -274,12 +274,19 @@ def _cache_parser(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS = {
     "train": (TrainConfig, "fine-tune a model (same options as train.py)"),
+    "check": (CheckConfig, "what a run with train's options will train on (and, with --plan, cost), before it runs"),
     "generate": (GenerateConfig, "generate text from a fine-tuned model (same options as inference.py)"),
     "chat": (ChatConfig, "talk to a trained run: a conversation, instructions or text, from a terminal or a pipe"),
     "export": (ExportConfig, "merge an adapter into its base and save a full model"),
     "eval": (EvalConfig, "perplexity, merge parity, style score and copying of a run vs its base"),
     "compare": (CompareConfig, "Markdown of base vs fine-tuned generations for the same prompts and seed"),
 }
+
+
+def run_check(cfg: CheckConfig) -> None:
+    from qlora_ft.check import run_check
+
+    run_check(cfg)
 
 
 def run_eval(cfg: EvalConfig) -> None:
@@ -326,6 +333,6 @@ def main(argv: list[str] | None = None) -> None:
         run_cache(args["action"], args["cache_dir"], args["fingerprints"])
         return
     cfg = config_from_flat(COMMANDS[command][0], args)
-    runners = {"train": run_train, "generate": run_generate, "chat": run_chat, "export": run_export,
+    runners = {"train": run_train, "check": run_check, "generate": run_generate, "chat": run_chat, "export": run_export,
                "eval": run_eval, "compare": run_compare}  # fmt: skip
     runners[command](cfg)

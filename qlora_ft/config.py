@@ -361,6 +361,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class CheckArgs:
+    json: bool = arg(False, "print the report as JSON (for scripts) instead of text")
+    show: int = arg(3, "training sequences shown as the model sees them, the trained tokens marked")
+    plan: bool = arg(False, "also the plan of the run: steps, tokens, and from --probe-steps real steps its time "
+                            "and peak memory on this device")  # fmt: skip
+    probe_steps: int = arg(3, "optimizer steps the plan's probe trains (the first is not timed)")
+
+    def __post_init__(self):
+        if self.show < 0 or self.probe_steps < 2:
+            raise UserError("--show must be >= 0 and --probe-steps >= 2 (the first step is not timed)")
+
+
+@dataclass
+class CheckConfig(TrainConfig):
+    """`qlora-ft check`: train's options, plus what to report."""
+
+    check: CheckArgs = field(default_factory=CheckArgs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A configuration from `group.field` values (flags, a config file, a saved run configuration)
 

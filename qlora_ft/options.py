@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_ft.config import ModelArgs, TrainConfig, build_config, concerns, flatten_options, parse_bool
+from qlora_ft.config import CheckArgs, ModelArgs, TrainConfig, build_config, concerns, flatten_options, parse_bool
 from qlora_ft.errors import UserError
 from qlora_ft.run_options import ChatConfig, CompareConfig, EvalConfig, ExportConfig, GenerateConfig
 
@@ -167,7 +167,7 @@ def config_from_flat(cfg_cls: type, given: dict[str, Any], check_given: bool = T
             tp = typing.get_type_hints(concerns(cfg_cls)[group_name])[name]
             values[key] = _coerce(tp, value, name)
     values.update(given)
-    if check_given and cfg_cls is TrainConfig:
+    if check_given and issubclass(cfg_cls, TrainConfig):
         _lora_from_flags(values)
     cfg = build_config(cfg_cls, values)
     if check_given and isinstance(cfg, TrainConfig):
@@ -251,10 +251,18 @@ def options_markdown(cfg_cls: type) -> str:
     return "\n".join(rows)
 
 
+@dataclasses.dataclass
+class CheckOnly:
+    """check's own options, for the reference (the rest are train's)."""
+
+    check: CheckArgs = dataclasses.field(default_factory=CheckArgs)
+
+
 def options_reference() -> str:
     """Every command's option table, in Markdown (the body of docs/options.md)."""
     parts = [
         ("train.py, qlora-ft train", TrainConfig),
+        ("qlora-ft check (train's options, and these)", CheckOnly),
         ("inference.py, qlora-ft generate", GenerateConfig),
         ("qlora-ft chat", ChatConfig),
         ("qlora-ft export", ExportConfig),

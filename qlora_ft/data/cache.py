@@ -208,6 +208,7 @@ def open_or_build(
     parallel: Parallel = "threads",
     lead: bool = False,
     earlier: dict[str, int | None] | None = None,
+    read: dict[str, Any] | None = None,
 ) -> TokenCache:
     """The cache for `covers` (see `fingerprint`): opened when complete, else built from `records()` first.
 
@@ -215,7 +216,8 @@ def open_or_build(
     keeps on the validation side; `lead`: they are instruction or chat records (`encode.encode_chunk`).
     `input_bytes` sizes the disk check. `earlier`: the fingerprints earlier versions gave the same data, tokenizer
     and recipe, each with the paragraph rules version it read text by (None for records), kept in meta.json
-    for resuming their checkpoints (`split.Split.check`). `workers`: how many cores tokenize
+    for resuming their checkpoints (`split.Split.check`). `read`: filled while `records()` is read with what the
+    reader dropped; kept in meta.json. `workers`: how many cores tokenize
     (default: every core available), as the tokenizers library's threads in this process (`parallel="threads"`,
     measured faster on 2 cores: docs/data-cache.md) or as spawned processes. Raises UserError when the cache
     folder is unusable or too small.
@@ -250,7 +252,7 @@ def open_or_build(
         for stale in [*root.glob(f".{fp}.tmp-*"), *root.glob(f".{fp}.old-*")]:  # a killed build's; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel, lead))
-        meta.update(covers=covers, earlier=earlier or {})
+        meta.update(covers=covers, earlier=earlier or {}, read=read or {})
         _publish(root, fp, meta)
     finally:
         lock.release()

@@ -54,17 +54,17 @@ class Recipe:
         assert self.template is not None
         return {"format": self.mode, "template": self.template.to_dict()}
 
-    def items(self, src: Source, part: str | None) -> Iterator[str | rec.Record]:
-        """The paragraphs or records of `src` (or of its `part`), in order."""
+    def items(self, src: Source, part: str | None, tally: dict | None = None) -> Iterator[str | rec.Record]:
+        """The paragraphs or records of `src` (or of its `part`), in order (`tally`: see `rec.iter_paragraphs`)."""
         if self.mode == "text":
             yield from rec.iter_paragraphs(src, text_column=self.text_column, keep_headings=self.keep_headings,
-                                           layout=self.layout, part=part)  # fmt: skip
+                                           layout=self.layout, part=part, tally=tally)  # fmt: skip
         else:
             yield from rec.iter_records(src, self.mode, part)
 
-    def segments(self, src: Source, part: str | None, tokenizer) -> Iterator[Record]:
+    def segments(self, src: Source, part: str | None, tokenizer, tally: dict | None = None) -> Iterator[Record]:
         """The (text, trained) segments of each record; a template that fails on a record is named with it."""
-        for i, item in enumerate(self.items(src, part)):
+        for i, item in enumerate(self.items(src, part, tally)):
             try:
                 yield segments_of(item, self.template, tokenizer)
             except UserError as e:
@@ -98,11 +98,12 @@ def open_cache(source: str, tokenizer: Any, recipe: Recipe, *, validation_source
     covers = {**data_digest(src), "tokenizer": tokenizer_digest(tokenizer), **recipe.covers()}
     if val_src is not None:
         covers["validation_data"] = data_digest(val_src)
-    train, *validation = [partial(recipe.segments, s, part, tokenizer) for s, part in parts((src, val_src))]
+    dropped: dict = {}  # what the paragraph reader drops, kept in the cache's meta.json ("read")
+    train, *validation = [partial(recipe.segments, s, part, tokenizer, dropped) for s, part in parts((src, val_src))]
     size = input_bytes(src) + (input_bytes(val_src) if val_src else 0)
     return open_or_build(covers, tokenizer, train, cache_dir=cache_dir, validation=validation[0] if validation
                          else None, input_bytes=size, workers=workers, parallel=parallel,
-                         lead=recipe.mode != "text", earlier=earlier_fingerprints(covers))  # fmt: skip
+                         lead=recipe.mode != "text", earlier=earlier_fingerprints(covers), read=dropped)  # fmt: skip
 
 
 def earlier_fingerprints(covers: dict[str, Any]) -> dict[str, int | None]:
@@ -195,6 +196,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, saved_split: dict[str, Any] | None
     recipe = recipe_for(cfg, mode, tokenizer, template)
     cache = open_cache(d.data, tokenizer, recipe, validation_source=d.validation_data, cache_dir=d.cache_dir)
     split = Split.of(cache, d.seed, d.train_size)
+    rec.log_dropped(cache.meta.get("read", {}))  # on every start: a warm one reads the counts from the cache
     windows = _windows(cache, split, d.max_input_length, d.train_on_prompt)
     data = TrainData(mode, cache, split, *windows, recipe.template, (src, val_src), recipe)
     if saved_split is not None:

@@ -285,11 +285,16 @@ def pick_column(names: Sequence[str], text_column: str | None, source: str) -> s
 
 
 def iter_paragraphs(src: Source, *, text_column: str | None = None, keep_headings: bool = False,
-               layout: Layout = "auto", part: str | None = None) -> Iterator[str]:  # fmt: skip
-    """The cleaned, non-empty paragraphs of `src` (or of its `part`), streamed in order, under the heading rule."""
+                    layout: Layout = "auto", part: str | None = None,
+                    tally: dict | None = None) -> Iterator[str]:  # fmt: skip
+    """The cleaned, non-empty paragraphs of `src` (or of its `part`), streamed in order, under the heading rule.
+
+    `tally`: a dict that receives what was dropped, under `src.name` (`{"headings": 2, "missing": 0,
+    "heading_example": "CHAPTER I"}`), for the caller to log (the token cache keeps it); else this logs it."""
     names = columns(src)
     column = pick_column(names, text_column, src.name) if names else None
     headings = missing = n = 0
+    example = None
     for i, row in enumerate(rows(src, part, [column] if column and src.kind in ("parquet", "hf_disk", "hub")
                                  else None, layout)):  # fmt: skip
         if isinstance(row, dict):
@@ -302,16 +307,29 @@ def iter_paragraphs(src: Source, *, text_column: str | None = None, keep_heading
         paragraph = clean_paragraph(row)
         if paragraph and not keep_headings and is_heading(paragraph):
             headings += 1
+            example = example or paragraph
         elif paragraph:
             n += 1
             yield paragraph
-    if missing:
-        log.warning("%s: skipped %d missing values", src.name, missing)
-    if headings:
-        log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)", src.name,
-                 headings)  # fmt: skip
+    counts = {"headings": headings, "missing": missing, "heading_example": example}
+    if tally is None:
+        log_dropped({src.name: counts})
+    else:
+        previous = tally.get(src.name, {"headings": 0, "missing": 0, "heading_example": None})
+        tally[src.name] = {"headings": previous["headings"] + headings, "missing": previous["missing"] + missing,
+                           "heading_example": previous["heading_example"] or example}  # fmt: skip
     if n == 0 and part is None:
         raise UserError(f"{src.name}: no paragraphs found (the data is empty)")
+
+
+def log_dropped(tally: dict[str, dict[str, Any]]) -> None:
+    """Log what the paragraph reader dropped from each source (an `iter_paragraphs` tally)."""
+    for name, counts in tally.items():
+        if counts["missing"]:
+            log.warning("%s: skipped %d missing values", name, counts["missing"])
+        if counts["headings"]:
+            log.info("%s: dropped %d heading-only paragraphs (CHAPTER I, ...; --keep-headings keeps them)", name,
+                     counts["headings"])  # fmt: skip
 
 
 def record_prefix(src: Source, part: str | None) -> str:

@@ -130,6 +130,8 @@ def split_records(cache: TokenCache, seed: int, train_share: float) -> tuple[np.
         except OSError as e:  # a read-only cache still works; the split is recomputed next time
             log.debug("could not store %s: %s", path, e)
             tmp.unlink(missing_ok=True)
+    if n_dropped := int((assignment == SPLIT_DROPPED).sum()):  # logged on every start, a stored split's too
+        log.info("dropped %d duplicate records", n_dropped)
     return np.flatnonzero(assignment == SPLIT_TRAIN), np.flatnonzero(assignment == SPLIT_VALIDATION)
 
 
@@ -149,8 +151,6 @@ def _assign(cache: TokenCache, seed: int, train_share: float) -> np.ndarray:
             raise UserError("the pre-split data needs at least one paragraph on each side")
     else:
         unique = _first_occurrences(hashes)
-        if len(unique) < len(hashes):
-            log.info("dropped %d duplicate records", len(hashes) - len(unique))
         n_val = max(1, round(len(unique) * (1.0 - train_share)))
         if len(unique) - n_val < 1:
             raise UserError(f"too few paragraphs to split: {len(unique)} (need at least 2)")
