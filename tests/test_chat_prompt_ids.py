@@ -4,13 +4,18 @@ non-ASCII), the ids training gave the prompt before the last reply equal those o
 prompt tokenized whole (`apply_chat_template(..., add_generation_prompt=True)`, llama.cpp on the GGUF file), as
 servers tokenize it."""
 
+import io
+import json
 import logging
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import build_model_dir, shared_or_skip
+from qlora_ft.chat import chat_prompt
 from qlora_ft.data.encode import encode, prompt_ids, render
 from qlora_ft.data.records import Chat
 from qlora_ft.templates import DEFAULT_CHAT_TEMPLATE, TEMPLATES, Template, exported_chat_template
@@ -123,3 +128,104 @@ def test_llama_cpp_prompts_a_gpt2_chat_gguf_with_trainings_ids(gpt2, gpt2_gguf, 
     result = formatter(messages=[{"role": r, "content": c} for r, c in chat.messages[:-1]])
     ids = llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
     assert trained_prompt(tokenizer, template, chat) == ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct: a real model with its own chat template (ChatML) and special tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2 as a Hugging Face folder (../shared's GGUF file through its to_hf.py: needs the gguf library)."""
+    pytest.importorskip("gguf", reason="the [gguf] extra is not installed (to_hf.py reads the GGUF file with it)")
+    script = shared_or_skip("models", "smollm2-135m-instruct", "to_hf.py")
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.slow
+@PROPERTY
+@given(chat=conversations())
+def test_smollm2_template_prompts_with_trainings_ids(smollm2_chat, chat):
+    tokenizer, template, exported = smollm2_chat
+    assert trained_prompt(tokenizer, template, chat) == whole_prompt(tokenizer, exported, chat)
+
+
+@pytest.fixture(scope="module")
+def smollm2_chat(smollm2):
+    """SmolLM2's tokenizer and a chat run's template on it (its own ChatML template)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    template = TEMPLATES["alpaca"].for_tokenizer(tokenizer)
+    assert "<|im_start|>" in template.chat_template
+    return tokenizer, template, exported_chat_template(template, tokenizer)
+
+
+def alpaca_conversations(n: int) -> list[Chat]:
+    """The first `n` shared Alpaca records as one-turn conversations, every other one opened by a system prompt."""
+    records = json.loads(shared_or_skip("data", "instructions", "instruction-data.json").read_text())[:n]
+    return [Chat((*([("system", "Answer briefly.")] if i % 2 else []),
+                  ("user", f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]),
+                  ("assistant", r["output"]))) for i, r in enumerate(records)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_smollm2_chat_run_trains_exports_and_stops_at_im_end(smollm2, tmp_path, monkeypatch, capsys):
+    """A LoRA chat run on SmolLM2 (2 steps) over Alpaca conversations with and without a system prompt:
+    `<|im_start|>` and `<|im_end|>` are one special id each in training's ids, every response is trained up to
+    and including `<|im_end|>` (the EOS) and not the newline after it, the export's `apply_chat_template` prompts
+    with training's ids, and `qlora-ft chat` replies until the model writes `<|im_end|>`."""
+    from transformers import AutoTokenizer, GenerationMixin
+
+    from qlora_ft.cli import main, train_main
+    from qlora_ft.data.prepare import read_template
+    from qlora_ft.model import load_tokenizer
+
+    chats = alpaca_conversations(16)
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps([{"messages": [{"role": r, "content": c} for r, c in chat.messages]} for chat in chats]))
+    run = tmp_path / "run"
+    train_main(["--data", str(data), "--model", str(smollm2), "--qlora", "False", "--lora", "True", "--rank-lora",
+                "2", "--batch-size", "2", "--max-input-length", "256", "--max-steps", "2", "--sample-every", "0",
+                "--save-interval", "0", "--check-dir", str(tmp_path / "ckpt"), "--output-dir", str(run)])  # fmt: skip
+    tokenizer, template = load_tokenizer(str(run)), read_template(run)
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert (start, end) == (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    for chat in chats:
+        ids, mask = encode(tokenizer, render(chat, template, tokenizer))
+        assert (
+            ids[0] == start and ids.count(start) == ids.count(end) == 3
+        )  # system (given or the template's), user, assistant
+        assert tokenizer.decode(ids) == tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in chat.messages], tokenize=False
+        )  # one id per special token
+        first = mask.index(1)
+        assert ids[first:] == [*tokenizer(chat.messages[-1][1], add_special_tokens=False)["input_ids"], end, *newline]
+        assert mask[first:] == [1] * (len(ids) - first - len(newline)) + [0] * len(newline)
+
+    export = tmp_path / "export"
+    main(["export", "--model_path", str(run), "--out", str(export)])
+    exported = AutoTokenizer.from_pretrained(export)
+    for chat in chats:
+        messages = [{"role": r, "content": c} for r, c in chat.messages[:-1]]
+        whole = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert whole == prompt_ids(chat, template, tokenizer)
+
+    generated, real = [], GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        generated.append((kwargs.get("eos_token_id"), out := real(self, *args, **kwargs)))
+        return out
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
+    capsys.readouterr()
+    main(["chat", "--model_path", str(run), "--do-sample", "False", "--max_length", "64"])
+    reply = capsys.readouterr().out
+    ((eos, out),) = generated
+    new = out[0, len(chat_prompt([("user", "What is the capital of France?")], template, tokenizer)) :].tolist()
+    assert eos == end and new[-1] == end and end not in new[:-1] and len(new) < 64  # stopped by <|im_end|>
+    assert "Paris" in reply and "<|im" not in reply and reply.endswith("\n\n")
