@@ -6,10 +6,11 @@ The template saved with the run decides what a line is:
     instruction run  an instruction, answered on its own
     text run         the opening of a text that the model continues (a style run writes on)
 
-Each prompt is the token ids training saw for the same conversation (`encode.prompt_ids`: every segment
-encoded apart, after the leading EOS), so the model is asked exactly as it was taught. A reply ends at EOS or
-at a stop string of the template (`generate.stop_strings`). When the conversation plus a reply's
-`--max-length` tokens outgrows the model's context, its oldest exchanges are dropped (one warning).
+Each prompt is the token ids training saw for the same conversation (`encode.prompt_ids`: its text tokenized
+whole, as an export's readers tokenize it, after the leading EOS), so the model is asked exactly as it was
+taught. A reply ends at EOS or at a stop string of the template (`generate.stop_strings`). When the
+conversation plus a reply's `--max-length` tokens outgrows the model's context, its oldest exchanges are
+dropped (one warning).
 
 From a pipe (stdin not a terminal) every line is one turn and every reply is printed as its non-blank lines
 followed by one blank line, with nothing else on stdout:

@@ -13,7 +13,7 @@ from conftest import build_model_dir, shared_or_skip
 from qlora_ft import chat as chat_module
 from qlora_ft.chat import StopStreamer, chat_prompt, pipe_block
 from qlora_ft.cli import main, train_main
-from qlora_ft.data.encode import encode, render
+from qlora_ft.data.encode import encode, generation_prompt, render
 from qlora_ft.data.prepare import Recipe, open_cache, read_template
 from qlora_ft.data.records import Chat
 from qlora_ft.evaluate import _answer_held_out
@@ -191,13 +191,14 @@ def spy_on_generate(model, monkeypatch) -> list[list[int]]:
 
 def test_inference_prompt_ids_equal_training_ids_with_gpt2_whitespace(gpt2, tmp_path, monkeypatch):
     """An empty system prompt and a user turn ending in a newline: training encodes `\\n\\n` before the next
-    header as one token (628); the joined prompt text would give 198, 198."""
+    header as the prompt text tokenized whole does (198, 198), not as each turn alone would (628)."""
     model, tokenizer = gpt2
     template = TEMPLATES["alpaca"].for_tokenizer(tokenizer)  # a chat run's saved template: the default chat one
     conversation = Chat((("system", ""), ("user", "Hi\n"), ("assistant", "Hello.")))
     ids, mask = training_encoding(tmp_path, tokenizer, template, conversation)
     trained_prompt = ids[: mask.index(1)]
-    assert 628 in trained_prompt
+    whole = tokenizer(generation_prompt(conversation, template, tokenizer)[0], add_special_tokens=False)["input_ids"]
+    assert trained_prompt == [tokenizer.eos_token_id, *whole] and 628 not in trained_prompt
 
     seen = spy_on_generate(model, monkeypatch)
     _answer_held_out({"base": model, "fine_tuned": model}, tokenizer, template, [conversation], 4, {})  # eval's

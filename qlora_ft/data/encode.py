@@ -57,7 +57,8 @@ def render_instruction(record: Instruction, template: Template, eos_token: str) 
 
 def render_chat(record: Chat, tokenizer, chat_template: str) -> list[Segment]:
     """Segments of a conversation under a Jinja chat template: every assistant turn's content and closing
-    token(s) trained, everything else (system and user turns, each assistant header) not.
+    token(s) up to its EOS trained, everything else (system and user turns, each assistant header, what the
+    template writes after an assistant's EOS) not.
 
     Rendered turn by turn: the text a turn adds is the difference between the conversation rendered up to
     it and up to the turn before (with the generation prompt before an assistant turn, which splits off
@@ -83,9 +84,20 @@ def render_chat(record: Chat, tokenizer, chat_template: str) -> list[Segment]:
             if not text.startswith(done):
                 raise UserError(f"the chat template rewrites earlier turns when turn {i} ({role}) is added, so "
                                 "the trained turns cannot be told apart; use a template that only appends")  # fmt: skip
-            segments.append((text[len(done) :], trained))
+            segments += _closed(text[len(done) :], tokenizer.eos_token) if trained else [(text[len(done) :], False)]
             done = text
     return [s for s in segments if s[0]]
+
+
+def _closed(turn: str, eos: str | None) -> list[Segment]:
+    """An assistant turn's text as segments: trained up to the EOS that closes it, and what the template writes
+    after that EOS (ChatML's newline) not, since generation stops at the EOS: it is the next turn's prompt.
+
+    >>> _closed("Hello<|im_end|>\\n", "<|im_end|>")
+    [('Hello<|im_end|>', True), ('\\n', False)]
+    """
+    head, closed, tail = turn.rpartition(eos) if eos else ("", "", turn)
+    return [(head + closed, True), (tail, False)] if closed else [(turn, True)]
 
 
 def render(record: Record, template: Template, tokenizer, train_on_prompt: bool = False) -> list[Segment]:
@@ -104,11 +116,16 @@ def render(record: Record, template: Template, tokenizer, train_on_prompt: bool 
 def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
     """Token ids and loss mask (1 = trained on) of a record's segments, after a leading EOS.
 
-    Each segment is tokenized on its own and the pieces concatenated. Tokenizing the joined text instead
-    would let BPE merge across a boundary (a prompt ending in ": " and a response starting with "Yes" can
-    become one " Yes" token), so a token would be half prompt, half response, and the prompt's tokens would
-    differ from those of the same prompt tokenized alone, as it is at generation. Special-token text (the
-    EOS after a response) becomes its one special id.
+    The ids are those of the rendered text tokenized whole, as `apply_chat_template`, llama.cpp and servers
+    tokenize a prompt, except that the last response is tokenized apart from its prompt. Tokenizing it with
+    its prompt would let BPE merge across the boundary (a prompt ending in ": " and a response starting with
+    "Yes" can become one " Yes" token), so a token would be half prompt, half response, and the prompt's
+    tokens would differ from those of the prompt tokenized alone, as it is at generation. So (`units`): the
+    untrained text before a response is tokenized whole (adjacent untrained segments joined: GPT-2 makes
+    `\\n\\n` one token only when both newlines are in one text); an earlier response, history by the time the
+    last one is asked for, is tokenized together with its prompt, as a server re-tokenizes a conversation,
+    and a token that joins the prompt's end to the response's start is not trained. Special-token text (the
+    EOS after a response) becomes its one special id, and no token crosses it.
 
     The leading EOS marks the record's start as it does a paragraph's in the text path (and as
     `generate.encode_prompt` puts before a prompt); it is left out when the text already starts with the
@@ -117,22 +134,77 @@ def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
     >>> encode(tokenizer, [("Q: 2+3?\\n", False), ("5<|endoftext|>", True)])  # doctest: +SKIP
     ([50256, 48, 25, 362, 10, 18, 30, 198, 20, 50256], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
     """
-    texts = [text for text, _ in segments]
+    return encode_with_prompt(tokenizer, segments)[:2]
+
+
+def encode_with_prompt(tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[int], int]:
+    """`encode`, and the number of ids before the last response (its prompt, leading EOS included)."""
+    texts = texts_to_tokenize(segments)
     pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     return assemble(segments, pieces, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
-def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_id: int | None, eos_id: int) -> Encoded:
-    """`encode` from the segments' token ids, tokenized elsewhere (the token cache tokenizes many records at once)."""
+def units(segments: Sequence[Segment]) -> list[tuple[str, str]]:
+    """A record's segments as (prompt, response) pairs: each trained segment after the untrained text before
+    it (adjacent untrained segments joined), and the untrained text after the last one with no response.
+
+    >>> units([("<|user|>\\nHi\\n", False), ("<|assistant|>\\n", False), ("Hello<eos>", True)])
+    [('<|user|>\\nHi\\n<|assistant|>\\n', 'Hello<eos>')]
+    """
+    out: list[tuple[str, str]] = []
+    prompt = ""
+    for text, trained in segments:
+        if trained:
+            out.append((prompt, text))
+            prompt = ""
+        else:
+            prompt += text
+    return [*out, (prompt, "")] if prompt or not out else out
+
+
+def _last_response(pairs: Sequence[tuple[str, str]]) -> int:
+    return max((i for i, (_, response) in enumerate(pairs) if response), default=len(pairs))
+
+
+def texts_to_tokenize(segments: Sequence[Segment]) -> list[str]:
+    """Two texts per unit, for `assemble`: (prompt, prompt + response) for a unit before the last response,
+    tokenized whole as history is; (prompt, response) apart for the last response and after it."""
+    pairs = units(segments)
+    last = _last_response(pairs)
+    return [t for i, (p, r) in enumerate(pairs) for t in ((p, p + r) if i < last else (p, r))]
+
+
+def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_id: int | None, eos_id: int,
+             ) -> tuple[list[int], list[int], int]:  # fmt: skip
+    """`encode_with_prompt` from the token ids of `texts_to_tokenize(segments)`, tokenized elsewhere (the
+    token cache tokenizes many records at once)."""
+    pairs = units(segments)
+    last = _last_response(pairs)
     ids: list[int] = []
     mask: list[int] = []
-    for piece, (_, trained) in zip(pieces, segments, strict=True):
-        ids += piece
-        mask += [int(trained)] * len(piece)
+    prompt = None
+    for i, (alone, second) in enumerate(zip(pieces[::2], pieces[1::2], strict=True)):
+        if i < last:  # history: prompt + response tokenized whole
+            n = _prompt_tokens(alone, second)
+            ids += second
+            mask += [0] * n + [1] * (len(second) - n)
+        else:
+            prompt = len(ids) + len(alone) if i == last else prompt
+            ids += [*alone, *second]
+            mask += [0] * len(alone) + [1] * len(second)
+    prompt = len(ids) if prompt is None else prompt
     if not ids or ids[0] not in (bos_id, eos_id):
         ids.insert(0, eos_id)
         mask.insert(0, 0)
-    return ids, mask
+        prompt += 1
+    return ids, mask, prompt
+
+
+def _prompt_tokens(alone: Sequence[int], whole: Sequence[int]) -> int:
+    """How many of `whole` (a prompt and response tokenized together) are not trained: the prompt's own tokens,
+    or, where the two merged at their boundary, those before the first that differs and that one too."""
+    same = next((k for k, (a, b) in enumerate(zip(alone, whole, strict=False)) if a != b), min(len(alone), len(whole)))
+    return same if same == len(alone) else min(same + 1, len(whole))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,15 +223,15 @@ def generation_prompt(record: Record, template: Template, tokenizer) -> tuple[st
     last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
     chat_template = template.for_tokenizer(tokenizer).chat_template
     segments = render_chat(Chat(record.messages[: last + 1]), tokenizer, chat_template)
-    return "".join(text for text, _ in segments[:-1]), record.messages[last][1]
+    response = max(i for i, (_, trained) in enumerate(segments) if trained)
+    return "".join(text for text, _ in segments[:response]), record.messages[last][1]
 
 
 def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
-    """The token ids training saw before `record`'s last response, encoded as training encodes them: `encode`
-    of the segments before that response, leading EOS included. This, not `generation_prompt`'s text
-    tokenized whole, is what inference must feed the model: segment by segment, GPT-2 tokenizes a user turn
-    ending in a newline, or an empty system prompt, with `\\n\\n` as one token (628) where the joined
-    text gives two (198, 198), and a template that writes a BOS gets no EOS before it.
+    """The token ids training saw before `record`'s last response: `encode`'s ids of the record up to that
+    response, leading EOS included. They equal `generation_prompt`'s text tokenized whole after the leading
+    EOS (what `apply_chat_template` on an export and llama.cpp give); the exceptions are a chat template's
+    (`templates.whole_prompt_mismatch`), which export names.
 
     >>> prompt_ids(Instruction("Add 2 and 3.", "-"), TEMPLATES["plain"], tokenizer)  # doctest: +SKIP
     [50256, 21017, 46486, 25, 198, 4550, 362, 290, 513, 13, 198, 198, 21017, 18261, 25, 198]
@@ -167,7 +239,8 @@ def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
     if isinstance(record, Chat):
         last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
         record = Chat(record.messages[: last + 1])
-    return encode(tokenizer, render(record, template, tokenizer)[:-1])[0]
+    ids, _, prompt = encode_with_prompt(tokenizer, render(record, template, tokenizer))
+    return ids[:prompt]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,26 +333,26 @@ def encode_chunk(chunk: list[list[Segment]], encode: Callable[[list[str]], list[
     """(ids uint32 back to back, length per record int64, mask uint8 per token, hash per record uint64, prompt
     length per record int64) of records given as segments.
 
-    Each segment is tokenized on its own, without special tokens, and its tokens get its `trained` flag. With
-    `lead` (bos id, eos id), as for instruction and chat records, each record is `assemble`d as `encode` does it
-    (leading EOS) and its prompt length is the tokens before its last trained segment (its last response; a chat
-    may go on with a user turn), the prompt `prompt_ids` gives.
+    Without `lead` (paragraphs) each segment is tokenized on its own, without special tokens, and its tokens get
+    its `trained` flag. With `lead` (bos id, eos id), as for instruction and chat records, each record is
+    `assemble`d as `encode` does it (leading EOS), and its prompt length is the tokens before its last response
+    (a chat may go on with a user turn), the prompt `prompt_ids` gives.
     """
-    flat = encode([text for record in chunk for text, _ in record])
+    texts = [texts_to_tokenize(record) if lead is not None else [text for text, _ in record] for record in chunk]
+    flat = encode([text for record in texts for text in record])
     ids: list[int] = []
     mask: list[int] = []
     lengths, hashes, prompts = [], [], []
     at = 0
-    for record in chunk:
+    for record, record_texts in zip(chunk, texts, strict=True):
         start = len(ids)
-        pieces = flat[at : at + len(record)]
-        at += len(record)
+        pieces = flat[at : at + len(record_texts)]
+        at += len(record_texts)
         if lead is not None:
-            rec_ids, rec_mask = assemble(record, pieces, *lead)
+            rec_ids, rec_mask, prompt = assemble(record, pieces, *lead)
             ids += rec_ids
             mask += rec_mask
-            last = max((i for i, (_, trained) in enumerate(record) if trained), default=len(record) - 1)
-            prompts.append(len(rec_ids) - sum(map(len, pieces[last:])) if pieces else 0)
+            prompts.append(prompt)
         else:
             for piece, (_, trained) in zip(pieces, record, strict=True):
                 ids += piece

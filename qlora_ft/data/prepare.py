@@ -33,6 +33,9 @@ from qlora_ft.templates import TEMPLATES, Template, get_template
 
 log = logging.getLogger(__name__)
 
+# How chat records become ids (`encode.encode`): 2 = history and prompts tokenized whole as a rendered template is,
+# nothing after a response's EOS trained (1: every segment tokenized apart). Instruction ids did not change.
+CHAT_ENCODING = 2
 TEMPLATE_KEY = "template_used"  # run_config.json's data section: the template as data (`Template.to_dict`)
 
 
@@ -52,7 +55,8 @@ class Recipe:
             return {"format": "text", "keep_headings": self.keep_headings, "layout": self.layout,
                     "text_column": self.text_column, "template": None, "rules": rec.RULES_VERSION}  # fmt: skip
         assert self.template is not None
-        return {"format": self.mode, "template": self.template.to_dict()}
+        chat = {"chat_encoding": CHAT_ENCODING} if self.mode == "chat" else {}
+        return {"format": self.mode, "template": self.template.to_dict(), **chat}
 
     def items(self, src: Source, part: str | None, tally: dict | None = None) -> Iterator[str | rec.Record]:
         """The paragraphs or records of `src` (or of its `part`), in order (`tally`: see `rec.iter_paragraphs`)."""
