@@ -228,6 +228,29 @@ def test_bad_pickles(payload, message):
         safe_unpickle(payload, "x.pkl")
 
 
+def calling(module: str, name: str, *args: str) -> bytes:
+    """A protocol-0 pickle that calls `module.name(*args)` as it loads (GLOBAL, MARK, strings, TUPLE, REDUCE)."""
+    return b"c%s\n%s\n(%stR." % (module.encode(), name.encode(), b"".join(b"V%s\n" % a.encode() for a in args))
+
+
+@pytest.mark.parametrize(
+    "module, name, args",
+    [("builtins", "eval", ["open('PWNED_MARKER', 'w').close()"]), ("builtins", "exec", ["open('PWNED_MARKER', 'w')"]),
+     ("builtins", "open", ["PWNED_MARKER", "w"]), ("builtins", "getattr", ["text", "upper"]),
+     ("builtins", "__import__", ["os"]), ("__builtin__", "eval", ["1"]), ("collections", "namedtuple", ["T", "a"]),
+     ("numpy", "fromfile", ["PWNED_MARKER"]), ("pandas", "read_pickle", ["PWNED_MARKER"]),
+     ("pandas.core.frame", "eval", ["1"])],
+)  # fmt: skip
+def test_names_beside_the_allowed_ones_in_their_modules_are_refused(tmp_path, monkeypatch, module, name, args):
+    """The unpickler allows names, not modules: builtins.slice loads, builtins.eval (and the other callables of the
+    allowed modules) is refused before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    assert safe_unpickle(calling("builtins", "slice", "1"), "x.pkl") == slice("1")
+    with pytest.raises(UserError, match=rf"refusing to load {re.escape(module)}\.{name}\b.*nothing .* executed"):
+        safe_unpickle(calling(module, name, *args), "x.pkl")
+    assert not (tmp_path / "PWNED_MARKER").exists()
+
+
 @pytest.mark.parametrize(
     "obj, message",
     [([1, 2], "row 0: the text is int, not a string"), ([], "the data is empty"), (42, "expected a list"),

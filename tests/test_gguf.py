@@ -4,6 +4,7 @@ model's logits and prompt with the ids the package prompts with: the leading `<|
 `add_bos_token` in a text run's file and from the chat template in an instruction run's, never from both."""
 
 import pickle
+import sys
 
 import pytest
 import torch
@@ -76,16 +77,27 @@ def one_line(capsys, argv) -> str:
     return lines[0]
 
 
-def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys):
+def llama_dir(tmp_path):
     from transformers import LlamaConfig
 
-    llama = tmp_path / "llama"
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
-        llama
-    )
-    export_argv = ["export", "--model_path", str(llama), "--out"]  # the output is checked first
-    line = one_line(capsys, [*export_argv, str(tmp_path / "l.gguf"), "--format", "gguf"])
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    config.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def test_an_architecture_llama_cpps_gpt2_graph_does_not_compute_is_refused(tmp_path, capsys):
+    pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
+    line = one_line(capsys, ["export", "--model_path", str(llama_dir(tmp_path)), "--out", str(tmp_path / "l.gguf"),
+                             "--format", "gguf"])  # fmt: skip
     assert "GPT-2" in line and "'llama'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
+    export_argv = ["export", "--model_path", str(llama_dir(tmp_path)), "--out"]  # the output is checked first
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as without the [gguf] extra: import gguf fails
+    line = one_line(capsys, [*export_argv, str(tmp_path / "l.gguf"), "--format", "gguf"])
+    assert "pip install 'qlora-ft[gguf]'" in line
     line = one_line(capsys, [*export_argv, str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-type", "q5_k"])
     assert "q5_k" in line and "q4_0" in line
 

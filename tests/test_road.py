@@ -159,6 +159,36 @@ def test_a_listed_split_of_earlier_versions_maps_onto_the_cache(tmp_path, tokeni
     assert "hub datasets" in str(e.value)
 
 
+@pytest.mark.parametrize("mode", ["text", "instruction"])
+def test_the_split_is_recomputed_from_the_data_seed_and_share_alone(tmp_path, tokenizer, mode):
+    """The split, worked out from the records without the cache: distinct records (first occurrences), shuffled
+    by `random.Random(seed)`, the first round(n x (1 - share)) validate. The same data, seed and share give it
+    again in a fresh cache folder; another seed, or another share, gives another split."""
+    rows = instruction_rows(40)
+    rows[-1] = rows[5]  # a duplicate: kept once, at its first occurrence
+    paragraphs = make_paragraphs(40)
+    paragraphs[-1] = paragraphs[5]
+    data = tmp_path / ("records.json" if mode == "instruction" else "book.txt")
+    data.write_text(json.dumps(rows) if mode == "instruction" else "\n\n".join(paragraphs))
+
+    def split(seed, share, cache):
+        prepared = prepare_data(config(tmp_path, data, "--seed", seed, "--train-size", share, "--cache-dir",
+                                       tmp_path / cache), tokenizer)  # fmt: skip
+        return prepared.split.train_idx.tolist(), prepared.split.val_idx.tolist()
+
+    first = {}
+    for i, row in enumerate(rows if mode == "instruction" else paragraphs):
+        first.setdefault(json.dumps(row, sort_keys=True), i)
+    distinct = list(first.values())
+    for seed, share in ((0, 0.8), (7, 0.8), (7, 0.5)):
+        order = list(range(len(distinct)))
+        random.Random(seed).shuffle(order)
+        n_val = round(len(distinct) * (1 - share))
+        expected = sorted(distinct[i] for i in order[n_val:]), sorted(distinct[i] for i in order[:n_val])
+        assert split(seed, share, "cache") == expected == split(seed, share, f"fresh-{seed}-{share}")
+    assert split(0, 0.8, "cache") != split(7, 0.8, "cache")
+
+
 def test_one_split_type(tmp_path, tokenizer):
     """Text and records split into the same type, a function of (fingerprint, seed, share)."""
     records = tmp_path / "records.json"
