@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qlora_ft import __version__
 from qlora_ft.config import CheckConfig, DataArgs, TrainConfig, parse_bool
-from qlora_ft.errors import UserError, exits_cleanly
+from qlora_ft.errors import UserError, exits_cleanly, leave
 from qlora_ft.options import _Parser, build_parser, config_from_flat, parse_config
 from qlora_ft.run_options import ChatConfig, CompareConfig, EvalConfig, ExportConfig, GenerateConfig
 
@@ -64,10 +64,7 @@ def end_launched_process() -> None:
     meet objects already torn down ("terminate called without an active exception", SIGABRT, seen under FSDP and
     DeepSpeed on CPU after a complete run) - which the launcher would report as a failed run."""
     if launched():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave(0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -235,12 +235,22 @@ class Engine:
             return state[None]
         return self.accelerator.gather(state[None].to(self.device)).cpu()
 
+    def fail_together(self, error: UserError | None) -> None:
+        """Raise `error`, this process's UserError (or None), on every process when any process has one
+        (collective): an error that only some meet (the main process's writes) ends all of them the same way,
+        instead of leaving the others in a collective with a process gone."""
+        failed = error is not None
+        if self.world > 1:
+            failed = bool(self.all_sum(torch.tensor([float(failed)], dtype=torch.float64)).item())
+        if failed:
+            raise error or UserError("stopped: another process failed (its error is in its own line)")
+
     def finish(self) -> None:
-        """Close the trackers and, with several processes, the process group once all are here (else gloo aborts)."""
-        self.accelerator.end_training()
-        if self.world > 1 and torch.distributed.is_initialized():
+        """Once every process is here (the main one has written the outputs), close the trackers and, with
+        several processes, the process group (accelerate's end_training destroys it)."""
+        if self.world > 1:
             self.barrier()
-            torch.distributed.destroy_process_group()
+        self.accelerator.end_training()
 
 
 class FsdpEngine(Engine):

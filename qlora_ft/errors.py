@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -40,6 +41,19 @@ def _flush_logs() -> None:
             handler.flush()
 
 
+def leave(code: int) -> NoReturn:
+    """Exit with status `code`. One process of several (torchrun, `accelerate launch`: WORLD_SIZE > 1) skips the
+    interpreter's finalization, where the back ends' C++ threads meet objects already torn down and abort
+    (SIGABRT, seen under FSDP and DeepSpeed), which would replace the status: as a finished one does
+    (`cli.end_launched_process`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _flush_logs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def exits_cleanly(prog: str) -> Callable[[F], F]:
     """Decorate an entry point so a UserError becomes `prog: error: message` on stderr and exit 2.
 
@@ -54,14 +68,14 @@ def exits_cleanly(prog: str) -> Callable[[F], F]:
             except UserError as e:
                 _flush_logs()
                 print(f"{prog}: error: {e}", file=sys.stderr)
-                sys.exit(2)
+                leave(2)
             except Interrupted as e:
                 _flush_logs()
                 print(f"{prog}: {e}", file=sys.stderr)
-                sys.exit(e.code)
+                leave(e.code)
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
-                sys.exit(130)
+                leave(130)
 
         return run  # type: ignore[return-value]
 

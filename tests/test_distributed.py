@@ -1,6 +1,7 @@
 """Data-parallel training with several processes: 2 CPU processes (torchrun, gloo) against one."""
 
 import pickle
+import socket
 import subprocess
 import sys
 
@@ -54,6 +55,50 @@ def test_bad_data_under_two_processes_fails_in_one_line_without_hanging(tmp_path
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     # our one line (the launcher then reports the failed process in its own words)
     assert done.returncode != 0 and f"train.py: error: {bad}: not a readable pickle" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "status"), [("", 0), ("save", 2), ("sigterm", 143)])
+def test_every_process_ends_with_the_runs_status_after_the_outputs(tmp_path, data_pkl, tiny_model_dir, fault, status):
+    """2 processes, started as torchrun starts them (each one's status seen here, not the launcher's summary): a
+    complete run ends 0 on both, neither leaving the process group before process 0 has written the outputs; a
+    UserError that only process 0 meets (its checkpoint save fails) ends both with 2, in one line each; a SIGTERM
+    to process 1 saves a checkpoint and ends both with 143. Never a traceback (tests/end_of_run.py: the faults)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    events = tmp_path / "events.txt"
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "QLORA_FT_CACHE": str(tmp_path / "token-cache"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "END_OF_RUN_EVENTS": str(events),
+           "END_OF_RUN_FAIL": fault}  # fmt: skip
+    args = [sys.executable, str(ROOT / "tests" / "end_of_run.py"), "--data", str(data_pkl), "--model",
+            str(tiny_model_dir), "--max-input-length", "24", "--rank-lora", "4", "--batch-size", "2", "--max-steps",
+            "3", "--save-every-steps", "2", "--sample-every", "0", "--output-dir", str(tmp_path / "run"),
+            "--check-dir", str(tmp_path / "ckpt")]  # fmt: skip
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.DEVNULL, stderr=log.open("w"))
+             for rank, log in enumerate(logs)]  # fmt: skip
+    statuses = [proc.wait(timeout=400) for proc in procs]
+    errs = [log.read_text() for log in logs]
+    assert statuses == [status, status], "\n".join(e[-3000:] for e in errs)
+    assert not any("Traceback" in e for e in errs), "\n".join(errs)
+    if fault == "save":
+        lines = [[line for line in e.splitlines() if "error:" in line] for e in errs]
+        assert all(len(found) == 1 and found[0].startswith("train.py: error: ") for found in lines), lines
+        assert "No space left on device" in lines[0][0]
+        return
+    if fault == "sigterm":
+        assert all("stopped by SIGTERM after step 2" in e for e in errs)
+        assert load_checkpoint(tmp_path / "ckpt" / "step-000002")[0]["step"] == 2
+        return
+    out = tmp_path / "run"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run_config.json",
+                 "train_summary.json", "report.md", "metrics.jsonl"):  # fmt: skip
+        assert (out / name).is_file(), name
+    times = {(event, int(rank)): float(t) for event, rank, t in map(str.split, events.read_text().splitlines())}
+    assert times[("destroy", 0)] >= times[("outputs", 0)] and times[("destroy", 1)] >= times[("outputs", 0)], times
 
 
 def no_dropout_copy(model_dir, out):

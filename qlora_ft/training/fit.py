@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def fit(run: Run, state: TrainState) -> Session:
     session = Session(tokens_at_start=state.tokens, last_saved_step=state.step)
     session.bar = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step",
                        disable=not engine.is_main, dynamic_ncols=True)  # fmt: skip
-    with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, then stop (the caller saves)
+    # SIGINT/SIGTERM: finish the step, then stop (the caller saves); the bar ends its line even on an error
+    with StopRequest() as stop, closing(session.bar):
         while state.step < run.total_steps and not stop.requested(engine):
             batches = run.plan.batches(state.epoch)
             while state.position < len(batches) and state.step < run.total_steps and not stop.requested(engine):
@@ -93,7 +95,6 @@ def fit(run: Run, state: TrainState) -> Session:
                 if due(state.epoch + 1, cfg.ckpt.save_interval):
                     save(run, state, session, checkpoint.epoch_name(state.epoch + 1))
                 state.next_epoch()
-    session.bar.close()
     session.seconds, session.signum = time.perf_counter() - session.started, stop.signum
     return session
 
@@ -188,9 +189,19 @@ def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
     state.capture_rng(engine)  # every process's RNG, for dropout
     weights = engine.gathered_weights()
     optimizer_state = engine.gathered_optimizer_state()
-    engine.barrier()
-    if not engine.is_main:
-        return run.check_dir / name
+    path, error = run.check_dir / name, None
+    if engine.is_main:
+        try:
+            path = write_checkpoint(run, state, name, weights, optimizer_state)
+        except UserError as e:  # (a full disk): every process stops with it
+            error = e
+    engine.fail_together(error)
+    return path
+
+
+def write_checkpoint(run: Run, state: TrainState, name: str, weights, optimizer_state) -> Path:
+    """The main process's part of `save`: write checkpoint `name`, then prune."""
+    engine = run.engine
     meta = {**state.to_meta(len(run.plan.batches(state.epoch))), "world_size": engine.world,
             "total_steps": run.total_steps}  # fmt: skip
     tensors = {"optimizer": optimizer_state, **state.to_tensors()}
