@@ -23,7 +23,7 @@ import qlora_ft.training.fit  # noqa: E402
 from qlora_ft.cli import train_main  # noqa: E402
 from qlora_ft.errors import UserError  # noqa: E402
 
-RANK = int(os.environ["RANK"])
+RANK = int(os.environ.get("RANK", 0))  # set by the launcher; 0 when the module is only imported
 
 
 def record(event: str) -> None:
