@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from qlora_ft.data.encode import prompt_ids
+from qlora_ft.data.encode import exported_chat_template, prompt_ids
 from qlora_ft.data.records import Chat, iter_records
 from qlora_ft.data.sources import resolve
 from qlora_ft.model import load_tokenizer
-from qlora_ft.templates import TEMPLATES, exported_chat_template
+from qlora_ft.templates import TEMPLATES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -168,10 +168,10 @@ def run_export(cfg: ExportConfig) -> None:
     import torch
 
     from qlora_ft import checkpoint
+    from qlora_ft.data.encode import exported_chat_template
     from qlora_ft.data.prepare import read_template
     from qlora_ft.fs import follow_umask
     from qlora_ft.model import load_for_inference
-    from qlora_ft.templates import exported_chat_template
 
     args = cfg.export
     if args.model_path is None or args.out is None:

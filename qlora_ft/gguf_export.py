@@ -202,9 +202,9 @@ def _encode(name: str, array: np.ndarray, gguf_type: GgufType):
 
 def export_gguf(model_path: str, base_model: str | None, merge_into: str, out: Path, gguf_type: GgufType) -> None:
     """`qlora-ft export --format gguf`: merge as the safetensors export does, then `write_gguf`."""
+    from qlora_ft.data.encode import exported_chat_template
     from qlora_ft.data.prepare import read_template
     from qlora_ft.model import load_for_inference
-    from qlora_ft.templates import exported_chat_template
 
     check_before_loading(model_path, base_model)
     model, tokenizer = load_for_inference(model_path, base_model, False, torch.device("cpu"), merge_into)

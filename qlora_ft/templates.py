@@ -9,7 +9,6 @@ tokenizer's chat template, or `DEFAULT_CHAT_TEMPLATE` when it has none (GPT-2). 
 from __future__ import annotations
 
 import json
-import logging
 import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -18,8 +17,6 @@ from typing import Any
 
 from qlora_ft.data.records import Instruction
 from qlora_ft.errors import UserError
-
-log = logging.getLogger(__name__)
 
 Segment = tuple[str, bool]  # (text, trained on)
 Encoded = tuple[list[int], list[int]]  # (token ids, loss mask: 1 = trained on)
@@ -169,56 +166,6 @@ def instruction_chat_template(template: Template) -> str:
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
         "{% endfor %}"
     )
-
-
-def exported_chat_template(template: Template, tokenizer) -> str:
-    """The chat template an exported model carries, writing training's leading `<eos>` itself: an instruction
-    run's `instruction_chat_template`; a chat run's own template, after `{{ eos_token }}` unless it already
-    starts with the BOS or EOS token (as `encode` adds the leading `<eos>` only when the text lacks one).
-    So `apply_chat_template(..., add_generation_prompt=True)` gives the ids training saw before a response;
-    where a chat run's template cannot (`whole_prompt_mismatch`), a warning says so."""
-    if template.chat_template is None:
-        return instruction_chat_template(template)
-    chat = [{"role": "user", "content": "Hi"}]
-    text = tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False)
-    starts = tuple(t for t in (tokenizer.bos_token, tokenizer.eos_token) if t)
-    exported = template.chat_template if text.startswith(starts) else "{{ eos_token }}" + template.chat_template
-    if (probe := whole_prompt_mismatch(template, exported, tokenizer)) is not None:
-        log.warning("the chat template's prompts, tokenized whole (apply_chat_template, llama.cpp, servers), differ "
-                    "from the ids training gave them, e.g. for %r (a template whose assistant turns do not end in a "
-                    "special token: docs/chat.md)", probe)  # fmt: skip
-    return exported
-
-
-# Conversations whose prompts, tokenized whole, can differ from training's ids (whitespace at turn boundaries, an
-# empty system prompt, several turns); the last assistant turn is the one prompted for.
-PROBES: tuple[tuple[tuple[str, str], ...], ...] = (
-    (("system", ""), ("user", "Hi\n"), ("assistant", "\n\nHello.\n\n"), ("user", "  More  "), ("assistant", "-")),
-    (("user", "Hi"), ("assistant", " Hello. "), ("user", "\nAnd then?\n"), ("assistant", "-")),
-    (("system", "Be brief.\n"), ("user", "Caf\u00e9?"), ("assistant", "Oui.\n"), ("user", "Et?"), ("assistant", "-")),
-)
-
-
-def whole_prompt_mismatch(template: Template, exported: str, tokenizer) -> list[tuple[str, str]] | None:
-    """The first of `PROBES` whose prompt under the `exported` chat template, as `apply_chat_template` tokenizes
-    it, differs from the ids training gave it (`encode.prompt_ids`), as (role, content) turns; None if none does.
-    Training tokenizes the text before a response whole as they do, and each earlier turn with its response, but
-    the turns one by one: the two agree when every assistant turn ends in a special token (the EOS), across
-    which nothing merges."""
-    from qlora_ft.data.encode import prompt_ids
-    from qlora_ft.data.records import Chat
-
-    for probe in PROBES:
-        messages = [{"role": r, "content": c} for r, c in probe[:-1]]
-        try:
-            trained = prompt_ids(Chat(probe), template, tokenizer)
-            whole = tokenizer.apply_chat_template(messages, chat_template=exported, add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)  # fmt: skip
-        except UserError:  # a template that refuses the probe (roles it does not know): training refuses it too
-            continue
-        if list(whole) != trained:
-            return list(probe[:-1])
-    return None
 
 
 def get_template(name_or_path: str) -> Template:

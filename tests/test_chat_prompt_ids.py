@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from conftest import build_model_dir, shared_or_skip
 from qlora_ft.chat import chat_prompt
-from qlora_ft.data.encode import encode, prompt_ids, render
+from qlora_ft.data.encode import encode, exported_chat_template, prompt_ids, render
 from qlora_ft.data.records import Chat
-from qlora_ft.templates import DEFAULT_CHAT_TEMPLATE, TEMPLATES, Template, exported_chat_template
+from qlora_ft.templates import DEFAULT_CHAT_TEMPLATE, TEMPLATES, Template
 
 EDGES = st.sampled_from(["", " ", "  ", "\n", "\n\n", " \n", "\n ", "\t", "\n\n\n"])
 WORDS = st.text(st.sampled_from(list("abcXY 09.,?!'-:\n<|>éñΩ中文😀")), max_size=16)

@@ -12,10 +12,10 @@ from test_instruct import instruction_rows, write
 
 from conftest import build_model_dir, make_paragraphs, shared_or_skip
 from qlora_ft.cli import main, train_main
-from qlora_ft.data.encode import encode, render_chat
+from qlora_ft.data.encode import encode, exported_chat_template, render_chat
 from qlora_ft.data.records import Chat
 from qlora_ft.generate import encode_prompt, instruction_prompt
-from qlora_ft.templates import DEFAULT_CHAT_TEMPLATE, TEMPLATES, Template, exported_chat_template
+from qlora_ft.templates import DEFAULT_CHAT_TEMPLATE, TEMPLATES, Template
 
 PROMPTS = ["She was", "  Two  spaces, 1234 digits\n\nand café's \u201cquotes\u201d <|endoftext|> end", ""]
 NEAR_TIE = 0.1  # logits: a greedy step whose top-2 gap is below this may go either way between two readers

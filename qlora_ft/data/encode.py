@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from collections import deque
@@ -30,8 +31,9 @@ import numpy as np
 
 from qlora_ft.data.records import Chat, Instruction, Record
 from qlora_ft.errors import UserError, first_line
-from qlora_ft.templates import Template
+from qlora_ft.templates import Template, instruction_chat_template
 
+log = logging.getLogger(__name__)
 Segment = tuple[str, bool]  # (text, trained on)
 Encoded = tuple[list[int], list[int]]  # (token ids, loss mask: 1 = trained on)
 
@@ -231,7 +233,7 @@ def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
     """The token ids training saw before `record`'s last response: `encode`'s ids of the record up to that
     response, leading EOS included. They equal `generation_prompt`'s text tokenized whole after the leading
     EOS (what `apply_chat_template` on an export and llama.cpp give); the exceptions are a chat template's
-    (`templates.whole_prompt_mismatch`), which export names.
+    (`whole_prompt_mismatch`), which export names.
 
     >>> prompt_ids(Instruction("Add 2 and 3.", "-"), TEMPLATES["plain"], tokenizer)  # doctest: +SKIP
     [50256, 21017, 46486, 25, 198, 4550, 362, 290, 513, 13, 198, 198, 21017, 18261, 25, 198]
@@ -402,3 +404,50 @@ def encode_chunks(records: Iterable[list[Segment]], tokenizer: Any, lead: bool, 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def exported_chat_template(template: Template, tokenizer) -> str:
+    """The chat template an exported model carries, writing training's leading `<eos>` itself: an instruction
+    run's `instruction_chat_template`; a chat run's own template, after `{{ eos_token }}` unless it already
+    starts with the BOS or EOS token (as `encode` adds the leading `<eos>` only when the text lacks one).
+    So `apply_chat_template(..., add_generation_prompt=True)` gives the ids training saw before a response;
+    where a chat run's template cannot (`whole_prompt_mismatch`), a warning says so."""
+    if template.chat_template is None:
+        return instruction_chat_template(template)
+    chat = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False)
+    starts = tuple(t for t in (tokenizer.bos_token, tokenizer.eos_token) if t)
+    exported = template.chat_template if text.startswith(starts) else "{{ eos_token }}" + template.chat_template
+    if (probe := whole_prompt_mismatch(template, exported, tokenizer)) is not None:
+        log.warning("the chat template's prompts, tokenized whole (apply_chat_template, llama.cpp, servers), differ "
+                    "from the ids training gave them, e.g. for %r (a template whose assistant turns do not end in a "
+                    "special token: docs/chat.md)", probe)  # fmt: skip
+    return exported
+
+
+# Conversations whose prompts, tokenized whole, can differ from training's ids (whitespace at turn boundaries, an
+# empty system prompt, several turns); the last assistant turn is the one prompted for.
+PROBES: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("system", ""), ("user", "Hi\n"), ("assistant", "\n\nHello.\n\n"), ("user", "  More  "), ("assistant", "-")),
+    (("user", "Hi"), ("assistant", " Hello. "), ("user", "\nAnd then?\n"), ("assistant", "-")),
+    (("system", "Be brief.\n"), ("user", "Caf\u00e9?"), ("assistant", "Oui.\n"), ("user", "Et?"), ("assistant", "-")),
+)
+
+
+def whole_prompt_mismatch(template: Template, exported: str, tokenizer) -> list[tuple[str, str]] | None:
+    """The first of `PROBES` whose prompt under the `exported` chat template, as `apply_chat_template` tokenizes
+    it, differs from the ids training gave it (`encode.prompt_ids`), as (role, content) turns; None if none does.
+    Training tokenizes the text before a response whole as they do, and each earlier turn with its response, but
+    the turns one by one: the two agree when every assistant turn ends in a special token (the EOS), across
+    which nothing merges."""
+    for probe in PROBES:
+        messages = [{"role": r, "content": c} for r, c in probe[:-1]]
+        try:
+            trained = prompt_ids(Chat(probe), template, tokenizer)
+            whole = tokenizer.apply_chat_template(messages, chat_template=exported, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)  # fmt: skip
+        except UserError:  # a template that refuses the probe (roles it does not know): training refuses it too
+            continue
+        if list(whole) != trained:
+            return list(probe[:-1])
+    return None
