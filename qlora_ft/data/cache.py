@@ -13,11 +13,11 @@ One folder per fingerprint under the cache folder (`--cache-dir`, else $QLORA_FT
       split-<seed>-<share>.npy   int8 per record: 1 train, 2 validation, 0 duplicate (recomputable)
       meta.json    what the fingerprint covers, counts, dtype, file sizes; written last
 
-The fingerprint covers the data (SHA-256 of its files' bytes; a hub dataset's own fingerprint), the tokenizer
-(its serialized vocabulary/merges/pre-tokenizer, class, eos id, size), the version of the paragraph rules
-(`records.RULES_VERSION`) and every option that changes the ids (format, headings, layout, text column, the
-template's content). It does not cover the window length: windows are cut from the stored
-records when training starts (`batches.cut_windows`), so one cache serves every --max-input-length.
+The fingerprint covers the data (SHA-256 of its files' bytes; of a hub dataset's data files), the tokenizer
+(what decides its ids: vocabulary, merges, normalizer, pre-tokenizer, added tokens, eos and bos ids), the
+version of the paragraph rules (`records.RULES_VERSION`) and every option that changes the ids (format,
+headings, layout, text column, the template's content). It does not cover the window length: windows are cut
+from the stored records when training starts (`batches.cut_windows`), so one cache serves every --max-input-length.
 
 EOS: paragraphs are stored without special tokens, and windowing wraps each as `<eos> + ids + <eos>`. Instruction
 and chat records are stored as `encode` gives them, leading EOS included, and are never cut.
@@ -81,7 +81,47 @@ def file_digests(files: Sequence[Path], root: Path | None = None) -> list[dict[s
 
 
 def tokenizer_digest(tokenizer: Any) -> dict[str, Any]:
-    """What identifies a tokenizer's ids: class, eos id, size and a hash of its vocabulary, merges and rules."""
+    """What decides a tokenizer's ids: a hash of its pipeline's id rules (`id_rules`), or of a slow tokenizer's
+    class and vocabulary, with its eos and bos ids and size."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content: Any = id_rules(json.loads(backend.to_str()))
+    else:
+        content = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    return {"eos_id": tokenizer.eos_token_id, "bos_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}  # fmt: skip
+
+
+def id_rules(pipeline: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a `tokenizers` pipeline (its JSON) that decide the ids, as data in one form: the model (type,
+    vocabulary, merges as pairs, settings), normalizer, pre-tokenizer and added (special) tokens, with fields that
+    are null or false left out. So a `tokenizers` release that writes the same pipeline another way (merges as
+    "a b" or ["a", "b"], a new switch written off) keeps it; the post-processor, decoder, truncation and padding
+    do not change the ids the cache stores (encoded without special tokens).
+
+    >>> id_rules({"model": {"type": "BPE", "merges": ["a b"], "ignore_merges": False}, "decoder": {}})
+    {'model': {'type': 'BPE', 'merges': [['a', 'b']]}}
+    """
+    model = dict(pipeline.get("model") or {})
+    if "merges" in model:
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
+    rules = {"model": model, **{k: pipeline.get(k) for k in ("normalizer", "pre_tokenizer", "added_tokens")}}
+    return _set_fields(rules)
+
+
+def _set_fields(value: Any) -> Any:
+    """`value` with every mapping's null and false fields left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _set_fields(v) for k, v in value.items() if v is not None and v is not False}
+    if isinstance(value, list):
+        return [_set_fields(v) for v in value]
+    return value
+
+
+def earlier_tokenizer_digest(tokenizer: Any) -> dict[str, Any]:
+    """A tokenizer's digest as earlier versions computed it (a hash of its whole serialized pipeline), to know
+    their checkpoints (`prepare.earlier_fingerprints`)."""
     content = backend_json(tokenizer)
     if content is None:
         content = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
@@ -204,15 +244,15 @@ def open_or_build(
     workers: int | None = None,
     parallel: Parallel = "threads",
     lead: bool = False,
-    earlier: dict[str, int | None] | None = None,
+    earlier: Callable[[], dict[str, int | None]] | None = None,
 ) -> TokenCache:
     """The cache for `covers` (see `fingerprint`): opened when complete, else built from `records()` first.
 
     `records` is called only on a miss; `validation` (for pre-split sources) adds records that the split
     keeps on the validation side; `lead`: they are instruction or chat records (`encode.encode_chunk`).
-    `input_bytes` sizes the disk check. `earlier`: the fingerprints earlier versions gave the same data, tokenizer
-    and recipe, each with the paragraph rules version it read text by (None for records), kept in meta.json
-    for resuming their checkpoints (`split.Split.check`). `workers`: how many cores tokenize
+    `input_bytes` sizes the disk check. `earlier()`: the fingerprints earlier versions gave the same data,
+    tokenizer and recipe, each with the paragraph rules version it read text by (None for records), kept in
+    meta.json when building, for resuming their checkpoints (`split.Split.check`). `workers`: how many cores tokenize
     (default: every core available), as the tokenizers library's threads in this process (`parallel="threads"`,
     measured faster on 2 cores: docs/data-cache.md) or as spawned processes. Raises UserError when the cache
     folder is unusable or too small.
@@ -247,7 +287,7 @@ def open_or_build(
         for stale in [*root.glob(f".{fp}.tmp-*"), *root.glob(f".{fp}.old-*")]:  # a killed build's; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel, lead))
-        meta.update(covers=covers, earlier=earlier or {})
+        meta.update(covers=covers, earlier=earlier() if earlier is not None else {})
         _publish(root, fp, meta)
     finally:
         lock.release()

@@ -24,7 +24,15 @@ from qlora_ft.checkpoint import is_adapter_folder
 from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.data import records as rec
 from qlora_ft.data.batches import Windows, cut_windows
-from qlora_ft.data.cache import Record, TokenCache, file_digests, fingerprint, open_or_build, tokenizer_digest
+from qlora_ft.data.cache import (
+    Record,
+    TokenCache,
+    earlier_tokenizer_digest,
+    file_digests,
+    fingerprint,
+    open_or_build,
+    tokenizer_digest,
+)
 from qlora_ft.data.encode import Parallel, segments_of
 from qlora_ft.data.sources import Layout, Source, input_bytes, resolve
 from qlora_ft.data.split import Split
@@ -81,7 +89,7 @@ def parts(sources: tuple[Source, Source | None]) -> list[tuple[Source, str | Non
 
 
 def data_digest(src: Source) -> dict[str, Any]:
-    """What identifies the content of `src`: its files' names, sizes and hashes, or a hub dataset's fingerprint."""
+    """What identifies the content of `src`: its files' names, sizes and hashes (a hub dataset's data files')."""
     if src.kind == "hub":
         return {"data": {"hub": src.name, "parts": src.digest_key()}, "kind": src.kind}
     return {"data": file_digests(src.files, src.path if src.path.is_dir() else None), "kind": src.kind}
@@ -102,17 +110,25 @@ def open_cache(source: str, tokenizer: Any, recipe: Recipe, *, validation_source
     size = input_bytes(src) + (input_bytes(val_src) if val_src else 0)
     return open_or_build(covers, tokenizer, train, cache_dir=cache_dir, validation=validation[0] if validation
                          else None, input_bytes=size, workers=workers, parallel=parallel,
-                         lead=recipe.mode != "text", earlier=earlier_fingerprints(covers))  # fmt: skip
+                         lead=recipe.mode != "text",
+                         earlier=partial(earlier_fingerprints, covers, tokenizer, (src, val_src)))  # fmt: skip
 
 
-def earlier_fingerprints(covers: dict[str, Any]) -> dict[str, int | None]:
-    """The cache fingerprints earlier versions gave these covers, each with the paragraph rules version that read
-    the text (None for records): their checkpoints resume where the records are the same (`Split.check`)."""
+def earlier_fingerprints(covers: dict[str, Any], tokenizer: Any, sources: tuple[Source, Source | None],
+                         ) -> dict[str, int | None]:  # fmt: skip
+    """The cache fingerprints earlier versions gave these covers (a tokenizer digest of its whole serialized
+    pipeline, a hub dataset's `datasets` fingerprint; text read by the paragraph rules of version 2, unnamed in
+    the cache's first version), each with the rules version of its text (None for records): their checkpoints
+    resume where the records are the same (`Split.check`)."""
+    then = {**covers, "tokenizer": earlier_tokenizer_digest(tokenizer)}
+    for key, src in zip(("data", "validation_data"), sources, strict=True):
+        if src is not None and src.kind == "hub":
+            earlier = {"data": {"hub": src.name, "parts": src.earlier_digest_key()}, "kind": "hub"}
+            then.update(earlier if key == "data" else {key: earlier})
     if covers["format"] != "text":
-        return {}
-    earlier = {**covers, "rules": 2}
-    first = {k: v for k, v in earlier.items() if k != "rules"}  # the cache's first version: rules 2, unnamed
-    return {fingerprint(earlier): 2, fingerprint(first): 2}
+        return {fingerprint(then): None}
+    first = {k: v for k, v in then.items() if k != "rules"}
+    return {fingerprint({**then, "rules": 2}): 2, fingerprint(first): 2}
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from qlora_ft.data.unpickle import safe_unpickle
 from qlora_ft.errors import UserError, first_line
+from qlora_ft.fs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,20 @@ class Source:
         return None
 
     def digest_key(self) -> dict[str, Any]:
-        """What identifies a hub dataset's content (local sources are identified by their files' bytes):
-        `datasets`' own fingerprint of each part, which changes with the data it downloaded."""
+        """What identifies a hub dataset's content (local sources are identified by their files' bytes): the
+        name in the repository, size and SHA-256 of each data file of each part. Not where it was loaded from:
+        the Hub, a newer commit of it that changed other files (a README), or the local snapshot offline."""
+        out = {}
+        for part, files in _load_hub(self.name).files.items():
+            try:
+                out[part] = [{"name": n, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for n, p in files]
+            except OSError as e:
+                raise UserError(f"cannot read {self.name}'s data files: {e.strerror}") from None
+        return out
+
+    def earlier_digest_key(self) -> dict[str, Any]:
+        """A hub dataset's content as earlier versions identified it: `datasets`' own fingerprint of each part,
+        which hashes where it was loaded from."""
         return {name: part._fingerprint for name, part in _hub(self.name).items()}
 
 
@@ -285,22 +298,53 @@ def is_hub_name(source: str) -> bool:
     return not source.startswith((".", "~"))
 
 
-_HUB: dict[str, dict[str, Any]] = {}  # name -> its parts: loaded once per process
+@dataclass(frozen=True)
+class _Hub:
+    parts: dict[str, Any]  # part name -> datasets.Dataset, memory-mapped from datasets' cache
+    files: dict[str, list[tuple[str, Path]]]  # part name -> its data files: (name in the repository, local path)
+
+
+_HUB: dict[str, _Hub] = {}  # name -> the dataset: loaded once per process
+_HUB_URL = re.compile(r"^hf://datasets/(?P<repo>[^@]+)@(?P<revision>[^/]+)/(?P<path>.+)$")
 
 
 def _hub(name: str) -> dict[str, Any]:
-    """The parts of hub dataset `name` (`datasets.load_dataset`; memory-mapped from datasets' cache)."""
+    """The parts of hub dataset `name` (as `datasets.load_dataset` loads them; memory-mapped from datasets' cache)."""
+    return _load_hub(name).parts
+
+
+def _load_hub(name: str) -> _Hub:
     if name not in _HUB:
         import datasets
 
-        try:
-            loaded = datasets.load_dataset(_hub_location(name))
+        location = _hub_location(name)
+        try:  # what datasets.load_dataset does, keeping the builder for its data files
+            builder = datasets.load_dataset_builder(location)
+            builder.download_and_prepare()
+            loaded = builder.as_dataset()
+            found = builder.config.data_files.items()
+            files = {str(part): [_local_file(f, location) for f in paths] for part, paths in found}
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"cannot load dataset {name!r}: {first_line(e)}") from None
-        _HUB[name] = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        _HUB[name] = _Hub(parts, files)
     return _HUB[name]
+
+
+def _local_file(data_file: str, location: str) -> tuple[str, Path]:
+    """(name in the repository, local path) of a data file `datasets` read: a Hub URL (`hf://datasets/<repo>@
+    <revision>/<path>`, downloaded into the Hugging Face cache), or a file of the local snapshot `location`."""
+    from urllib.parse import unquote
+
+    url = _HUB_URL.match(data_file)
+    if url is None:
+        return Path(data_file).relative_to(location).as_posix(), Path(data_file)
+    from huggingface_hub import hf_hub_download
+
+    local = hf_hub_download(url["repo"], url["path"], repo_type="dataset", revision=unquote(url["revision"]))
+    return url["path"], Path(local)
 
 
 def _hub_location(name: str) -> str:
