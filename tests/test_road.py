@@ -226,5 +226,9 @@ def test_a_hub_datasets_fingerprint_is_its_data_files_content(tmp_path, tokenize
     first = read("a" * 40, {"data/train.csv": csv, "README.md": "# Books\n"})
     again = read("b" * 40, {"data/train.csv": csv, "README.md": "# Books\n\nNow with a licence.\n"})
     assert not again.built and again.fingerprint == first.fingerprint
+    blob = hashlib.sha256(csv.encode()).hexdigest()  # the cache's name for the file: it is not read to be hashed
+    assert first.meta["covers"]["data"]["parts"]["train"] == [
+        {"name": "data/train.csv", "bytes": len(csv), "blob": blob}
+    ]
     changed = read("c" * 40, {"data/train.csv": csv + '"One more paragraph."\n', "README.md": "# Books\n"})
     assert changed.built and changed.n_records == first.n_records + 1

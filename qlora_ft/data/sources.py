@@ -75,12 +75,12 @@ class Source:
 
     def digest_key(self) -> dict[str, Any]:
         """What identifies a hub dataset's content (local sources are identified by their files' bytes): the
-        name in the repository, size and SHA-256 of each data file of each part. Not where it was loaded from:
-        the Hub, a newer commit of it that changed other files (a README), or the local snapshot offline."""
+        name in the repository, size and content hash of each data file of each part. Not where it was loaded
+        from: the Hub, a newer commit of it that changed other files (a README), or the local snapshot offline."""
         out = {}
         for part, files in _load_hub(self.name).files.items():
             try:
-                out[part] = [{"name": n, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for n, p in files]
+                out[part] = [{"name": n, "bytes": p.stat().st_size, **_content_hash(p)} for n, p in files]
             except OSError as e:
                 raise UserError(f"cannot read {self.name}'s data files: {e.strerror}") from None
         return out
@@ -331,6 +331,16 @@ def _load_hub(name: str) -> _Hub:
         parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         _HUB[name] = _Hub(parts, files)
     return _HUB[name]
+
+
+def _content_hash(path: Path) -> dict[str, str]:
+    """A file of the Hugging Face cache by the name of the blob it links to (the cache names each by its content's
+    hash, as the Hub gives it: SHA-256 for large files, git's SHA-1 for others), without reading it; else (a cache
+    without links) the SHA-256 of its bytes."""
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs":
+        return {"blob": target.name}
+    return {"sha256": sha256_file(path)}
 
 
 def _local_file(data_file: str, location: str) -> tuple[str, Path]:
