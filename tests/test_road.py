@@ -232,3 +232,55 @@ def test_a_hub_datasets_fingerprint_is_its_data_files_content(tmp_path, tokenize
     ]
     changed = read("c" * 40, {"data/train.csv": csv + '"One more paragraph."\n', "README.md": "# Books\n"})
     assert changed.built and changed.n_records == first.n_records + 1
+
+
+def write_table(path: Path, rows) -> Path:
+    """`rows` (a list, or {"train": ..., "validation": ...}) as a .csv, .json or pickle file."""
+    import pickle
+
+    import pandas as pd
+
+    if path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_bytes(pickle.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.json", "d.pkl"])
+def test_a_warm_start_reads_a_table_only_to_hash_it(tmp_path, tokenizer, monkeypatch, name):
+    """On a second start the token cache holds the table's records, and the cache folder its columns and parts:
+    the file is hashed, not parsed (a CSV file's header alone is read)."""
+    from qlora_ft.data import sources
+
+    records = instruction_rows(20)
+    rows = records if name == "d.csv" else {"train": records[:15], "validation": records[15:]}
+    path = write_table(tmp_path / name, rows)
+    first = prepare_data(config(tmp_path, path), tokenizer)
+
+    def parse(*args, **kwargs):
+        pytest.fail(f"{name} was parsed on a warm start")
+
+    monkeypatch.setattr(sources, "_table", parse)
+    monkeypatch.setattr(sources, "iter_csv", parse, raising=False)
+    again = prepare_data(config(tmp_path, path), tokenizer)
+    assert first.cache.built and not again.cache.built and again.cache.path == first.cache.path
+    assert again.mode == "instruction" and again.split.to_json() == first.split.to_json()
+    assert len(again.split.val_idx) == (2 if name == "d.csv" else 5)  # a pre-split table keeps its parts
+
+
+def test_a_table_is_read_as_it_is_now_in_a_long_lived_process(tmp_path, tokenizer):
+    """A table rewritten with the same size and modification time is read anew: its rows are not kept between
+    reads, so the cache built for its new bytes holds its new text."""
+    path = write_table(tmp_path / "d.json", [f"The first text, number {i:02}." for i in range(20)])
+    first = prepare_data(config(tmp_path, path), tokenizer)
+    stat = path.stat()
+    write_table(path, [f"The other text, number {i:02}." for i in range(20)])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    again = prepare_data(config(tmp_path, path), tokenizer)
+    assert again.cache.built and again.cache.fingerprint != first.cache.fingerprint
+    texts = [tokenizer.decode(again.cache.tokens(i)) for i in range(again.cache.n_records)]
+    assert texts == [f"The other text, number {i:02}." for i in range(20)]

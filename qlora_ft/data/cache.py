@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 Record = list[Segment]  # a paragraph: [(text, True)]; an instruction: [(prompt, False), (response, True)]
 POOL_MIN_BYTES = 16 << 20  # below this much input, tokenize in this process (see open_or_build)
+NOTES = ".tables"  # notes on tables read whole (`read_note`), beside the caches
 BYTES_PER_TOKEN = 2  # a cautious estimate for the disk check (English BPE averages about 4 bytes a token)
 
 
@@ -133,6 +134,37 @@ def fingerprint(covers: dict[str, Any]) -> str:
     """A short stable hash of everything that determines the cached ids (a JSON-able dict)."""
     text = json.dumps({**covers, "format_version": FORMAT_VERSION}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notes on files read whole (a table's columns and parts), by the SHA-256 of their bytes
+
+
+def read_note(cache_dir: str | Path | None, sha256: str) -> dict[str, Any] | None:
+    """What the cache folder noted of a file with these bytes (`write_note`), or None."""
+    try:
+        note = json.loads((_root(cache_dir) / NOTES / f"{sha256}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) and note.get("format_version") == FORMAT_VERSION else None
+
+
+def write_note(cache_dir: str | Path | None, sha256: str, note: dict[str, Any]) -> None:
+    """Note `note` of a file with these bytes in the cache folder, whole or not at all (in a folder that cannot
+    be written, not: the file is then read again next time)."""
+    folder = _root(cache_dir) / NOTES
+    tmp = folder / f".{sha256}.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**note, "format_version": FORMAT_VERSION}))
+        os.replace(tmp, folder / f"{sha256}.json")
+    except OSError as e:
+        log.debug("could not note %s in %s: %s", sha256, folder, e)
+        tmp.unlink(missing_ok=True)
+
+
+def _root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -467,4 +499,6 @@ def clear_caches(cache_dir: str | Path | None = None, fingerprints: Sequence[str
             deleted.append(fp)
         except filelock.Timeout:
             log.warning("token cache %s is being built by another process; left alone", fp)
+    if not fingerprints:
+        shutil.rmtree(root / NOTES, ignore_errors=True)
     return deleted

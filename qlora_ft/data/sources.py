@@ -8,22 +8,24 @@
     .parquet         read in record batches (only the columns asked for); streamed
     save_to_disk     a `datasets` Dataset or DatasetDict folder, in Arrow batches from its memory maps; streamed
     hub name         `owner/name` of a Hugging Face dataset (the Hub, else its local snapshot); streamed
-    .json .csv .pkl  read whole: a list of records or strings, a dict of columns, {"train": ..., "validation": ...}
-                     (pickles through a restricted unpickler: nothing in the file is executed)
+    .csv             one record a row, every cell text; read in chunks of rows (its header gives the columns)
+    .json .pkl       read whole: a list of records or strings, a dict of columns, {"train": ..., "validation": ...}
+                     (pickles through a restricted unpickler: nothing in the file is executed); their columns and
+                     parts can be given as a known `Shape` (the token cache notes them), so a warm start does not
+                     read them
 
 A source already split (a DatasetDict or table with train and validation parts) is read one part at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,12 +50,23 @@ _HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What a table read whole holds, besides its rows: its columns, and whether it has train and validation parts."""
+
+    columns: tuple[str, ...]
+    split: bool
+
+
+@dataclass(frozen=True)
 class Source:
-    """A resolved data source: its kind, and the files holding its content (none for a hub dataset)."""
+    """A resolved data source: its kind, and the files holding its content (none for a hub dataset); a .json or
+    pickle table's shape when known without reading it, and its files' digest once computed (`prepare`)."""
 
     name: str  # as given
     kind: Kind
     files: tuple[Path, ...]
+    shape: Shape | None = None
+    digest: list[dict[str, Any]] | None = field(default=None, compare=False)
 
     @property
     def path(self) -> Path:
@@ -66,7 +79,7 @@ class Source:
     def parts(self) -> tuple[str, str] | None:
         """(train part, validation part) when the source is already split, else None."""
         if self.kind == "table":
-            return ("train", "validation") if _table(self.files[0])[1] is not None else None
+            return ("train", "validation") if table_shape(self).split else None
         if self.kind in ("hf_disk", "hub"):
             names = _dataset_parts(self)
             val = next((k for k in VALIDATION_KEYS if k in names), None)
@@ -122,6 +135,8 @@ def rows(src: Source, part: str | None = None, columns: list[str] | None = None,
         yield from iter_jsonl(src.files[0])
     elif src.kind == "parquet":
         yield from iter_parquet(src.files[0], columns)
+    elif src.kind == "table" and is_csv(src.files[0]):
+        yield from iter_csv(src.files[0])
     elif src.kind == "table":
         train, validation = _table(src.files[0])
         chosen = {"train": [train], "validation": [validation or []]}.get(part or "", [train, validation or []])
@@ -137,7 +152,7 @@ def rows(src: Source, part: str | None = None, columns: list[str] | None = None,
 
 def columns(src: Source, sample_rows: int = 1000) -> list[str] | None:
     """The field names of `src`'s rows (None for plain text), without reading a large source whole: a parquet
-    file's schema, a saved dataset's columns, the first `sample_rows` lines of a JSONL file."""
+    file's schema, a saved dataset's columns, the first `sample_rows` lines of a JSONL file, a CSV file's header."""
     if src.plain_text:
         return None
     if src.kind == "parquet":
@@ -150,6 +165,8 @@ def columns(src: Source, sample_rows: int = 1000) -> list[str] | None:
     if src.kind in ("hf_disk", "hub"):
         parts = _hub(src.name) if src.kind == "hub" else _saved(src.path)
         return list(dict.fromkeys(c for part in parts.values() for c in part.column_names))
+    if src.kind == "table":
+        return list(table_shape(src).columns)
     sample = itertools.islice(rows(src), sample_rows) if src.kind == "jsonl" else rows(src)
     return list(dict.fromkeys(str(k) for row in sample if isinstance(row, dict) for k in row))
 
@@ -377,37 +394,57 @@ def _hub_location(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small formats, read whole: .json, .csv, pickles
+# Tables: .csv in chunks of rows; .json and pickles, read whole
 
 
-@functools.lru_cache(maxsize=2)
-def _table_at(path: Path, _mtime_ns: int, _size: int) -> tuple[list, list | None]:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
+def is_csv(path: Path) -> bool:
+    return path.suffix.lower() == ".csv"
+
+
+def _read_csv(path: Path, **options: Any) -> Any:
+    import pandas as pd
+
+    # every cell as text ("" for an empty one), so that "45" stays text
+    return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
+
+
+def iter_csv(path: Path) -> Iterator[dict[str, str]]:
+    """The rows of a CSV file as {column: text}, parsed `BATCH_ROWS` rows at a time."""
+    try:
+        with _read_csv(path, chunksize=BATCH_ROWS) as chunks:
+            for chunk in chunks:
+                yield from chunk.to_dict("records")
+    except Exception as e:  # pandas' and the csv module's parse errors, OSError
+        raise UserError(f"cannot read {path}: {first_line(e)}") from None
+
+
+def table_shape(src: Source) -> Shape:
+    """A table's columns and parts: as known (`Source.shape`), else a CSV file's header (no row is read), else
+    the whole .json or pickle file read."""
+    if src.shape is not None:
+        return src.shape
+    path = src.files[0]
+    if is_csv(path):
+        try:
+            return Shape(tuple(str(c) for c in _read_csv(path, nrows=0).columns), False)
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {first_line(e)}") from None
+    train, validation = _table(path)
+    rows = itertools.chain(train, validation or [])
+    names = dict.fromkeys(str(k) for row in rows if isinstance(row, dict) for k in row)
+    return Shape(tuple(names), validation is not None)
+
+
+def _table(path: Path) -> tuple[list, list | None]:
+    """(train rows, validation rows or None) of a .json or pickle file, read whole (at every call: a table's rows
+    are not kept, so they are never older than the file)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         try:
             data = path.read_bytes()
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror}") from None
         return _parts_of(safe_unpickle(data, str(path)), str(path))
-    if suffix == ".json":
-        return _parts_of(_load_json(path), str(path))
-    import pandas as pd
-
-    try:  # every cell as text ("" for an empty one), so that "45" stays text
-        return _parts_of(pd.read_csv(path, dtype=str, keep_default_na=False), str(path))
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {first_line(e)}") from None
-
-
-def _table(path: Path) -> tuple[list, list | None]:
-    """(train rows, validation rows or None) of a .json, .csv or pickle file (read once per process and change)."""
-    try:
-        stat = path.stat()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    return _table_at(path, stat.st_mtime_ns, stat.st_size)
+    return _parts_of(_load_json(path), str(path))
 
 
 def _parts_of(obj: Any, source: str) -> tuple[list, list | None]:
