@@ -364,6 +364,45 @@ def test_a_reader_meeting_a_rebuild_waits_for_it_instead_of_failing(tmp_path, to
     assert np.array_equal(again.tokens(0), first.tokens(0))
 
 
+class Serialized:
+    """`tok` as `cache.tokenizer_digest` reads it, its pipeline written as `pipeline` (as another `tokenizers`
+    release might write the same one)."""
+
+    def __init__(self, tok, pipeline: dict):
+        self.backend_tokenizer = type("Backend", (), {"to_str": lambda _: json.dumps(pipeline)})()
+        self.eos_token_id, self.bos_token_id, self.size = tok.eos_token_id, tok.bos_token_id, len(tok)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_the_tokenizer_digest_is_what_decides_the_ids(tmp_path, tok, book):
+    """The same pipeline written another way (merges as "a b" strings, fields in another order, a switch added at
+    off, truncation, decoder, post-processor) or in a renamed class keeps the digest; another merge order,
+    normalizer or special token changes it."""
+    import copy
+
+    pipeline = json.loads(tok.backend_tokenizer.to_str())
+    digest = cache.tokenizer_digest(Serialized(tok, pipeline))
+    same = copy.deepcopy(pipeline)
+    same["model"] = {"new_switch": False, **{k: v for k, v in reversed(pipeline["model"].items())}}
+    same["model"]["merges"] = [" ".join(pair) for pair in pipeline["model"]["merges"]]
+    same["model"].pop("ignore_merges")  # written by later releases only
+    same.update(truncation={"max_length": 8}, decoder=None, post_processor={"type": "ByteLevel"})
+    assert cache.tokenizer_digest(Serialized(tok, same)) == digest
+    renamed = copy.copy(tok)
+    renamed.__class__ = type("RenamedTokenizer", (type(tok),), {})  # as transformers 5 renamed GPT2TokenizerFast
+    assert cache.tokenizer_digest(renamed) == cache.tokenizer_digest(tok)
+    assert open_cache(str(book[0]), tok, Recipe(), cache_dir=tmp_path).built
+    assert not open_cache(str(book[0]), renamed, Recipe(), cache_dir=tmp_path).built
+    swapped, lower, special = (copy.deepcopy(pipeline) for _ in range(3))
+    swapped["model"]["merges"][:2] = swapped["model"]["merges"][1::-1]
+    lower["normalizer"] = {"type": "Lowercase"}
+    special["added_tokens"].append({**special["added_tokens"][0], "id": len(tok), "content": "<|im_start|>"})
+    others = {cache.tokenizer_digest(Serialized(tok, p))["sha256"] for p in (swapped, lower, special)}
+    assert len(others) == 3 and digest["sha256"] not in others
+
+
 def test_the_fingerprint_covers_the_tokenizers_merges(tmp_path, tok, book):
     """Two tokenizers of one class, size and EOS that differ only in their merges give different caches."""
     import json as json_

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from conftest import build_tokenizer, make_paragraphs
 from qlora_ft.config import TrainConfig
 from qlora_ft.data import records as rec
 from qlora_ft.data.cache import fingerprint
-from qlora_ft.data.encode import encode, prompt_ids, render
+from qlora_ft.data.encode import backend_json, encode, prompt_ids, render
 from qlora_ft.data.prepare import Recipe, open_cache, prepare_data
 from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError
@@ -93,14 +95,29 @@ def text_data(tmp_path, tokenizer, *flags):
     return prepare_data(config(tmp_path, tmp_path / "book.txt", *flags), tokenizer)
 
 
-def test_a_split_saved_before_the_rules_version_still_resumes(tmp_path, tokenizer):
-    """Checkpoints of the token cache's first version name its fingerprint without the rules: the same ids, so they
-    resume; any other fingerprint, seed or share is refused."""
-    data = text_data(tmp_path, tokenizer)
-    covers = {k: v for k, v in data.cache.meta["covers"].items() if k != "rules"}
-    saved = {**data.split.to_json(), "cache_fingerprint": fingerprint(covers)}
+def earlier_covers(covers: dict, tokenizer) -> dict:
+    """`covers` as earlier versions wrote them: the tokenizer as a hash of its whole serialized pipeline."""
+    digest = hashlib.sha256(backend_json(tokenizer).encode("utf-8")).hexdigest()
+    return {**covers, "tokenizer": {"class": type(tokenizer).__name__, "eos_id": tokenizer.eos_token_id,
+                                    "vocab_size": len(tokenizer), "sha256": digest}}  # fmt: skip
+
+
+def test_checkpoints_of_earlier_versions_still_resume(tmp_path, tokenizer):
+    """Checkpoints of earlier versions name the fingerprint of their tokenizer digest, and for text the rules
+    version (2; unnamed in the cache's first version): the same ids, so they resume; any other fingerprint, seed
+    or share is refused."""
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps(instruction_rows(30)))
     keys = lambda: pytest.fail("the records are not read for a fingerprinted split")  # noqa: E731
-    data.split.check(saved, data.cache, keys)  # accepted
+    data = text_data(tmp_path, tokenizer)
+    then = earlier_covers(data.cache.meta["covers"], tokenizer)
+    for covers in ({**then, "rules": 2}, {k: v for k, v in then.items() if k != "rules"}):
+        data.split.check({**data.split.to_json(), "cache_fingerprint": fingerprint(covers)}, data.cache, keys)
+    instructions = prepare_data(config(tmp_path, records), tokenizer)
+    then = earlier_covers(instructions.cache.meta["covers"], tokenizer)
+    instructions.split.check({**instructions.split.to_json(), "cache_fingerprint": fingerprint(then)},
+                             instructions.cache, keys)  # fmt: skip
+    saved = {**data.split.to_json(), "cache_fingerprint": fingerprint(then)}
     with pytest.raises(UserError, match="fingerprint changed"):
         data.split.check({**saved, "cache_fingerprint": "0" * 24}, data.cache, keys)
     with pytest.raises(UserError, match="--seed 7 \\(this run: 42\\)"):
@@ -112,13 +129,20 @@ def test_a_checkpoint_of_the_earlier_heading_rule_resumes_where_no_paragraph_cha
     reads differently now, and is refused in one line naming the change when one does ("Did." is kept now)."""
     data = text_data(tmp_path, tokenizer)
     covers = data.cache.meta["covers"]
-    saved = {**data.split.to_json(), "cache_fingerprint": fingerprint({**covers, "rules": 2})}
+    saved = {
+        **data.split.to_json(),
+        "cache_fingerprint": fingerprint({**earlier_covers(covers, tokenizer), "rules": 2}),
+    }
     keys = lambda: pytest.fail("the records are not read for a fingerprinted split")  # noqa: E731
     data.split.check(saved, data.cache, keys)  # accepted: the same records
     (tmp_path / "book.txt").write_text((tmp_path / "book.txt").read_text() + "\n\nDid.")
     changed = prepare_data(config(tmp_path, tmp_path / "book.txt"), tokenizer)
-    then = {**changed.split.to_json(), "cache_fingerprint": fingerprint({**changed.cache.meta["covers"], "rules": 2}),
-            "n_train": len(changed.split.train_idx) - 1}  # fmt: skip
+    covers = {**earlier_covers(changed.cache.meta["covers"], tokenizer), "rules": 2}
+    then = {
+        **changed.split.to_json(),
+        "cache_fingerprint": fingerprint(covers),
+        "n_train": len(changed.split.train_idx) - 1,
+    }
     with pytest.raises(UserError, match="paragraph rules of version 2") as e:
         changed.split.check(then, changed.cache, keys)
     assert "'Did.'" in str(e.value) and "\n" not in str(e.value)
@@ -197,3 +221,96 @@ def test_one_split_type(tmp_path, tokenizer):
         again = Split.of(data.cache, data.split.seed, data.split.train_share)
         assert type(data.split) is Split and data.split.to_json() == again.to_json()
         assert (data.split.val_idx == again.val_idx).all() and (data.split.train_idx == again.train_idx).all()
+
+
+def hub_snapshot(hub: Path, name: str, revision: str, files: dict[str, bytes]) -> None:
+    """A commit of hub dataset `name` as the Hugging Face cache holds it (files linked to blobs named by their
+    hash), made the one refs/main names."""
+    repo = hub / f"datasets--{name.replace('/', '--')}"
+    for path, content in files.items():
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = repo / "snapshots" / revision / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_a_hub_datasets_fingerprint_is_its_data_files_content(tmp_path, tokenizer, monkeypatch):
+    """A hub dataset read again after a commit that changed only its README (or from elsewhere: the same data
+    files) keeps its token cache; a commit that changed a data file gets another."""
+    import huggingface_hub.constants
+
+    from qlora_ft.data import sources
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    csv = "text\n" + "".join(f'"{p}"\n' for p in make_paragraphs(20))
+
+    def read(revision: str, files: dict[str, str]):
+        hub_snapshot(tmp_path / "hub", "someone/books", revision, {k: v.encode() for k, v in files.items()})
+        monkeypatch.setattr(sources, "_HUB", {})  # a new process
+        return open_cache("someone/books", tokenizer, Recipe(), cache_dir=tmp_path / "cache")
+
+    first = read("a" * 40, {"data/train.csv": csv, "README.md": "# Books\n"})
+    again = read("b" * 40, {"data/train.csv": csv, "README.md": "# Books\n\nNow with a licence.\n"})
+    assert not again.built and again.fingerprint == first.fingerprint
+    blob = hashlib.sha256(csv.encode()).hexdigest()  # the cache's name for the file: it is not read to be hashed
+    assert first.meta["covers"]["data"]["parts"]["train"] == [
+        {"name": "data/train.csv", "bytes": len(csv), "blob": blob}
+    ]
+    changed = read("c" * 40, {"data/train.csv": csv + '"One more paragraph."\n', "README.md": "# Books\n"})
+    assert changed.built and changed.n_records == first.n_records + 1
+
+
+def write_table(path: Path, rows) -> Path:
+    """`rows` (a list, or {"train": ..., "validation": ...}) as a .csv, .json or pickle file."""
+    import pickle
+
+    import pandas as pd
+
+    if path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_bytes(pickle.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.json", "d.pkl"])
+def test_a_warm_start_reads_a_table_only_to_hash_it(tmp_path, tokenizer, monkeypatch, name):
+    """On a second start the token cache holds the table's records, and the cache folder its columns and parts:
+    the file is hashed, not parsed (a CSV file's header alone is read)."""
+    from qlora_ft.data import sources
+
+    records = instruction_rows(20)
+    rows = records if name == "d.csv" else {"train": records[:15], "validation": records[15:]}
+    path = write_table(tmp_path / name, rows)
+    first = prepare_data(config(tmp_path, path), tokenizer)
+
+    def parse(*args, **kwargs):
+        pytest.fail(f"{name} was parsed on a warm start")
+
+    monkeypatch.setattr(sources, "_table", parse)
+    monkeypatch.setattr(sources, "iter_csv", parse, raising=False)
+    again = prepare_data(config(tmp_path, path), tokenizer)
+    assert first.cache.built and not again.cache.built and again.cache.path == first.cache.path
+    assert again.mode == "instruction" and again.split.to_json() == first.split.to_json()
+    assert len(again.split.val_idx) == (2 if name == "d.csv" else 5)  # a pre-split table keeps its parts
+
+
+def test_a_table_is_read_as_it_is_now_in_a_long_lived_process(tmp_path, tokenizer):
+    """A table rewritten with the same size and modification time is read anew: its rows are not kept between
+    reads, so the cache built for its new bytes holds its new text."""
+    path = write_table(tmp_path / "d.json", [f"The first text, number {i:02}." for i in range(20)])
+    first = prepare_data(config(tmp_path, path), tokenizer)
+    stat = path.stat()
+    write_table(path, [f"The other text, number {i:02}." for i in range(20)])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    again = prepare_data(config(tmp_path, path), tokenizer)
+    assert again.cache.built and again.cache.fingerprint != first.cache.fingerprint
+    texts = [tokenizer.decode(again.cache.tokens(i)) for i in range(again.cache.n_records)]
+    assert texts == [f"The other text, number {i:02}." for i in range(20)]

@@ -179,3 +179,14 @@ def test_a_table_read_for_the_cache_uses_the_named_text_column(tmp_path, suffix)
     assert [tokenizer.decode(cache.tokens(i)) for i in range(cache.n_records)] == list(frame["body"])
     with pytest.raises(UserError, match="no text column"):
         open_cache(str(path), tokenizer, Recipe(), cache_dir=tmp_path / "cache")
+
+
+def test_a_csv_file_is_read_in_chunks_of_rows(tmp_path):
+    """A CSV file streams: its first rows come before a bad row far down the file is parsed (then named)."""
+    path = tmp_path / "d.csv"
+    path.write_text("text\n" + "".join(f"Row {i}.\n" for i in range(20_000)) + "one,two,three\n")
+    src = sources.resolve(str(path))
+    read = sources.rows(src)
+    assert next(read) == {"text": "Row 0."} and sources.columns(src) == ["text"]
+    with pytest.raises(UserError, match="cannot read .*d.csv"):
+        list(read)

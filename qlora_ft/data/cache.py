@@ -13,11 +13,11 @@ One folder per fingerprint under the cache folder (`--cache-dir`, else $QLORA_FT
       split-<seed>-<share>.npy   int8 per record: 1 train, 2 validation, 0 duplicate (recomputable)
       meta.json    what the fingerprint covers, counts, dtype, file sizes; written last
 
-The fingerprint covers the data (SHA-256 of its files' bytes; a hub dataset's own fingerprint), the tokenizer
-(its serialized vocabulary/merges/pre-tokenizer, class, eos id, size), the version of the paragraph rules
-(`records.RULES_VERSION`) and every option that changes the ids (format, headings, layout, text column, the
-template's content). It does not cover the window length: windows are cut from the stored
-records when training starts (`batches.cut_windows`), so one cache serves every --max-input-length.
+The fingerprint covers the data (SHA-256 of its files' bytes; of a hub dataset's data files), the tokenizer
+(what decides its ids: vocabulary, merges, normalizer, pre-tokenizer, added tokens, eos and bos ids), the
+version of the paragraph rules (`records.RULES_VERSION`) and every option that changes the ids (format,
+headings, layout, text column, the template's content). It does not cover the window length: windows are cut
+from the stored records when training starts (`batches.cut_windows`), so one cache serves every --max-input-length.
 
 EOS: paragraphs are stored without special tokens, and windowing wraps each as `<eos> + ids + <eos>`. Instruction
 and chat records are stored as `encode` gives them, leading EOS included, and are never cut.
@@ -54,6 +54,7 @@ FORMAT_VERSION = 1
 PROMPTS_VERSION = 2  # prompts.npy of version 1 counted a chat that ends in a user turn up to that turn (rebuilt)
 Record = list[Segment]  # a paragraph: [(text, True)]; an instruction: [(prompt, False), (response, True)]
 POOL_MIN_BYTES = 16 << 20  # below this much input, tokenize in this process (see open_or_build)
+NOTES = ".tables"  # notes on tables read whole (`read_note`), beside the caches
 BYTES_PER_TOKEN = 2  # a cautious estimate for the disk check (English BPE averages about 4 bytes a token)
 
 
@@ -82,7 +83,47 @@ def file_digests(files: Sequence[Path], root: Path | None = None) -> list[dict[s
 
 
 def tokenizer_digest(tokenizer: Any) -> dict[str, Any]:
-    """What identifies a tokenizer's ids: class, eos id, size and a hash of its vocabulary, merges and rules."""
+    """What decides a tokenizer's ids: a hash of its pipeline's id rules (`id_rules`), or of a slow tokenizer's
+    class and vocabulary, with its eos and bos ids and size."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content: Any = id_rules(json.loads(backend.to_str()))
+    else:
+        content = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    return {"eos_id": tokenizer.eos_token_id, "bos_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}  # fmt: skip
+
+
+def id_rules(pipeline: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a `tokenizers` pipeline (its JSON) that decide the ids, as data in one form: the model (type,
+    vocabulary, merges as pairs, settings), normalizer, pre-tokenizer and added (special) tokens, with fields that
+    are null or false left out. So a `tokenizers` release that writes the same pipeline another way (merges as
+    "a b" or ["a", "b"], a new switch written off) keeps it; the post-processor, decoder, truncation and padding
+    do not change the ids the cache stores (encoded without special tokens).
+
+    >>> id_rules({"model": {"type": "BPE", "merges": ["a b"], "ignore_merges": False}, "decoder": {}})
+    {'model': {'type': 'BPE', 'merges': [['a', 'b']]}}
+    """
+    model = dict(pipeline.get("model") or {})
+    if "merges" in model:
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
+    rules = {"model": model, **{k: pipeline.get(k) for k in ("normalizer", "pre_tokenizer", "added_tokens")}}
+    return _set_fields(rules)
+
+
+def _set_fields(value: Any) -> Any:
+    """`value` with every mapping's null and false fields left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _set_fields(v) for k, v in value.items() if v is not None and v is not False}
+    if isinstance(value, list):
+        return [_set_fields(v) for v in value]
+    return value
+
+
+def earlier_tokenizer_digest(tokenizer: Any) -> dict[str, Any]:
+    """A tokenizer's digest as earlier versions computed it (a hash of its whole serialized pipeline), to know
+    their checkpoints (`prepare.earlier_fingerprints`)."""
     content = backend_json(tokenizer)
     if content is None:
         content = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
@@ -94,6 +135,37 @@ def fingerprint(covers: dict[str, Any]) -> str:
     """A short stable hash of everything that determines the cached ids (a JSON-able dict)."""
     text = json.dumps({**covers, "format_version": FORMAT_VERSION}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notes on files read whole (a table's columns and parts), by the SHA-256 of their bytes
+
+
+def read_note(cache_dir: str | Path | None, sha256: str) -> dict[str, Any] | None:
+    """What the cache folder noted of a file with these bytes (`write_note`), or None."""
+    try:
+        note = json.loads((_root(cache_dir) / NOTES / f"{sha256}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) and note.get("format_version") == FORMAT_VERSION else None
+
+
+def write_note(cache_dir: str | Path | None, sha256: str, note: dict[str, Any]) -> None:
+    """Note `note` of a file with these bytes in the cache folder, whole or not at all (in a folder that cannot
+    be written, not: the file is then read again next time)."""
+    folder = _root(cache_dir) / NOTES
+    tmp = folder / f".{sha256}.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**note, "format_version": FORMAT_VERSION}))
+        os.replace(tmp, folder / f"{sha256}.json")
+    except OSError as e:
+        log.debug("could not note %s in %s: %s", sha256, folder, e)
+        tmp.unlink(missing_ok=True)
+
+
+def _root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,17 +279,17 @@ def open_or_build(
     workers: int | None = None,
     parallel: Parallel = "threads",
     lead: bool = False,
-    earlier: dict[str, int | None] | None = None,
+    earlier: Callable[[], dict[str, int | None]] | None = None,
     read: dict[str, Any] | None = None,
 ) -> TokenCache:
     """The cache for `covers` (see `fingerprint`): opened when complete, else built from `records()` first.
 
     `records` is called only on a miss; `validation` (for pre-split sources) adds records that the split
     keeps on the validation side; `lead`: they are instruction or chat records (`encode.encode_chunk`).
-    `input_bytes` sizes the disk check. `earlier`: the fingerprints earlier versions gave the same data, tokenizer
-    and recipe, each with the paragraph rules version it read text by (None for records), kept in meta.json
-    for resuming their checkpoints (`split.Split.check`). `read`: filled while `records()` is read with what the
-    reader dropped; kept in meta.json. `workers`: how many cores tokenize
+    `input_bytes` sizes the disk check. `earlier()`: the fingerprints earlier versions gave the same data,
+    tokenizer and recipe, each with the paragraph rules version it read text by (None for records), kept in
+    meta.json when building, for resuming their checkpoints (`split.Split.check`). `read`: filled while
+    `records()` is read with what the reader dropped; kept in meta.json. `workers`: how many cores tokenize
     (default: every core available), as the tokenizers library's threads in this process (`parallel="threads"`,
     measured faster on 2 cores: docs/data-cache.md) or as spawned processes. Raises UserError when the cache
     folder is unusable or too small.
@@ -252,7 +324,7 @@ def open_or_build(
         for stale in [*root.glob(f".{fp}.tmp-*"), *root.glob(f".{fp}.old-*")]:  # a killed build's; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         meta = _build_into(root, fp, tokenizer, records, validation, input_bytes, (workers, parallel, lead))
-        meta.update(covers=covers, earlier=earlier or {}, read=read or {})
+        meta.update(covers=covers, earlier=earlier() if earlier is not None else {}, read=read or {})
         _publish(root, fp, meta)
     finally:
         lock.release()
@@ -434,4 +506,6 @@ def clear_caches(cache_dir: str | Path | None = None, fingerprints: Sequence[str
             deleted.append(fp)
         except filelock.Timeout:
             log.warning("token cache %s is being built by another process; left alone", fp)
+    if not fingerprints:
+        shutil.rmtree(root / NOTES, ignore_errors=True)
     return deleted

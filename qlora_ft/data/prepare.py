@@ -24,9 +24,19 @@ from qlora_ft.checkpoint import is_adapter_folder
 from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.data import records as rec
 from qlora_ft.data.batches import Windows, cut_windows
-from qlora_ft.data.cache import Record, TokenCache, file_digests, fingerprint, open_or_build, tokenizer_digest
+from qlora_ft.data.cache import (
+    Record,
+    TokenCache,
+    earlier_tokenizer_digest,
+    file_digests,
+    fingerprint,
+    open_or_build,
+    read_note,
+    tokenizer_digest,
+    write_note,
+)
 from qlora_ft.data.encode import Parallel, segments_of
-from qlora_ft.data.sources import Layout, Source, input_bytes, resolve
+from qlora_ft.data.sources import Layout, Shape, Source, input_bytes, is_csv, resolve, table_shape
 from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError, first_line
 from qlora_ft.templates import TEMPLATES, Template, get_template
@@ -85,20 +95,41 @@ def parts(sources: tuple[Source, Source | None]) -> list[tuple[Source, str | Non
 
 
 def data_digest(src: Source) -> dict[str, Any]:
-    """What identifies the content of `src`: its files' names, sizes and hashes, or a hub dataset's fingerprint."""
+    """What identifies the content of `src`: its files' names, sizes and hashes (a hub dataset's data files')."""
     if src.kind == "hub":
         return {"data": {"hub": src.name, "parts": src.digest_key()}, "kind": src.kind}
-    return {"data": file_digests(src.files, src.path if src.path.is_dir() else None), "kind": src.kind}
+    digest = src.digest if src.digest is not None else file_digests(src.files, src.path if src.path.is_dir() else None)
+    return {"data": digest, "kind": src.kind}
 
 
-def open_cache(source: str, tokenizer: Any, recipe: Recipe, *, validation_source: str | None = None,
-               cache_dir: str | Path | None = None, workers: int | None = None,
-               parallel: Parallel = "threads") -> TokenCache:  # fmt: skip
+def resolve_known(source: str, cache_dir: str | Path | None) -> Source:
+    """`source` resolved with its files hashed (once: `data_digest` takes the digest from it), and a .json or
+    pickle table's shape (columns, parts) from the note the token cache folder keeps of each such file it met,
+    by the SHA-256 of its bytes: a warm start reads the file only to hash it. Met first, it is read and noted."""
+    src = resolve(source)
+    if src.kind == "hub":
+        return src
+    src = replace(src, digest=file_digests(src.files, src.path if src.path.is_dir() else None))
+    if src.kind != "table" or is_csv(src.files[0]):
+        return src
+    sha256 = src.digest[0]["sha256"]
+    note = read_note(cache_dir, sha256)
+    if note is not None:
+        return replace(src, shape=Shape(tuple(note["columns"]), bool(note["split"])))
+    shape = table_shape(src)
+    write_note(cache_dir, sha256, {"columns": list(shape.columns), "split": shape.split})
+    return replace(src, shape=shape)
+
+
+def open_cache(source: str | Source, tokenizer: Any, recipe: Recipe, *,
+               validation_source: str | Source | None = None, cache_dir: str | Path | None = None,
+               workers: int | None = None, parallel: Parallel = "threads") -> TokenCache:  # fmt: skip
     """The token cache of `source` read by `recipe` (tokenized only when the data, the tokenizer or the recipe
     changed). `validation_source` (--validation-data): a second source whose records the split keeps on the
-    validation side, as it keeps a pre-split source's own validation part."""
-    src = resolve(source)
-    val_src = resolve(validation_source) if validation_source is not None else None
+    validation side, as it keeps a pre-split source's own validation part. Sources given by name are resolved
+    here (`resolve_known`)."""
+    src, val_src = (s if isinstance(s, Source) or s is None else resolve_known(s, cache_dir)
+                    for s in (source, validation_source))  # fmt: skip
     covers = {**data_digest(src), "tokenizer": tokenizer_digest(tokenizer), **recipe.covers()}
     if val_src is not None:
         covers["validation_data"] = data_digest(val_src)
@@ -107,17 +138,25 @@ def open_cache(source: str, tokenizer: Any, recipe: Recipe, *, validation_source
     size = input_bytes(src) + (input_bytes(val_src) if val_src else 0)
     return open_or_build(covers, tokenizer, train, cache_dir=cache_dir, validation=validation[0] if validation
                          else None, input_bytes=size, workers=workers, parallel=parallel,
-                         lead=recipe.mode != "text", earlier=earlier_fingerprints(covers), read=dropped)  # fmt: skip
+                         lead=recipe.mode != "text", read=dropped,
+                         earlier=partial(earlier_fingerprints, covers, tokenizer, (src, val_src)))  # fmt: skip
 
 
-def earlier_fingerprints(covers: dict[str, Any]) -> dict[str, int | None]:
-    """The cache fingerprints earlier versions gave these covers, each with the paragraph rules version that read
-    the text (None for records): their checkpoints resume where the records are the same (`Split.check`)."""
+def earlier_fingerprints(covers: dict[str, Any], tokenizer: Any, sources: tuple[Source, Source | None],
+                         ) -> dict[str, int | None]:  # fmt: skip
+    """The cache fingerprints earlier versions gave these covers (a tokenizer digest of its whole serialized
+    pipeline, a hub dataset's `datasets` fingerprint; text read by the paragraph rules of version 2, unnamed in
+    the cache's first version), each with the rules version of its text (None for records): their checkpoints
+    resume where the records are the same (`Split.check`)."""
+    then = {**covers, "tokenizer": earlier_tokenizer_digest(tokenizer)}
+    for key, src in zip(("data", "validation_data"), sources, strict=True):
+        if src is not None and src.kind == "hub":
+            earlier = {"data": {"hub": src.name, "parts": src.earlier_digest_key()}, "kind": "hub"}
+            then.update(earlier if key == "data" else {key: earlier})
     if covers["format"] != "text":
-        return {}
-    earlier = {**covers, "rules": 2}
-    first = {k: v for k, v in earlier.items() if k != "rules"}  # the cache's first version: rules 2, unnamed
-    return {fingerprint(earlier): 2, fingerprint(first): 2}
+        return {fingerprint(then): None}
+    first = {k: v for k, v in then.items() if k != "rules"}
+    return {fingerprint({**then, "rules": 2}): 2, fingerprint(first): 2}
 
 
 @dataclass
@@ -189,8 +228,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, saved_split: dict[str, Any] | None
     or the data's columns imply. `saved_split`: a checkpoint's split.json, to resume on exactly its split
     (UserError if the data or its rules changed). `template`: a run's saved template (else --template)."""
     d = cfg.data
-    src = resolve(d.data)
-    val_src = resolve(d.validation_data) if d.validation_data is not None else None
+    src = resolve_known(d.data, d.cache_dir)
+    val_src = resolve_known(d.validation_data, d.cache_dir) if d.validation_data is not None else None
     if val_src is not None and src.parts():
         raise UserError(f"{d.data} already holds a validation split: drop --validation-data, or pass data "
                         "without one")  # fmt: skip
@@ -198,7 +237,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, saved_split: dict[str, Any] | None
     if mode != "text" and d.keep_headings:  # (its default is False: it was given)
         log.warning("--keep-headings: no effect, %s holds %s records, not text paragraphs", d.data, mode)
     recipe = recipe_for(cfg, mode, tokenizer, template)
-    cache = open_cache(d.data, tokenizer, recipe, validation_source=d.validation_data, cache_dir=d.cache_dir)
+    cache = open_cache(src, tokenizer, recipe, validation_source=val_src, cache_dir=d.cache_dir)
     split = Split.of(cache, d.seed, d.train_size)
     rec.log_dropped(cache.meta.get("read", {}))  # on every start: a warm one reads the counts from the cache
     windows = _windows(cache, split, d.max_input_length, d.train_on_prompt)
@@ -225,7 +264,7 @@ def _windows(cache: TokenCache, split: Split, max_len: int, every_token: bool) -
 def held_out_data(cfg: TrainConfig, source: str, tokenizer, template: Template | None) -> TrainData:
     """Every distinct record of `source` held out, read as the run `cfg` read its data (its mode, template and
     options; responses only): for `qlora-ft eval --data`."""
-    src = resolve(source)
+    src = resolve_known(source, cfg.data.cache_dir)
     mode = "text" if template is None else "chat" if template.chat_template is not None else "instruction"
     found = rec.data_mode(src, "auto", None)
     if mode != "text" and found == "text":
@@ -236,7 +275,7 @@ def held_out_data(cfg: TrainConfig, source: str, tokenizer, template: Template |
                         "template has no turns)")  # fmt: skip
     cfg = replace(cfg, data=replace(cfg.data, train_on_prompt=False))
     recipe = recipe_for(cfg, mode, tokenizer, template)
-    cache = open_cache(source, tokenizer, recipe, cache_dir=cfg.data.cache_dir)
+    cache = open_cache(src, tokenizer, recipe, cache_dir=cfg.data.cache_dir)
     _, first = np.unique(np.asarray(cache.hashes), return_index=True)
     every = np.sort(first)
     split = Split(cache.fingerprint, cfg.data.seed, 0.0, every[:0], every)

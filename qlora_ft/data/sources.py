@@ -8,27 +8,30 @@
     .parquet         read in record batches (only the columns asked for); streamed
     save_to_disk     a `datasets` Dataset or DatasetDict folder, in Arrow batches from its memory maps; streamed
     hub name         `owner/name` of a Hugging Face dataset (the Hub, else its local snapshot); streamed
-    .json .csv .pkl  read whole: a list of records or strings, a dict of columns, {"train": ..., "validation": ...}
-                     (pickles through a restricted unpickler: nothing in the file is executed)
+    .csv             one record a row, every cell text; read in chunks of rows (its header gives the columns)
+    .json .pkl       read whole: a list of records or strings, a dict of columns, {"train": ..., "validation": ...}
+                     (pickles through a restricted unpickler: nothing in the file is executed); their columns and
+                     parts can be given as a known `Shape` (the token cache notes them), so a warm start does not
+                     read them
 
 A source already split (a DatasetDict or table with train and validation parts) is read one part at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from qlora_ft.data.unpickle import safe_unpickle
 from qlora_ft.errors import UserError, first_line
+from qlora_ft.fs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,23 @@ _HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What a table read whole holds, besides its rows: its columns, and whether it has train and validation parts."""
+
+    columns: tuple[str, ...]
+    split: bool
+
+
+@dataclass(frozen=True)
 class Source:
-    """A resolved data source: its kind, and the files holding its content (none for a hub dataset)."""
+    """A resolved data source: its kind, and the files holding its content (none for a hub dataset); a .json or
+    pickle table's shape when known without reading it, and its files' digest once computed (`prepare`)."""
 
     name: str  # as given
     kind: Kind
     files: tuple[Path, ...]
+    shape: Shape | None = None
+    digest: list[dict[str, Any]] | None = field(default=None, compare=False)
 
     @property
     def path(self) -> Path:
@@ -65,7 +79,7 @@ class Source:
     def parts(self) -> tuple[str, str] | None:
         """(train part, validation part) when the source is already split, else None."""
         if self.kind == "table":
-            return ("train", "validation") if _table(self.files[0])[1] is not None else None
+            return ("train", "validation") if table_shape(self).split else None
         if self.kind in ("hf_disk", "hub"):
             names = _dataset_parts(self)
             val = next((k for k in VALIDATION_KEYS if k in names), None)
@@ -73,8 +87,20 @@ class Source:
         return None
 
     def digest_key(self) -> dict[str, Any]:
-        """What identifies a hub dataset's content (local sources are identified by their files' bytes):
-        `datasets`' own fingerprint of each part, which changes with the data it downloaded."""
+        """What identifies a hub dataset's content (local sources are identified by their files' bytes): the
+        name in the repository, size and content hash of each data file of each part. Not where it was loaded
+        from: the Hub, a newer commit of it that changed other files (a README), or the local snapshot offline."""
+        out = {}
+        for part, files in _load_hub(self.name).files.items():
+            try:
+                out[part] = [{"name": n, "bytes": p.stat().st_size, **_content_hash(p)} for n, p in files]
+            except OSError as e:
+                raise UserError(f"cannot read {self.name}'s data files: {e.strerror}") from None
+        return out
+
+    def earlier_digest_key(self) -> dict[str, Any]:
+        """A hub dataset's content as earlier versions identified it: `datasets`' own fingerprint of each part,
+        which hashes where it was loaded from."""
         return {name: part._fingerprint for name, part in _hub(self.name).items()}
 
 
@@ -109,6 +135,8 @@ def rows(src: Source, part: str | None = None, columns: list[str] | None = None,
         yield from iter_jsonl(src.files[0])
     elif src.kind == "parquet":
         yield from iter_parquet(src.files[0], columns)
+    elif src.kind == "table" and is_csv(src.files[0]):
+        yield from iter_csv(src.files[0])
     elif src.kind == "table":
         train, validation = _table(src.files[0])
         chosen = {"train": [train], "validation": [validation or []]}.get(part or "", [train, validation or []])
@@ -124,7 +152,7 @@ def rows(src: Source, part: str | None = None, columns: list[str] | None = None,
 
 def columns(src: Source, sample_rows: int = 1000) -> list[str] | None:
     """The field names of `src`'s rows (None for plain text), without reading a large source whole: a parquet
-    file's schema, a saved dataset's columns, the first `sample_rows` lines of a JSONL file."""
+    file's schema, a saved dataset's columns, the first `sample_rows` lines of a JSONL file, a CSV file's header."""
     if src.plain_text:
         return None
     if src.kind == "parquet":
@@ -137,6 +165,8 @@ def columns(src: Source, sample_rows: int = 1000) -> list[str] | None:
     if src.kind in ("hf_disk", "hub"):
         parts = _hub(src.name) if src.kind == "hub" else _saved(src.path)
         return list(dict.fromkeys(c for part in parts.values() for c in part.column_names))
+    if src.kind == "table":
+        return list(table_shape(src).columns)
     sample = itertools.islice(rows(src), sample_rows) if src.kind == "jsonl" else rows(src)
     return list(dict.fromkeys(str(k) for row in sample if isinstance(row, dict) for k in row))
 
@@ -285,22 +315,63 @@ def is_hub_name(source: str) -> bool:
     return not source.startswith((".", "~"))
 
 
-_HUB: dict[str, dict[str, Any]] = {}  # name -> its parts: loaded once per process
+@dataclass(frozen=True)
+class _Hub:
+    parts: dict[str, Any]  # part name -> datasets.Dataset, memory-mapped from datasets' cache
+    files: dict[str, list[tuple[str, Path]]]  # part name -> its data files: (name in the repository, local path)
+
+
+_HUB: dict[str, _Hub] = {}  # name -> the dataset: loaded once per process
+_HUB_URL = re.compile(r"^hf://datasets/(?P<repo>[^@]+)@(?P<revision>[^/]+)/(?P<path>.+)$")
 
 
 def _hub(name: str) -> dict[str, Any]:
-    """The parts of hub dataset `name` (`datasets.load_dataset`; memory-mapped from datasets' cache)."""
+    """The parts of hub dataset `name` (as `datasets.load_dataset` loads them; memory-mapped from datasets' cache)."""
+    return _load_hub(name).parts
+
+
+def _load_hub(name: str) -> _Hub:
     if name not in _HUB:
         import datasets
 
-        try:
-            loaded = datasets.load_dataset(_hub_location(name))
+        location = _hub_location(name)
+        try:  # what datasets.load_dataset does, keeping the builder for its data files
+            builder = datasets.load_dataset_builder(location)
+            builder.download_and_prepare()
+            loaded = builder.as_dataset()
+            found = builder.config.data_files.items()
+            files = {str(part): [_local_file(f, location) for f in paths] for part, paths in found}
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"cannot load dataset {name!r}: {first_line(e)}") from None
-        _HUB[name] = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        _HUB[name] = _Hub(parts, files)
     return _HUB[name]
+
+
+def _content_hash(path: Path) -> dict[str, str]:
+    """A file of the Hugging Face cache by the name of the blob it links to (the cache names each by its content's
+    hash, as the Hub gives it: SHA-256 for large files, git's SHA-1 for others), without reading it; else (a cache
+    without links) the SHA-256 of its bytes."""
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs":
+        return {"blob": target.name}
+    return {"sha256": sha256_file(path)}
+
+
+def _local_file(data_file: str, location: str) -> tuple[str, Path]:
+    """(name in the repository, local path) of a data file `datasets` read: a Hub URL (`hf://datasets/<repo>@
+    <revision>/<path>`, downloaded into the Hugging Face cache), or a file of the local snapshot `location`."""
+    from urllib.parse import unquote
+
+    url = _HUB_URL.match(data_file)
+    if url is None:
+        return Path(data_file).relative_to(location).as_posix(), Path(data_file)
+    from huggingface_hub import hf_hub_download
+
+    local = hf_hub_download(url["repo"], url["path"], repo_type="dataset", revision=unquote(url["revision"]))
+    return url["path"], Path(local)
 
 
 def _hub_location(name: str) -> str:
@@ -323,37 +394,57 @@ def _hub_location(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small formats, read whole: .json, .csv, pickles
+# Tables: .csv in chunks of rows; .json and pickles, read whole
 
 
-@functools.lru_cache(maxsize=2)
-def _table_at(path: Path, _mtime_ns: int, _size: int) -> tuple[list, list | None]:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
+def is_csv(path: Path) -> bool:
+    return path.suffix.lower() == ".csv"
+
+
+def _read_csv(path: Path, **options: Any) -> Any:
+    import pandas as pd
+
+    # every cell as text ("" for an empty one), so that "45" stays text
+    return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
+
+
+def iter_csv(path: Path) -> Iterator[dict[str, str]]:
+    """The rows of a CSV file as {column: text}, parsed `BATCH_ROWS` rows at a time."""
+    try:
+        with _read_csv(path, chunksize=BATCH_ROWS) as chunks:
+            for chunk in chunks:
+                yield from chunk.to_dict("records")
+    except Exception as e:  # pandas' and the csv module's parse errors, OSError
+        raise UserError(f"cannot read {path}: {first_line(e)}") from None
+
+
+def table_shape(src: Source) -> Shape:
+    """A table's columns and parts: as known (`Source.shape`), else a CSV file's header (no row is read), else
+    the whole .json or pickle file read."""
+    if src.shape is not None:
+        return src.shape
+    path = src.files[0]
+    if is_csv(path):
+        try:
+            return Shape(tuple(str(c) for c in _read_csv(path, nrows=0).columns), False)
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {first_line(e)}") from None
+    train, validation = _table(path)
+    rows = itertools.chain(train, validation or [])
+    names = dict.fromkeys(str(k) for row in rows if isinstance(row, dict) for k in row)
+    return Shape(tuple(names), validation is not None)
+
+
+def _table(path: Path) -> tuple[list, list | None]:
+    """(train rows, validation rows or None) of a .json or pickle file, read whole (at every call: a table's rows
+    are not kept, so they are never older than the file)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         try:
             data = path.read_bytes()
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror}") from None
         return _parts_of(safe_unpickle(data, str(path)), str(path))
-    if suffix == ".json":
-        return _parts_of(_load_json(path), str(path))
-    import pandas as pd
-
-    try:  # every cell as text ("" for an empty one), so that "45" stays text
-        return _parts_of(pd.read_csv(path, dtype=str, keep_default_na=False), str(path))
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {first_line(e)}") from None
-
-
-def _table(path: Path) -> tuple[list, list | None]:
-    """(train rows, validation rows or None) of a .json, .csv or pickle file (read once per process and change)."""
-    try:
-        stat = path.stat()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    return _table_at(path, stat.st_mtime_ns, stat.st_size)
+    return _parts_of(_load_json(path), str(path))
 
 
 def _parts_of(obj: Any, source: str) -> tuple[list, list | None]:
