@@ -27,16 +27,16 @@ BAR = 40  # histogram bar width in characters
 
 def run_check(cfg: CheckConfig) -> dict[str, Any]:
     """Print the report of `cfg` (text, or JSON with --json) and return it."""
+    from qlora_ft.training.probe import plan_report, process_seconds
     from qlora_ft.training.setup import load_data
 
+    started = process_seconds()  # the imports: a training process spends them too
     if cfg.data.data is None:
         raise UserError("--data is required")
     tokenizer, data = load_data(cfg)  # train's road: refuses what train refuses, with its message
     report = check_report(cfg, tokenizer, data)
     if cfg.check.plan:
-        from qlora_ft.training.probe import plan_report
-
-        report["plan"] = plan_report(cfg, data)
+        report["plan"] = plan_report(cfg, cfg.check.probe_steps, started)
     for warning in report["warnings"]:
         log.warning(warning)
     colour = sys.stdout.isatty() and not cfg.check.json

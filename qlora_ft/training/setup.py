@@ -34,7 +34,7 @@ from qlora_ft.model import (
 )
 from qlora_ft.precision import Precision, precision_policy
 from qlora_ft.training.methods import add_neftune, make_optimizer
-from qlora_ft.training.plan import EpochPlan, lr_at
+from qlora_ft.training.plan import EpochPlan, Intervals, lr_at, plan_line, plan_summary
 from qlora_ft.training.resume import check_compatible, check_packing, check_same_records, read_resume
 from qlora_ft.training.run import Run
 
@@ -82,6 +82,7 @@ def set_up(cfg: TrainConfig) -> Run:
     total_steps = plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps)
     cfg.optim.warmup_steps = warmup_steps_for(cfg, data.mode, total_steps)
     warn_if_warmup_outlasts(cfg, total_steps)
+    log.info(plan_line(plan_summary(plan, total_steps, int(data.train.lengths.sum()), intervals(cfg, resume is None))))
     val_batches = validation_batches(cfg, data, tokenizer.pad_token_id)
 
     if resume:  # the checkpoint's weights before `prepare` shards them (its optimizer state after: `restore`)
@@ -101,6 +102,12 @@ def load_data(cfg: TrainConfig) -> tuple[Any, TrainData]:
     check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
                            cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
     return tokenizer, data
+
+
+def intervals(cfg: TrainConfig, fresh: bool) -> Intervals:
+    """How often the run validates, samples and saves (for its plan)."""
+    return Intervals(cfg.ckpt.eval_every, cfg.sample.sample_every, cfg.ckpt.save_every_steps, cfg.ckpt.save_interval,
+                     fresh)  # fmt: skip
 
 
 def validation_batches(cfg: TrainConfig, data: TrainData, pad_id: int) -> LazyBatches:
