@@ -22,6 +22,7 @@ import torch
 from qlora_ft.config import TrainConfig
 from qlora_ft.training.finish import peak_memory_bytes, write_outputs
 from qlora_ft.training.fit import Session, optimizer_step, save, validate, write_samples
+from qlora_ft.training.outputs import start_outputs
 from qlora_ft.training.plan import lr_at, plan_summary
 from qlora_ft.training.resume import restore
 from qlora_ft.training.setup import intervals, set_up
@@ -45,7 +46,7 @@ def _probe(cfg: TrainConfig, probe_steps: int, started: float, tmp: Path) -> dic
     run = set_up(cfg)
     setup_seconds = time.perf_counter() - t0
     state = restore(run)
-    run.out_dir.mkdir(parents=True)
+    setup_seconds += timed(run, start_outputs, run, state)  # the output folders, TensorBoard
     run.model.train()
     summary = plan_summary(run.plan, run.total_steps, int(run.data.train.lengths.sum()), intervals(run.cfg, True))
     batches, accum, seconds = run.plan.batches(0), run.cfg.optim.grad_accum_steps, []
