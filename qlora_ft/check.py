@@ -15,7 +15,7 @@ import numpy as np
 from qlora_ft.config import CheckConfig
 from qlora_ft.data.batches import Windows
 from qlora_ft.data.prepare import TrainData
-from qlora_ft.data.split import SPLIT_DROPPED, split_records
+from qlora_ft.data.split import SPLIT_DROPPED
 from qlora_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def check_report(cfg: CheckConfig, tokenizer, data: TrainData) -> dict[str, Any]
 def read_section(cfg: CheckConfig, tokenizer, data: TrainData) -> dict[str, Any]:
     """What was read and what became of it: the counts training logs, with an example of each."""
     cache, max_len = data.cache, cfg.data.max_input_length
-    assignment = split_assignment(cfg, data)
+    assignment = split_assignment(data)
     dropped = np.flatnonzero(assignment == SPLIT_DROPPED)
     section: dict[str, Any] = {"records_read": int(cache.n_records), "tokens": int(cache.n_tokens),
                                "duplicates": len(dropped),
@@ -103,11 +103,10 @@ def read_section(cfg: CheckConfig, tokenizer, data: TrainData) -> dict[str, Any]
             "cut_example": example(tokenizer, cache, long_idx, max_len)}  # fmt: skip
 
 
-def split_assignment(cfg: CheckConfig, data: TrainData) -> np.ndarray:
+def split_assignment(data: TrainData) -> np.ndarray:
     """Per cached record: 1 train, 2 validation, 0 left out as a duplicate (the split training made)."""
-    train, val = split_records(data.cache, cfg.data.seed, cfg.data.train_size)
     assignment = np.zeros(data.cache.n_records, dtype=np.int8)
-    assignment[train], assignment[val] = 1, 2
+    assignment[data.split.train_idx], assignment[data.split.val_idx] = 1, 2
     return assignment
 
 
