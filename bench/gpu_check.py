@@ -8,7 +8,8 @@ the chunked loss against the plain loss under autocast (bf16 and fp16) and its s
 the packing probe; QLoRA steps in bf16 and in fp16 (loss scaling); full fine-tuning (`--qlora False`) in
 both; an exact-resume check; inference from the adapter and from an exported model, with their parity; peak
 memory (allocated and reserved) of a gpt2-medium-shaped model at batch 8 x 512 with and without gradient
-checkpointing; and bench/train_bench.py's throughput comparison.
+checkpointing; `--batch-size auto` on that model (the micro-batch it chose x the accumulation = the global batch);
+and bench/train_bench.py's throughput comparison.
 
 A failing check is recorded with its error (for an entry point's exit 2, the UserError behind it) and the
 others still run; OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md are written whatever happens (the runs'
@@ -74,6 +75,8 @@ CUDA_ONLY = {
     "precision_policy": "the policy follows the GPU's compute capability (on CPU `auto` is float32: tested in "
     "tests/test_precision.py)",
     "memory_gpt2_medium_8x512": "peak memory is read from CUDA's allocator (torch.cuda.max_memory_allocated)",
+    "batch_size_auto": "--batch-size auto fits micro-batches into CUDA memory (on CPU it is refused: "
+    "tests/test_batch_size.py)",
 }
 
 
@@ -321,6 +324,16 @@ def check_memory(s: Setup) -> dict:
     return {**runs, "ok": ok}
 
 
+def check_batch_size_auto(s: Setup) -> dict:
+    """--batch-size auto --grad-accum-steps 2 on the gpt2-medium-shaped model: the micro-batch it chose times the
+    accumulation is the global batch 8 x 2, and the run trains."""
+    run = train_run(s, "batch-auto", s.large(), "--max-input-length", str(s.sizes.large_length), "--max-steps", "2",
+                    "--batch-size", "auto", "--grad-accum-steps", "2", "--train-size", "0.98")  # fmt: skip
+    saved = json.loads((s.work / "batch-auto" / "run_config.json").read_text())
+    micro, accum = saved["data"]["batch_size"], saved["optim"]["grad_accum_steps"]
+    return {**run, "micro_batch": micro, "grad_accum_steps": accum, "ok": micro * accum == 16 and run["finite"]}
+
+
 def check_throughput(s: Setup) -> dict:
     """bench/train_bench.py: ours vs the Trainer + peft recipe (at GPU sizes gpt2-medium-shaped, batch 8 x 512)."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -346,6 +359,7 @@ def plan_checks(s: Setup) -> tuple[dict[str, Callable[[], dict]], dict[str, str]
         "resume_fp16": lambda: check_resume(s),
         "inference_parity": lambda: check_inference(s),
         "memory_gpt2_medium_8x512": lambda: check_memory(s),
+        "batch_size_auto": lambda: check_batch_size_auto(s),
         "throughput_train_bench": lambda: check_throughput(s),
     }
     skipped = CUDA_ONLY if s.device == "cpu" else {}

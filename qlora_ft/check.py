@@ -15,7 +15,7 @@ import numpy as np
 from qlora_ft.config import CheckConfig
 from qlora_ft.data.batches import Windows
 from qlora_ft.data.prepare import TrainData
-from qlora_ft.data.split import SPLIT_DROPPED, split_records
+from qlora_ft.data.split import SPLIT_DROPPED
 from qlora_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,16 @@ BAR = 40  # histogram bar width in characters
 
 def run_check(cfg: CheckConfig) -> dict[str, Any]:
     """Print the report of `cfg` (text, or JSON with --json) and return it."""
+    from qlora_ft.training.probe import plan_report, process_seconds
     from qlora_ft.training.setup import load_data
 
+    started = process_seconds()  # the imports: a training process spends them too
     if cfg.data.data is None:
         raise UserError("--data is required")
     tokenizer, data = load_data(cfg)  # train's road: refuses what train refuses, with its message
     report = check_report(cfg, tokenizer, data)
     if cfg.check.plan:
-        from qlora_ft.training.probe import plan_report
-
-        report["plan"] = plan_report(cfg, data)
+        report["plan"] = plan_report(cfg, cfg.check.probe_steps, started)
     for warning in report["warnings"]:
         log.warning(warning)
     colour = sys.stdout.isatty() and not cfg.check.json
@@ -79,7 +79,7 @@ def check_report(cfg: CheckConfig, tokenizer, data: TrainData) -> dict[str, Any]
 def read_section(cfg: CheckConfig, tokenizer, data: TrainData) -> dict[str, Any]:
     """What was read and what became of it: the counts training logs, with an example of each."""
     cache, max_len = data.cache, cfg.data.max_input_length
-    assignment = split_assignment(cfg, data)
+    assignment = split_assignment(data)
     dropped = np.flatnonzero(assignment == SPLIT_DROPPED)
     section: dict[str, Any] = {"records_read": int(cache.n_records), "tokens": int(cache.n_tokens),
                                "duplicates": len(dropped),
@@ -103,11 +103,10 @@ def read_section(cfg: CheckConfig, tokenizer, data: TrainData) -> dict[str, Any]
             "cut_example": example(tokenizer, cache, long_idx, max_len)}  # fmt: skip
 
 
-def split_assignment(cfg: CheckConfig, data: TrainData) -> np.ndarray:
+def split_assignment(data: TrainData) -> np.ndarray:
     """Per cached record: 1 train, 2 validation, 0 left out as a duplicate (the split training made)."""
-    train, val = split_records(data.cache, cfg.data.seed, cfg.data.train_size)
     assignment = np.zeros(data.cache.n_records, dtype=np.int8)
-    assignment[train], assignment[val] = 1, 2
+    assignment[data.split.train_idx], assignment[data.split.val_idx] = 1, 2
     return assignment
 
 

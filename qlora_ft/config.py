@@ -161,7 +161,10 @@ class DataArgs:
         "tokens per training sequence; longer paragraphs are cut into windows, longer instruction or chat "
         "records are dropped (never cut) and counted in the log",
     )
-    batch_size: int | None = per_mode("sequences per micro-batch", "batch_size")
+    batch_size: int | Literal["auto"] | None = per_mode(
+        "sequences per micro-batch; auto (CUDA): the largest that fits, the mode's batch kept by gradient accumulation",
+        "batch_size",
+    )
     packing: bool = arg(True, "pack paragraphs into full sequences (no attention across them); False: pad")
     seed: int = arg(42, "seed for the split, the data order, LoRA init and dropout")
     keep_headings: bool = arg(
@@ -199,7 +202,7 @@ class DataArgs:
             raise UserError(f"--train-size must be between 0 and 1 (exclusive), got {self.train_size}")
         if self.max_input_length < 2:
             raise UserError(f"--max-input-length must be at least 2, got {self.max_input_length}")
-        if self.batch_size is not None and self.batch_size < 1:
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.eval_max_tokens < 0:
             raise UserError(f"--eval-max-tokens must be 0 (all) or more, got {self.eval_max_tokens}")

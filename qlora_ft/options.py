@@ -60,7 +60,18 @@ def _converter(tp: Any):
         return conv(text)
 
     convert.__name__ = getattr(base, "__name__", "value")  # argparse names the type in its messages
+    words = [w for a in typing.get_args(tp) if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+    if typing.get_origin(base) is not Literal and words:  # `int | Literal["auto"]`: a number, or one of the words
+        return _or_words(convert, words)
     return convert
+
+
+def _or_words(convert, words: list[str]):
+    def convert_or_word(text):
+        return text if text in words else convert(text)
+
+    convert_or_word.__name__ = convert.__name__
+    return convert_or_word
 
 
 def _named_default(help_text: str) -> str | None:

@@ -60,8 +60,8 @@ def check(argv: list[str]) -> dict:
     return run_check(parse_config(CheckConfig, argv, "qlora-ft check"))
 
 
-def train_log(tmp_path, argv: list[str]) -> list[str]:
-    """The log messages of a 1-step training run with `argv`."""
+def train_log(tmp_path, argv: list[str], length: tuple[str, str] = ("--max-steps", "1")) -> list[str]:
+    """The log messages of a training run with `argv`, of 1 step unless `length` says otherwise."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -70,7 +70,7 @@ def train_log(tmp_path, argv: list[str]) -> list[str]:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        main(["train", *argv, "--max-steps", "1", "--sample-every", "0", "--check-dir", str(tmp_path / "ckpt"),
+        main(["train", *argv, *length, "--sample-every", "0", "--check-dir", str(tmp_path / "ckpt"),
               "--output-dir", str(tmp_path / "out")])  # fmt: skip
     finally:
         logger.removeHandler(handler)
@@ -142,3 +142,28 @@ def test_refuses_what_train_refuses(tmp_path, tiny_model_dir, capsys):
         main(["check", *argv])
     assert e.value.code == 2
     assert "bad.jsonl: record 0: 'output' is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plan_counts_what_the_run_does(tmp_path, tiny_model_dir):
+    """train's plan line: steps, validations, sample rounds and checkpoints as the run then makes them."""
+    argv = options(tmp_path, tiny_model_dir, write(tmp_path, "alpaca"))
+    messages = train_log(tmp_path, [*argv, "--eval-every", "2", "--save-every-steps", "3"], ("--epochs", "1"))
+    ((total, per_epoch, validations, samples, saves),) = logged(
+        messages, r"plan: (\d+) optimizer steps \((\d+) an epoch\).* (\d+) validations, (\d+) sample rounds, (\d+) ch"
+    )
+    assert [(total,)] == [(per_epoch,)] == logged(messages, r"done: (\d+) steps") and total > 3
+    assert validations == sum("| validation loss" in m for m in messages) == 1 + total // 2 + total % 2
+    assert saves == sum(m.startswith("saved checkpoint") for m in messages) == total // 3 + 1
+    assert samples == 0  # (--sample-every 0 in train_log)
+
+
+@pytest.mark.slow
+def test_plan_probe_reports_time_and_memory(tmp_path, tiny_model_dir, capsys):
+    argv = options(tmp_path, tiny_model_dir, write(tmp_path, "text"), 32)
+    main(["check", *argv, "--plan", "--probe-steps", "2", "--json", "--epochs", "2"])
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["total_steps"] == 2 * plan["steps_per_epoch"] > 0 and plan["tokens_per_step"] > 0
+    assert plan["seconds"]["step"] > 0 and plan["expected_wall_seconds"] > plan["total_steps"] * plan["seconds"]["step"]
+    assert 0 < plan["peak_memory_bytes"] < plan["device_memory_bytes"]
+    assert plan["validations"] == 3 and plan["saves"] == 2  # base model, 2 epoch ends; Epoch_1, Epoch_2

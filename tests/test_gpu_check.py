@@ -87,7 +87,7 @@ def test_ctrl_c_stops_the_check_and_still_writes_the_reports(gpu_check, tmp_path
 def test_the_cpu_plan_skips_only_the_cuda_only_checks(gpu_check, tmp_path):
     setup = gpu_check.Setup("cpu", gpu_check.CPU, tmp_path)
     checks, skipped = gpu_check.plan_checks(setup)
-    assert set(skipped) == {"precision_policy", "memory_gpt2_medium_8x512"} and all(skipped.values())
+    assert set(skipped) == {"precision_policy", "memory_gpt2_medium_8x512", "batch_size_auto"} and all(skipped.values())
     assert list(checks)[0] == "inputs" and len(checks) == 8 and not set(checks) & set(skipped)
     _, none_skipped = gpu_check.plan_checks(gpu_check.Setup("cuda", gpu_check.GPU, tmp_path))
     assert none_skipped == {}

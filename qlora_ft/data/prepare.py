@@ -276,6 +276,7 @@ def held_out_data(cfg: TrainConfig, source: str, tokenizer, template: Template |
     cfg = replace(cfg, data=replace(cfg.data, train_on_prompt=False))
     recipe = recipe_for(cfg, mode, tokenizer, template)
     cache = open_cache(src, tokenizer, recipe, cache_dir=cfg.data.cache_dir)
+    rec.log_dropped(cache.meta.get("read", {}))
     _, first = np.unique(np.asarray(cache.hashes), return_index=True)
     every = np.sort(first)
     split = Split(cache.fingerprint, cfg.data.seed, 0.0, every[:0], every)

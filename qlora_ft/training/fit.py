@@ -29,7 +29,7 @@ from qlora_ft.generate import sample
 from qlora_ft.loss import accumulate_gradients
 from qlora_ft.training.methods import set_learning_rate
 from qlora_ft.training.outputs import append_jsonl, log_metrics
-from qlora_ft.training.plan import Rows, lr_at
+from qlora_ft.training.plan import Rows, due, lr_at
 from qlora_ft.training.run import Run
 from qlora_ft.training.state import TrainState
 from qlora_ft.training.stop import StopRequest
@@ -97,11 +97,6 @@ def fit(run: Run, state: TrainState) -> Session:
                 state.next_epoch()
     session.seconds, session.signum = time.perf_counter() - session.started, stop.signum
     return session
-
-
-def due(count: int, every: int) -> bool:
-    """Whether something done every `every` steps (or epochs; 0: never) is due at `count`."""
-    return bool(every) and count % every == 0
 
 
 def optimizer_step(run: Run, group: list[Rows], lr: float, step: int) -> tuple[float, int, int]:

@@ -65,3 +65,67 @@ class EpochPlan:
         # last epoch first: the plan then still holds epochs 0 and 1 when training starts (packing a large corpus's
         # epoch takes seconds)
         return max_steps or sum(self.steps_in(e) for e in reversed(range(epochs)))
+
+
+def due(count: int, every: int) -> bool:
+    """Whether something done every `every` steps (or epochs; 0: never) is due at `count`."""
+    return bool(every) and count % every == 0
+
+
+@dataclass
+class Intervals:
+    """How often a run validates, samples and saves (--eval-every, --sample-every, --save-every-steps,
+    --save-interval), and whether it starts fresh (then it validates the base model first)."""
+
+    eval_every: int
+    sample_every: int
+    save_every_steps: int
+    save_interval: int
+    fresh: bool = True
+
+
+def count_events(steps_per_epoch: int, total_steps: int, every: Intervals) -> dict[str, int]:
+    """How many validations, sample rounds and checkpoint saves a run of `total_steps` makes, as `fit` and
+    `finish` decide them (every epoch taken to have `steps_per_epoch` steps).
+
+    >>> count_events(10, 25, Intervals(eval_every=0, sample_every=0, save_every_steps=0, save_interval=1))
+    {'validations': 3, 'samples': 0, 'saves': 3}
+    """
+    validations, samples, saves = int(every.fresh), 0, 0
+    step, epoch, last_saved, validated = 0, 0, 0, False
+    while step < total_steps:
+        done, first = min(steps_per_epoch, total_steps - step), step + 1
+        for step in range(first, first + done):  # noqa: B020 (the loop's last step is the step reached)
+            validations += due(step, every.eval_every)
+            validated = validated or due(step, every.eval_every)
+            samples += due(step, every.sample_every)
+            if due(step, every.save_every_steps):
+                saves, last_saved = saves + 1, step
+        if done == steps_per_epoch:  # the epoch's end
+            if not due(step, every.eval_every):
+                validations, validated = validations + 1, True
+            if due(epoch + 1, every.save_interval):
+                saves, last_saved = saves + 1, step
+            epoch += 1
+    samples += bool(every.sample_every and step % every.sample_every)
+    validations += not validated
+    saves += last_saved != step
+    return {"validations": validations, "samples": samples, "saves": saves}
+
+
+def plan_summary(plan: EpochPlan, total_steps: int, tokens_per_epoch: int, every: Intervals) -> dict[str, int]:
+    """The run's plan in numbers: optimizer steps per epoch and in all, tokens per step and per epoch (the
+    training windows' tokens, padding aside), and how often it validates, samples and saves."""
+    per_epoch = plan.steps_in(0)
+    return {"steps_per_epoch": per_epoch, "total_steps": total_steps, "tokens_per_epoch": tokens_per_epoch,
+            "tokens_per_step": round(tokens_per_epoch / max(1, per_epoch)),
+            "micro_batch": plan.batch_size, "grad_accum_steps": plan.grad_accum_steps, "processes": plan.world,
+            **count_events(per_epoch, total_steps, every)}  # fmt: skip
+
+
+def plan_line(s: dict[str, int]) -> str:
+    """One log line of `plan_summary`."""
+    return (f"plan: {s['total_steps']:,} optimizer steps ({s['steps_per_epoch']:,} an epoch) of {s['micro_batch']} "
+            f"x {s['grad_accum_steps']} x {s['processes']} sequences, ~{s['tokens_per_step']:,} tokens a step, "
+            f"{s['tokens_per_epoch']:,} an epoch; {s['validations']} validations, {s['samples']} sample rounds, "
+            f"{s['saves']} checkpoints")  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from qlora_ft import checkpoint, engines
-from qlora_ft.config import TrainConfig, apply_mode_defaults, take_unset_from, warmup_steps_for
+from qlora_ft.config import TrainConfig, apply_mode_defaults, mode_defaults, take_unset_from, warmup_steps_for
 from qlora_ft.data.batches import LazyBatches, collate, eval_batches, validation_subset
 from qlora_ft.data.prepare import TrainData, prepare_data
 from qlora_ft.engines import Engine
@@ -33,8 +33,9 @@ from qlora_ft.model import (
     resolve_base_name,
 )
 from qlora_ft.precision import Precision, precision_policy
+from qlora_ft.training.batch_size import choose, full_rows_step
 from qlora_ft.training.methods import add_neftune, make_optimizer
-from qlora_ft.training.plan import EpochPlan, lr_at
+from qlora_ft.training.plan import EpochPlan, Intervals, lr_at, plan_line, plan_summary
 from qlora_ft.training.resume import check_compatible, check_packing, check_same_records, read_resume
 from qlora_ft.training.run import Run
 
@@ -60,6 +61,7 @@ def set_up(cfg: TrainConfig) -> Run:
 
     # --- data (its mode settles the options left to the mode's default), model, optimizer -------------
     tokenizer, data = load_data_once(cfg, engine)
+    auto_batch = take_auto_batch(cfg, engine, resume)
     engine.configure(cfg)  # (DeepSpeed: the batch size, which the data's mode may have set)
     if resume:  # the settings first, then the data: a changed flag is named as such
         check_compatible(resume.config, cfg, resume.path, resume.world, engine.world)
@@ -67,6 +69,10 @@ def set_up(cfg: TrainConfig) -> Run:
         data.check_split(resume.split)
     model = build_model(cfg, engine, precision.dtype)
     head = probe_shortcuts(cfg, model, engine)
+    if auto_batch:  # the largest micro-batch that fits, the mode's global batch kept by accumulation
+        global_batch = mode_defaults(data.mode)["batch_size"] * cfg.optim.grad_accum_steps
+        trial = full_rows_step(model, cfg.data.max_input_length, len(tokenizer), engine.device, engine.autocast)
+        cfg.data.batch_size, cfg.optim.grad_accum_steps = choose(global_batch, trial)
     log_setup(cfg, engine, precision)
     if resume:
         check_packing(resume.config, cfg, resume.path)
@@ -82,6 +88,7 @@ def set_up(cfg: TrainConfig) -> Run:
     total_steps = plan.total_steps(cfg.optim.epochs, cfg.optim.max_steps)
     cfg.optim.warmup_steps = warmup_steps_for(cfg, data.mode, total_steps)
     warn_if_warmup_outlasts(cfg, total_steps)
+    log.info(plan_line(plan_summary(plan, total_steps, int(data.train.lengths.sum()), intervals(cfg, resume is None))))
     val_batches = validation_batches(cfg, data, tokenizer.pad_token_id)
 
     if resume:  # the checkpoint's weights before `prepare` shards them (its optimizer state after: `restore`)
@@ -91,9 +98,28 @@ def set_up(cfg: TrainConfig) -> Run:
                model, optimizer, head, (trainable, total), out_dir, check_dir, resume, neftune)  # fmt: skip
 
 
+def take_auto_batch(cfg: TrainConfig, engine: Engine, resume) -> bool:
+    """Whether `--batch-size auto` is left to choose (after the model is built); a resume takes its checkpoint's
+    micro-batch and accumulation instead."""
+    if cfg.data.batch_size != "auto":
+        return False
+    if engine.world > 1 or type(engine) is not engines.Engine:
+        raise UserError("--batch-size auto chooses for one process: give a number under several processes")
+    if resume is None:
+        return True
+    saved = resume.config
+    cfg.data.batch_size, cfg.optim.grad_accum_steps = saved.data.batch_size, saved.optim.grad_accum_steps
+    log.info("--batch-size auto: the checkpoint's micro-batch %d x %d accumulation steps", cfg.data.batch_size,
+             cfg.optim.grad_accum_steps)  # fmt: skip
+    return False
+
+
 def load_data(cfg: TrainConfig) -> tuple[Any, TrainData]:
     """(tokenizer, data): the data road (`prepare_data`: token cache, split, windows). The data's mode (text,
     instruction, chat) fills the options left to it in `cfg`."""
+    if cfg.data.batch_size == "auto" and default_device().type != "cuda":
+        raise UserError("--batch-size auto finds the largest micro-batch that fits in a CUDA GPU's memory: on CPU, "
+                        "give a number")  # fmt: skip
     tokenizer = load_tokenizer(cfg.model.model)
     data = prepare_data(cfg, tokenizer)
     apply_mode_defaults(cfg, data.mode)  # unset per-mode options (--lr, --rank-lora, ...) take the mode's default
@@ -101,6 +127,12 @@ def load_data(cfg: TrainConfig) -> tuple[Any, TrainData]:
     check_training_context(cfg.model.model, cfg.data.max_input_length, tokenizer if cfg.sample.sample_every else None,
                            cfg.sample.sample_prompts, cfg.sample.max_output_length)  # fmt: skip
     return tokenizer, data
+
+
+def intervals(cfg: TrainConfig, fresh: bool) -> Intervals:
+    """How often the run validates, samples and saves (for its plan)."""
+    return Intervals(cfg.ckpt.eval_every, cfg.sample.sample_every, cfg.ckpt.save_every_steps, cfg.ckpt.save_interval,
+                     fresh)  # fmt: skip
 
 
 def validation_batches(cfg: TrainConfig, data: TrainData, pad_id: int) -> LazyBatches:
