@@ -179,3 +179,13 @@ def test_a_table_read_for_the_cache_uses_the_named_text_column(tmp_path, suffix)
     assert [tokenizer.decode(cache.tokens(i)) for i in range(cache.n_records)] == list(frame["body"])
     with pytest.raises(UserError, match="no text column"):
         open_cache(str(path), tokenizer, Recipe(), cache_dir=tmp_path / "cache")
+
+
+def test_the_demo_source_is_a_book_shipped_with_the_package():
+    src = sources.resolve("demo:austen")
+    assert src.kind == "text" and src.plain_text and src.files[0].is_file()
+    paragraphs = list(iter_paragraphs(src))
+    assert len(paragraphs) > 700 and paragraphs[0] == "NORTHANGER ABBEY"
+    assert any(p.startswith("No one who had ever seen Catherine Morland") for p in paragraphs)
+    with pytest.raises(UserError, match=r"unknown demo data 'demo:dickens' \(known: demo:austen\)"):
+        sources.resolve("demo:dickens")

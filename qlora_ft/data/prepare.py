@@ -26,7 +26,7 @@ from qlora_ft.data import records as rec
 from qlora_ft.data.batches import Windows, cut_windows
 from qlora_ft.data.cache import Record, TokenCache, file_digests, open_or_build, tokenizer_digest
 from qlora_ft.data.encode import Parallel, segments_of
-from qlora_ft.data.sources import Layout, Source, input_bytes, resolve
+from qlora_ft.data.sources import DEMO_PREFIX, Layout, Source, input_bytes, resolve
 from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError, first_line
 from qlora_ft.templates import TEMPLATES, Template, get_template
@@ -248,7 +248,10 @@ def read_run(path: Path) -> TrainConfig:
 
 
 def _locate(recorded: str, run: Path) -> str | None:
-    """A path the run recorded, found from here (as given, or relative to the run dir's parent); None if not."""
+    """A path the run recorded, found from here (as given, or relative to the run dir's parent); None if not.
+    A packaged demo source (`demo:austen`) is found anywhere."""
+    if recorded.startswith(DEMO_PREFIX):
+        return recorded
     for candidate in (Path(recorded), run.parent / recorded, run.resolve().parent / recorded):
         if candidate.exists():
             return str(candidate)
