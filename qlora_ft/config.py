@@ -151,8 +151,8 @@ class DataArgs:
         None,
         "training data: paragraphs, instruction records (instruction/input/output or prompt/completion) or chat "
         "records (messages: [{role, content}]) in .pkl (list of {'sentence': text}, list of str, DataFrame, "
-        "{'train','validation'}), .txt, a folder of .txt, .json, .csv, .jsonl, .parquet, or a datasets name / "
-        "saved dataset dir",
+        "{'train','validation'}), .txt, a folder of .txt, .json, .csv, .jsonl, .parquet, a datasets name / "
+        "saved dataset dir, or demo:austen (Northanger Abbey, shipped with the package: a first run needs no data)",
     )
     text_column: str | None = arg(None, "column or key holding the text (default: sentence, text or paragraph)")
     train_size: float = arg(0.9, "share of paragraphs used for training; the rest is the validation split")

@@ -23,7 +23,9 @@ def check_hub_reachable(name: str, kind: Literal["model", "dataset"] = "model") 
     `from_pretrained` would otherwise retry for about a minute and end in a long traceback.
     """
     hint = (
-        "pass a local model directory instead (e.g. --model ../shared/models/mini-gpt2-fiction)"
+        "pass a local model directory instead (a folder with config.json and the weights, as save_pretrained "
+        f"writes it), or fetch it where the Hub is reachable (`hf download {name}`) and copy the Hugging Face cache "
+        "(~/.cache/huggingface, or $HF_HOME) here: cached models load offline"
         if kind == "model"
         else "pass a local file or a saved dataset directory instead"
     )

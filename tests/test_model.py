@@ -89,8 +89,11 @@ def test_unreachable_hub_fails_fast_with_a_hint(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(HfApi, "model_info", unreachable)
-    with pytest.raises(UserError, match="Hub is unreachable .*Name or service.*local model directory"):
+    with pytest.raises(UserError, match="Hub is unreachable .*Name or service.*local model directory") as caught:
         check_hub_reachable("gpt2")
+    message = str(caught.value)
+    assert "hf download gpt2" in message and "HF_HOME" in message  # what any user can do
+    assert "shared" not in message and "mini-gpt2" not in message  # not a path only this project's machines have
 
 
 def test_missing_local_model_dir():

@@ -36,6 +36,8 @@ def test_the_wheel_holds_every_module_and_data_file(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = _package_files() - names
     assert not missing, f"the wheel leaves out {sorted(missing)}"
+    assert "qlora_ft/data/demo/northanger_abbey.txt" in names  # --data demo:austen
+    assert wheel.stat().st_size < 1_000_000  # the demo book is compressed in the wheel
     assert wheel.name.startswith(f"qlora_ft-{qlora_ft.__version__}-")
     assert any(n.endswith("licenses/LICENSE") for n in names), "the wheel carries no LICENSE"
 

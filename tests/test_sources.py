@@ -8,7 +8,7 @@ import re
 import pytest
 
 from qlora_ft.data import sources
-from qlora_ft.data.prepare import Recipe, open_cache
+from qlora_ft.data.prepare import Recipe, _locate, open_cache
 from qlora_ft.data.records import clean_paragraph, iter_paragraphs
 from qlora_ft.errors import UserError
 
@@ -190,3 +190,14 @@ def test_a_csv_file_is_read_in_chunks_of_rows(tmp_path):
     assert next(read) == {"text": "Row 0."} and sources.columns(src) == ["text"]
     with pytest.raises(UserError, match="cannot read .*d.csv"):
         list(read)
+
+
+def test_the_demo_source_is_a_book_shipped_with_the_package(tmp_path):
+    src = sources.resolve("demo:austen")
+    assert src.kind == "text" and src.plain_text and src.files[0].is_file()
+    paragraphs = list(iter_paragraphs(src))
+    assert len(paragraphs) > 700 and paragraphs[0] == "NORTHANGER ABBEY"
+    assert any(p.startswith("No one who had ever seen Catherine Morland") for p in paragraphs)
+    with pytest.raises(UserError, match=r"unknown demo data 'demo:dickens' \(known: demo:austen\)"):
+        sources.resolve("demo:dickens")
+    assert _locate("demo:austen", tmp_path / "run") == "demo:austen"  # eval finds a demo run's data from anywhere

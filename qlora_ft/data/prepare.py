@@ -36,7 +36,7 @@ from qlora_ft.data.cache import (
     write_note,
 )
 from qlora_ft.data.encode import Parallel, segments_of
-from qlora_ft.data.sources import Layout, Shape, Source, input_bytes, is_csv, resolve, table_shape
+from qlora_ft.data.sources import DEMO_PREFIX, Layout, Shape, Source, input_bytes, is_csv, resolve, table_shape
 from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError, first_line
 from qlora_ft.templates import TEMPLATES, Template, get_template
@@ -304,7 +304,10 @@ def read_run(path: Path) -> TrainConfig:
 
 
 def _locate(recorded: str, run: Path) -> str | None:
-    """A path the run recorded, found from here (as given, or relative to the run dir's parent); None if not."""
+    """A path the run recorded, found from here (as given, or relative to the run dir's parent); None if not.
+    A packaged demo source (`demo:austen`) is found anywhere."""
+    if recorded.startswith(DEMO_PREFIX):
+        return recorded
     for candidate in (Path(recorded), run.parent / recorded, run.resolve().parent / recorded):
         if candidate.exists():
             return str(candidate)

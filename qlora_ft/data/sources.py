@@ -8,6 +8,7 @@
     .parquet         read in record batches (only the columns asked for); streamed
     save_to_disk     a `datasets` Dataset or DatasetDict folder, in Arrow batches from its memory maps; streamed
     hub name         `owner/name` of a Hugging Face dataset (the Hub, else its local snapshot); streamed
+    demo:NAME        a book shipped with the package (`demo:austen`: Northanger Abbey), read as a .txt file
     .csv             one record a row, every cell text; read in chunks of rows (its header gives the columns)
     .json .pkl       read whole: a list of records or strings, a dict of columns, {"train": ..., "validation": ...}
                      (pickles through a restricted unpickler: nothing in the file is executed); their columns and
@@ -47,6 +48,9 @@ BATCH_ROWS = 8192  # rows per Arrow batch
 # WikiText's raw heading lines: " = Title = ", " = = Section = = " (leading/trailing single spaces).
 _WIKI_HEADING = re.compile(r"^ ?(?:= )+\S.*?(?: =)+ ?$")
 _HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+# `--data demo:NAME`: public-domain books (Project Gutenberg) in qlora_ft/data/demo/, so a first run needs no data
+DEMOS = {"austen": "northanger_abbey.txt"}
+DEMO_PREFIX = "demo:"
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ class Source:
 
 def resolve(source: str) -> Source:
     """Classify `source` and list its files. UserError for a missing file, an unknown format, or an empty folder."""
+    if source.startswith(DEMO_PREFIX):
+        return Source(source, "text", (demo_file(source),))
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -123,6 +129,18 @@ def resolve(source: str) -> Source:
     if suffix in KINDS or not is_hub_name(source):
         raise UserError(f"data file not found: {source}")
     return Source(source, "hub", ())
+
+
+def demo_file(source: str) -> Path:
+    """The packaged book `demo:NAME` names.
+
+    >>> demo_file("demo:austen").name
+    'northanger_abbey.txt'
+    """
+    name = source.removeprefix(DEMO_PREFIX)
+    if name not in DEMOS:
+        raise UserError(f"unknown demo data {source!r} (known: {', '.join(DEMO_PREFIX + n for n in DEMOS)})")
+    return Path(__file__).parent / "demo" / DEMOS[name]
 
 
 def rows(src: Source, part: str | None = None, columns: list[str] | None = None, layout: Layout = "auto",

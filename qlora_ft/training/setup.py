@@ -46,7 +46,7 @@ def set_up(cfg: TrainConfig) -> Run:
     """Build the run from `cfg` (which is not changed): the checkpoint to resume, engine, data, model, optimizer."""
     cfg = copy.deepcopy(cfg)  # the probes below may switch settings off; the caller's config stays as given
     if cfg.data.data is None:
-        raise UserError("--data is required")
+        raise UserError("--data is required (--data demo:austen: a novel shipped with the package)")
     cfg.model.model = resolve_base_name(cfg.model.model)
     out_dir, check_dir = Path(cfg.ckpt.output_dir), Path(cfg.ckpt.check_dir)
     resume = read_resume(cfg, check_dir)
