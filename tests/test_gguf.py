@@ -77,15 +77,15 @@ def one_line(capsys, argv) -> str:
 
 
 def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys):
-    from transformers import LlamaConfig
+    from transformers import GPTNeoXConfig
 
-    llama = tmp_path / "llama"
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+    llama = tmp_path / "neox"
+    GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
         llama
     )
     export_argv = ["export", "--model_path", str(llama), "--out"]  # the output is checked first
     line = one_line(capsys, [*export_argv, str(tmp_path / "l.gguf"), "--format", "gguf"])
-    assert "GPT-2" in line and "'llama'" in line
+    assert "GPT-2" in line and "Llama" in line and "'gpt_neox'" in line
     line = one_line(capsys, [*export_argv, str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-type", "q5_k"])
     assert "q5_k" in line and "q4_0" in line
 
@@ -99,7 +99,7 @@ def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys)
     assert "--format gguf" in one_line(capsys, [*export_argv, str(tmp_path / "new.gguf")])
     assert "--format gguf" in one_line(capsys, [*export_argv, str(tmp_path / "new"), "--gguf-type", "q8_0"])
     assert existing.read_bytes() == b"keep me" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "merged", "old.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "neox", "old.gguf"]
 
 
 def test_an_exported_chat_template_prompts_with_trainings_ids():
