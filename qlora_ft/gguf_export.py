@@ -6,11 +6,12 @@ renamed by the `gguf` library's name map, GPT-2's `Conv1D` weights (stored (in, 
 Llama's q and k rows permuted to llama.cpp's rotary layout, 1-D tensors (norms, biases) and the position table
 in F32, the tokenizer's vocabulary, merges and special tokens.
 
-The leading `<|endoftext|>` that training puts before every example comes from exactly one place in each file:
-a text run's file sets `add_bos_token` (BOS = EOS = `<|endoftext|>`), so a reader that adds the BOS to a raw
-prompt starts it as training started a paragraph; an instruction or chat run's file clears it and its chat
-template writes the token instead, as the prompt's first text (readers that apply the template tokenize the
-result without adding a BOS of their own). Measured against transformers and llama.cpp in docs/gguf.md.
+The leading token that training puts before every example (`encode.leading_token_id`: `<|endoftext|>` for
+GPT-2 and SmolLM2) is the file's BOS and comes from exactly one place in each file: a text run's file sets
+`add_bos_token`, so a reader that adds the BOS to a raw prompt starts it as training started a paragraph; an
+instruction or chat run's file clears it and its chat template writes the token instead, as the prompt's first
+text (readers that apply the template tokenize the result without adding a BOS of their own). Measured against
+transformers and llama.cpp in docs/gguf.md.
 """
 
 from __future__ import annotations
@@ -161,7 +162,10 @@ def _add_llama_hyperparameters(writer, config) -> None:
 
 def _add_tokenizer(writer, tokenizer, config, chat_template: str | None) -> None:
     """A byte-level BPE as llama.cpp reads it: `tokenizer.ggml.pre` names the pre-tokenizer split
-    (`pre_tokenizer_name`: with another one llama.cpp splits text another way and the ids differ)."""
+    (`pre_tokenizer_name`: with another one llama.cpp splits text another way and the ids differ). The BOS is
+    training's leading token (`encode.leading_token_id`), added to raw prompts in a text run's file only."""
+    from qlora_ft.data.encode import leading_token_id
+
     tokens, types = _vocabulary(tokenizer, config.vocab_size)
     llama = config.model_type == "llama"
     if llama:
@@ -172,7 +176,7 @@ def _add_tokenizer(writer, tokenizer, config, chat_template: str | None) -> None
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(tokenizer))
-    writer.add_bos_token_id(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
+    writer.add_bos_token_id(leading_token_id(tokenizer))  # what a reader adds, and `{{ bos_token }}`
     writer.add_eos_token_id(tokenizer.eos_token_id)
     if llama:
         for add, token_id in ((writer.add_unk_token_id, tokenizer.unk_token_id),

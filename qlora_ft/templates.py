@@ -148,9 +148,9 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def instruction_chat_template(template: Template) -> str:
+def instruction_chat_template(template: Template, lead: str = "{{ eos_token }}") -> str:
     r"""A Jinja chat template that prompts as `template` prompts an instruction without input, for exported
-    models (`tokenizer.apply_chat_template`, `pipeline`): `<eos>` (training's leading token), then each user
+    models (`tokenizer.apply_chat_template`, `pipeline`): `lead` (training's leading token), then each user
     turn as the instruction prompt and each assistant turn as its content + EOS; system turns are left out.
     The prompt already ends with the response header, so a generation prompt adds nothing.
 
@@ -164,7 +164,7 @@ def instruction_chat_template(template: Template) -> str:
     (before, _, _, _), *rest = string.Formatter().parse(template.prompt_no_input)
     after = "".join(literal for literal, _, _, _ in rest)
     return (
-        "{{ eos_token }}{% for message in messages %}"
+        lead + "{% for message in messages %}"
         f"{{% if message['role'] == 'user' %}}{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
         "{% endfor %}"
@@ -172,16 +172,23 @@ def instruction_chat_template(template: Template) -> str:
 
 
 def exported_chat_template(template: Template, tokenizer) -> str:
-    """The chat template an exported model carries, writing training's leading `<eos>` itself: an instruction
-    run's `instruction_chat_template`; a chat run's own template, after `{{ eos_token }}` unless it already
-    starts with the BOS or EOS token (as `encode` adds the leading `<eos>` only when the text lacks one).
-    So `apply_chat_template(..., add_generation_prompt=True)` gives the ids training saw before a response."""
+    """The chat template an exported model carries, writing training's leading token itself
+    (`encode.leading_token_id`: `{{ eos_token }}` for GPT-2): an instruction run's `instruction_chat_template`;
+    a chat run's own template, after the leading token unless it already starts with it or the BOS token (as
+    `encode` adds the leading token only when the text lacks both). So `apply_chat_template(...,
+    add_generation_prompt=True)` gives the ids training saw before a response."""
+    from qlora_ft.data.encode import leading_token_id
+
+    lead_id = leading_token_id(tokenizer)
+    lead_token = tokenizer.convert_ids_to_tokens(lead_id)
+    names = {tokenizer.bos_token_id: "{{ bos_token }}", tokenizer.eos_token_id: "{{ eos_token }}"}  # GPT-2: eos
+    lead = names.get(lead_id, "{{ " + json.dumps(lead_token) + " }}")
     if template.chat_template is None:
-        return instruction_chat_template(template)
+        return instruction_chat_template(template, lead)
     chat = [{"role": "user", "content": "Hi"}]
     text = tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False)
-    starts = tuple(t for t in (tokenizer.bos_token, tokenizer.eos_token) if t)
-    return template.chat_template if text.startswith(starts) else "{{ eos_token }}" + template.chat_template
+    starts = tuple(t for t in (tokenizer.bos_token, lead_token) if t)
+    return template.chat_template if text.startswith(starts) else lead + template.chat_template
 
 
 def get_template(name_or_path: str) -> Template:

@@ -109,7 +109,7 @@ def test_the_llama_tokenizer_metadata(llama):
     assert set(meta["tokenizer.ggml.token_type"][3:]) == {1}
     assert meta["tokenizer.ggml.tokens"][:3] == CHATML
     ids = {k: meta[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown", "padding")}
-    assert ids == {"bos": 1, "eos": 2, "unknown": 0, "padding": 2}
+    assert ids == {"bos": 0, "eos": 2, "unknown": 0, "padding": 2}  # BOS: the leading token, <|endoftext|>
     assert meta["tokenizer.ggml.add_space_prefix"] is False and len(meta["tokenizer.ggml.merges"]) > 0
 
 
@@ -158,10 +158,13 @@ SHIPPED = SMOLLM2 / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DIFFERENT = {
     "general.name",  # the output file's name, as for every export; the shipped one is the model card's
     "general.file_type",  # f16 here, Q4_1 there
+    "tokenizer.ggml.bos_token_id",  # 0 (<|endoftext|>, training's leading token) for 1 (<|im_start|>)
+    "tokenizer.ggml.add_bos_token",  # true: a text run's file gives a raw prompt the leading token
 }
-# The model card's fields, which the converter reads from the hub's README and an HF folder does not hold:
+# The model card's fields, which the converter reads from the hub's README and an HF folder does not hold, and
+# the chat template, which a text run's file leaves out (an instruction or chat run's carries the run's):
 CARD_ONLY = {"general.organization", "general.finetune", "general.basename", "general.size_label",
-             "general.license", "general.languages"}  # fmt: skip
+             "general.license", "general.languages", "tokenizer.chat_template"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +195,8 @@ def test_smollm2_exports_as_llama_cpps_converter_wrote_it(smollm2):
     for key in keys(ours) - DIFFERENT:
         same = ours[key] == pytest.approx(shipped[key]) if isinstance(ours[key], float) else ours[key] == shipped[key]
         assert same, key
-    assert ours["general.file_type"] == 1
+    assert ours["general.file_type"] == 1 and ours["tokenizer.ggml.bos_token_id"] == 0
+    assert (ours["tokenizer.ggml.add_bos_token"], shipped["tokenizer.ggml.add_bos_token"]) == (True, False)
 
     requantised = fields(smollm2 / "llama-f16.gguf")
     assert ours["tensors"] == requantised["tensors"]  # names, types (F16 matrices, F32 norms), shapes

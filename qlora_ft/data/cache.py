@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_ft.data.encode import Parallel, Segment, backend_json, encode_chunks
+from qlora_ft.data.encode import Parallel, Segment, backend_json, encode_chunks, leading_token_id
 from qlora_ft.errors import UserError
 from qlora_ft.fs import fsync, sha256_file
 
@@ -81,12 +81,16 @@ def file_digests(files: Sequence[Path], root: Path | None = None) -> list[dict[s
 
 
 def tokenizer_digest(tokenizer: Any) -> dict[str, Any]:
-    """What identifies a tokenizer's ids: class, eos id, size and a hash of its vocabulary, merges and rules."""
+    """What identifies a tokenizer's ids: class, eos id, the leading token's id where it is not the eos (so
+    GPT-2 caches keep their fingerprints), size and a hash of its vocabulary, merges and rules."""
     content = backend_json(tokenizer)
     if content is None:
         content = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return {"class": type(tokenizer).__name__, "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer),
-            "sha256": hashlib.sha256(content.encode("utf-8")).hexdigest()}  # fmt: skip
+    digest = {"class": type(tokenizer).__name__, "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer),
+              "sha256": hashlib.sha256(content.encode("utf-8")).hexdigest()}  # fmt: skip
+    if (lead := leading_token_id(tokenizer)) != tokenizer.eos_token_id:
+        digest["lead_id"] = lead
+    return digest
 
 
 def fingerprint(covers: dict[str, Any]) -> str:
@@ -144,6 +148,11 @@ class TokenCache:
     @property
     def eos_id(self) -> int:
         return self.meta["eos_id"]
+
+    @property
+    def lead_id(self) -> int:
+        """The token before each paragraph (`encode.leading_token_id`; caches written before it: the eos)."""
+        return self.meta.get("lead_id", self.meta["eos_id"])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -271,7 +280,8 @@ def _build_into(root: Path, fp: str, tokenizer: Any, records: Callable[[], Itera
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise _full_disk(root) from None
         raise
-    meta.update(fingerprint=fp, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id, vocab_size=vocab_size,
+    meta.update(fingerprint=fp, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id,
+                lead_id=leading_token_id(tokenizer), vocab_size=vocab_size,
                 build_seconds=round(time.perf_counter() - started, 2),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
     return meta

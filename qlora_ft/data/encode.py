@@ -101,6 +101,29 @@ def render(record: Record, template: Template, tokenizer, train_on_prompt: bool 
 # Tokens: segments -> (ids, mask), length limit, batches
 
 
+def leading_token_id(tokenizer) -> int:
+    """The token before every paragraph and record in training, and before every prompt at inference: the one
+    place it comes from (exports and GGUF files give a raw prompt this token, their chat templates write it).
+
+    The tokenizer's BOS when the tokenizer puts it before any text itself (Llama 2, TinyLlama: `<s>`, as they
+    were pretrained); else `<|endoftext|>` when the vocabulary holds it as a special token (GPT-2, where it is
+    also the EOS; SmolLM2, whose pretraining separated documents with it: its BOS `<|im_start|>` and EOS
+    `<|im_end|>` are chat-turn markers, measured worse before a paragraph in docs/gguf.md); else the EOS.
+    """
+    if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer.bos_token_id
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return endoftext if endoftext in special else tokenizer.eos_token_id
+
+
+def add_leading_token(tokenizer) -> None:
+    """Make `tokenizer(text)` start with the leading token, as a text run's export does: the token becomes the
+    BOS and is added to every text (`add_bos_token`, which GGUF files of text runs set too)."""
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(leading_token_id(tokenizer))
+    tokenizer.add_bos_token = True
+
+
 def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
     """Token ids and loss mask (1 = trained on) of a record's segments, after a leading EOS.
 
@@ -119,18 +142,18 @@ def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
     """
     texts = [text for text, _ in segments]
     pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    return assemble(segments, pieces, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return assemble(segments, pieces, tokenizer.bos_token_id, leading_token_id(tokenizer))
 
 
-def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_id: int | None, eos_id: int) -> Encoded:
+def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_id: int | None, lead_id: int) -> Encoded:
     """`encode` from the segments' token ids, tokenized elsewhere (the token cache tokenizes many records at once)."""
     ids: list[int] = []
     mask: list[int] = []
     for piece, (_, trained) in zip(pieces, segments, strict=True):
         ids += piece
         mask += [int(trained)] * len(piece)
-    if not ids or ids[0] not in (bos_id, eos_id):
-        ids.insert(0, eos_id)
+    if not ids or ids[0] not in (bos_id, lead_id):
+        ids.insert(0, lead_id)
         mask.insert(0, 0)
     return ids, mask
 
@@ -175,7 +198,7 @@ def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
 # pool of spawned workers)
 
 Parallel = Literal["threads", "processes"]
-Lead = tuple[int | None, int] | None  # (bos id, eos id) for records that take the leading EOS; None: paragraphs
+Lead = tuple[int | None, int] | None  # (bos id, leading id) for records that take the leading token; None: paragraphs
 CHUNK_CHARS = 1 << 18  # text per work item sent to a tokenizer worker
 
 
@@ -308,7 +331,7 @@ def encode_chunks(records: Iterable[list[Segment]], tokenizer: Any, lead: bool, 
     processes at most 2 chunks per worker are in flight, so memory stays bounded (Pool.imap and Executor.map
     would read the whole input ahead). `lead`: records get the leading EOS rule (instruction and chat)."""
     spec = _encoder_spec(tokenizer)
-    how: Lead = (tokenizer.bos_token_id, tokenizer.eos_token_id) if lead else None
+    how: Lead = (tokenizer.bos_token_id, leading_token_id(tokenizer)) if lead else None
     chunks = _chunks(records)
     workers = available_cores() if workers is None else workers
     if workers <= 1 or spec[0] != "backend" or parallel == "threads":

@@ -25,7 +25,7 @@ from qlora_ft.config import TrainConfig, train_config_from_dict
 from qlora_ft.data import records as rec
 from qlora_ft.data.batches import Windows, cut_windows
 from qlora_ft.data.cache import Record, TokenCache, file_digests, open_or_build, tokenizer_digest
-from qlora_ft.data.encode import Parallel, segments_of
+from qlora_ft.data.encode import Parallel, leading_token_id, segments_of
 from qlora_ft.data.sources import Layout, Source, input_bytes, resolve
 from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError, first_line
@@ -127,7 +127,8 @@ class TrainData:
         lengths = np.asarray(self.cache.prompts)[self.validation.record]
         shortest = np.argsort(lengths, kind="stable")[:n].tolist()
         prompts = [self.validation.prompt(k) for k in shortest]
-        return [tokenizer.decode(p[1:] if p[:1] == [tokenizer.eos_token_id] else p) for p in prompts]
+        lead = leading_token_id(tokenizer)
+        return [tokenizer.decode(p[1:] if p[:1] == [lead] else p) for p in prompts]
 
     def read(self, indices: np.ndarray) -> list[Any]:
         """The paragraphs or records at these cache indices, read again from the sources (for eval's texts and
