@@ -169,26 +169,32 @@ CARD_ONLY = {"general.organization", "general.finetune", "general.basename", "ge
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """The shipped file as a Hugging Face folder (to_hf.py), exported f16, and llama.cpp's own f16 re-quantisation
-    of the shipped file."""
+    """The shipped file as a Hugging Face folder (to_hf.py) and that folder exported f16."""
     import subprocess
     import sys
 
     pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
     if not SHIPPED.exists():
         pytest.skip(f"{SHIPPED} is absent (integration data lives in ../shared beside the checkout)")
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (docs/gguf.md)")
     root = tmp_path_factory.mktemp("smollm2")
     subprocess.run([sys.executable, str(SMOLLM2 / "to_hf.py"), str(root / "hf")], check=True, capture_output=True)
     export(root / "hf", root / "export-f16.gguf")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True
-    assert llama_cpp.llama_model_quantize(str(SHIPPED).encode(), str(root / "llama-f16.gguf").encode(), params) == 0
     return root
+
+
+def f16_ulps(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest distance between two f16 arrays in units in the last place (same-sign values)."""
+    return int(np.abs(a.view(np.int16).astype(np.int32) - b.view(np.int16).astype(np.int32)).max())
 
 
 @pytest.mark.slow
 def test_smollm2_exports_as_llama_cpps_converter_wrote_it(smollm2):
+    """The metadata: the shipped file's keys and values but the named differences. The tensors: the shipped
+    file's, dequantised by the gguf library and rounded to f16, bit for bit (so the q/k rows, un-permuted by
+    transformers' reader and permuted back by the export, are where llama.cpp's converter put them)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
     ours, shipped = fields(smollm2 / "export-f16.gguf"), fields(SHIPPED)
     keys = lambda meta: {k for k in meta if k not in ("tensors", "data")}  # noqa: E731
     assert keys(shipped) - keys(ours) == CARD_ONLY and keys(ours) - keys(shipped) == set()
@@ -197,14 +203,29 @@ def test_smollm2_exports_as_llama_cpps_converter_wrote_it(smollm2):
         assert same, key
     assert ours["general.file_type"] == 1 and ours["tokenizer.ggml.bos_token_id"] == 0
     assert (ours["tokenizer.ggml.add_bos_token"], shipped["tokenizer.ggml.add_bos_token"]) == (True, False)
+    assert set(ours["tensors"]) == set(shipped["tensors"])
+    for tensor in GGUFReader(str(SHIPPED)).tensors:
+        mine = ours["data"][tensor.name]
+        theirs = dequantize(tensor.data, tensor.tensor_type).reshape(mine.shape)
+        if mine.dtype == np.float16:
+            assert f16_ulps(mine, theirs.astype(np.float16)) == 0, tensor.name
+        else:
+            np.testing.assert_array_equal(mine, theirs, err_msg=tensor.name)
 
-    requantised = fields(smollm2 / "llama-f16.gguf")
+
+@pytest.mark.slow
+def test_smollm2_f16_tensors_equal_llama_cpps_own_f16_requantisation(smollm2):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (docs/gguf.md)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True
+    out = smollm2 / "llama-f16.gguf"
+    assert llama_cpp.llama_model_quantize(str(SHIPPED).encode(), str(out).encode(), params) == 0
+    ours, requantised = fields(smollm2 / "export-f16.gguf"), fields(out)
     assert ours["tensors"] == requantised["tensors"]  # names, types (F16 matrices, F32 norms), shapes
     for name, data in ours["data"].items():
         theirs = requantised["data"][name]
-        if data.dtype == np.float16:  # within one f16 ulp: the two dequantisations of Q4_1 round apart at most so
-            apart = np.abs(data.view(np.int16).astype(np.int32) - theirs.view(np.int16).astype(np.int32))
-            assert apart.max() <= 1, name
+        if data.dtype == np.float16:  # within one f16 ulp: two dequantisations of Q4_1 may round apart
+            assert f16_ulps(data, theirs) <= 1, name
         else:
             np.testing.assert_allclose(data, theirs, rtol=1e-6, err_msg=name)
 
