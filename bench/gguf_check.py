@@ -265,6 +265,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHARED / "models" / "mini-gpt2-fiction"))
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens per run")
+    parser.add_argument("--runs", nargs="+", choices=["style", "instruction"], default=["style", "instruction"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf-check.json"))
     args = parser.parse_args()
     import llama_cpp
@@ -282,6 +283,8 @@ def main() -> None:
             ("style", style_run, STYLE_PROMPTS),
             ("instruction", instruction_run, INSTRUCTIONS),
         ):
+            if name not in args.runs:
+                continue
             run, sequences = make(args, root)
             results["runs"][name] = measure(run, export_all(run, root), sequences, prompts, args.model)
             print(table(name, results["runs"][name]), flush=True)
