@@ -9,6 +9,7 @@ by llama.cpp (llama-cpp-python), against the merged model they came from. Thresh
   logits there are less than NEAR_TIE apart (then rounding may pick either, and the texts part ways after it).
 
     python bench/gguf_check.py --model ../shared/models/mini-gpt2-fiction --max-steps 30
+    python bench/gguf_check.py --model /tmp/smollm2-hf --max-steps 5   # SmolLM2 (to_hf.py's folder): Llama
 
 Style run: `--data` Pride and Prejudice, held out: the first paragraphs of Emma (never trained on). Instruction
 run: the instruction records but the last 50, which are its `--validation-data` and its held-out text.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_ft.cli import main as cli_main  # noqa: E402
 from qlora_ft.cli import train_main  # noqa: E402
-from qlora_ft.data.encode import encode, render  # noqa: E402
+from qlora_ft.data.encode import encode, leading_token_id, render  # noqa: E402
 from qlora_ft.data.prepare import read_template  # noqa: E402
 from qlora_ft.data.records import Instruction, iter_paragraphs  # noqa: E402
 from qlora_ft.data.sources import resolve  # noqa: E402
@@ -65,7 +66,10 @@ def style_run(args, root: Path) -> tuple[Path, list[list[int]]]:
                  str(args.max_steps), "--batch-size", "8", "--max-input-length", "128"], root, "style")  # fmt: skip
     _, tokenizer = load_for_inference(str(run), None, False, CPU)
     paragraphs = iter_paragraphs(resolve(str(data / "emma.txt")))
-    return run, held_out(tokenizer, ([tokenizer.eos_token_id, *tokenizer(p)["input_ids"]] for p in paragraphs), args)
+    lead = leading_token_id(tokenizer)
+    return run, held_out(
+        tokenizer, ([lead, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in paragraphs), args
+    )
 
 
 def instruction_run(args, root: Path) -> tuple[Path, list[list[int]]]:
@@ -82,7 +86,7 @@ def instruction_run(args, root: Path) -> tuple[Path, list[list[int]]]:
 
 
 def held_out(tokenizer, sequences, args) -> list[list[int]]:
-    """Sequences (each starting with training's leading <eos>, at most 256 tokens) until `--tokens` in all."""
+    """Sequences (each starting with training's leading token, at most 256 tokens) until `--tokens` in all."""
     out, total = [], 0
     for ids in sequences:
         if total >= args.tokens:
@@ -186,10 +190,9 @@ def prompt_ids(run: Path, tokenizer, gguf_tokenizer, llama, text: str) -> dict[s
                 "transformers": gguf_tokenizer(text)["input_ids"],
                 "llama_cpp": llama.llm.tokenize(text.encode(), add_bos=True, special=True)}  # fmt: skip
     messages = [{"role": "user", "content": text}]
-    eos = tokenizer.eos_token
-    chat = llama_chat_format.Jinja2ChatFormatter(llama.llm.metadata["tokenizer.chat_template"], eos, eos)(
-        messages=messages
-    )
+    lead = tokenizer.convert_ids_to_tokens(leading_token_id(tokenizer))  # the file's BOS
+    chat = llama_chat_format.Jinja2ChatFormatter(llama.llm.metadata["tokenizer.chat_template"], tokenizer.eos_token,
+                                                 lead)(messages=messages)  # fmt: skip
     return {
         "package": instruction_prompt(template, tokenizer, text)[0],
         "transformers": gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False),
@@ -201,7 +204,8 @@ def measure(run: Path, files: dict[str, Path], sequences: list[list[int]], promp
     merged, tokenizer = load_for_inference(str(run), None, False, CPU)
     merged = HF(merged)
     plain = HF(load_for_inference(base, None, False, CPU)[0])
-    n_ctx = merged.model.config.n_positions
+    config = merged.model.config
+    n_ctx = min(getattr(config, "n_positions", None) or config.max_position_embeddings, 2048)
     hf, llama, hf_tokenizer = {}, {}, None
     for kind, path in files.items():
         hf[kind], tokenizer_of_file = hf_from_gguf(path, base)
@@ -261,6 +265,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHARED / "models" / "mini-gpt2-fiction"))
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens per run")
+    parser.add_argument("--runs", nargs="+", choices=["style", "instruction"], default=["style", "instruction"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf-check.json"))
     args = parser.parse_args()
     import llama_cpp
@@ -278,6 +283,8 @@ def main() -> None:
             ("style", style_run, STYLE_PROMPTS),
             ("instruction", instruction_run, INSTRUCTIONS),
         ):
+            if name not in args.runs:
+                continue
             run, sequences = make(args, root)
             results["runs"][name] = measure(run, export_all(run, root), sequences, prompts, args.model)
             print(table(name, results["runs"][name]), flush=True)

@@ -168,7 +168,7 @@ def run_export(cfg: ExportConfig) -> None:
     import torch
 
     from qlora_ft import checkpoint
-    from qlora_ft.data.encode import exported_chat_template
+    from qlora_ft.data.encode import add_leading_token, exported_chat_template
     from qlora_ft.data.prepare import read_template
     from qlora_ft.fs import follow_umask
     from qlora_ft.model import load_for_inference
@@ -192,6 +192,8 @@ def run_export(cfg: ExportConfig) -> None:
     template = read_template(args.model_path)
     if template is not None:  # an instruction/chat run: `apply_chat_template` and `pipeline` prompt as trained
         tokenizer.chat_template = exported_chat_template(template, tokenizer)
+    else:  # a text run: `tokenizer(prompt)` starts with training's leading token, as the package's prompts do
+        add_leading_token(tokenizer)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     follow_umask(Path(args.out).glob("*.safetensors"))  # safetensors writes 0600

@@ -11,7 +11,7 @@ import jinja2
 import torch
 
 from qlora_ft.config import SamplingArgs
-from qlora_ft.data.encode import prompt_ids
+from qlora_ft.data.encode import leading_token_id, prompt_ids
 from qlora_ft.data.records import Chat, Instruction
 from qlora_ft.errors import UserError
 from qlora_ft.model import context_length
@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def encode_prompt(tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
-    """`<eos> + prompt`: training paragraphs start with `<eos>`, so a prompt continues like a paragraph opening,
-    and the empty prompt samples a whole paragraph from `<eos>` alone. Shape (1, T)."""
-    ids = [tokenizer.eos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    """The leading token + prompt: training paragraphs start with it (`encode.leading_token_id`: `<eos>` for
+    GPT-2), so a prompt continues like a paragraph opening, and the empty prompt samples a whole paragraph from
+    the leading token alone. Shape (1, T)."""
+    ids = [leading_token_id(tokenizer), *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 

@@ -91,7 +91,7 @@ class ExportArgs(InferenceArgs):
     out: str | None = arg(None, "folder for the merged model and tokenizer (safetensors), or the file to write (gguf)")
     merge_into: Literal["auto", "dequantized", "original"] = arg("auto", MERGE_HELP)
     format: Literal["safetensors", "gguf"] = arg(
-        "safetensors", "safetensors: a transformers model folder; gguf: one llama.cpp file (GPT-2 models only)"
+        "safetensors", "safetensors: a transformers model folder; gguf: one llama.cpp file (GPT-2 and Llama models)"
     )
     gguf_type: Literal["f16", "q8_0", "q4_0"] | None = arg(
         None, "--format gguf: the weight matrices' type (default: f16; docs/gguf.md)"

@@ -145,9 +145,9 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def instruction_chat_template(template: Template) -> str:
+def instruction_chat_template(template: Template, lead: str = "{{ eos_token }}") -> str:
     r"""A Jinja chat template that prompts as `template` prompts an instruction without input, for exported
-    models (`tokenizer.apply_chat_template`, `pipeline`): `<eos>` (training's leading token), then each user
+    models (`tokenizer.apply_chat_template`, `pipeline`): `lead` (training's leading token), then each user
     turn as the instruction prompt and each assistant turn as its content + EOS; system turns are left out.
     The prompt already ends with the response header, so a generation prompt adds nothing.
 
@@ -161,7 +161,7 @@ def instruction_chat_template(template: Template) -> str:
     (before, _, _, _), *rest = string.Formatter().parse(template.prompt_no_input)
     after = "".join(literal for literal, _, _, _ in rest)
     return (
-        "{{ eos_token }}{% for message in messages %}"
+        lead + "{% for message in messages %}"
         f"{{% if message['role'] == 'user' %}}{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
         "{% endfor %}"

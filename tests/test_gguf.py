@@ -77,24 +77,24 @@ def one_line(capsys, argv) -> str:
     return lines[0]
 
 
-def llama_dir(tmp_path):
-    from transformers import LlamaConfig
+def neox_dir(tmp_path):
+    from transformers import GPTNeoXConfig
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
-    config.save_pretrained(tmp_path / "llama")
-    return tmp_path / "llama"
+    config = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    config.save_pretrained(tmp_path / "neox")
+    return tmp_path / "neox"
 
 
-def test_an_architecture_llama_cpps_gpt2_graph_does_not_compute_is_refused(tmp_path, capsys):
+def test_an_architecture_llama_cpps_gpt2_and_llama_graphs_do_not_compute_is_refused(tmp_path, capsys):
     pytest.importorskip("gguf", reason="the [gguf] extra is not installed")
-    line = one_line(capsys, ["export", "--model_path", str(llama_dir(tmp_path)), "--out", str(tmp_path / "l.gguf"),
+    line = one_line(capsys, ["export", "--model_path", str(neox_dir(tmp_path)), "--out", str(tmp_path / "l.gguf"),
                              "--format", "gguf"])  # fmt: skip
-    assert "GPT-2" in line and "'llama'" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+    assert "GPT-2" in line and "Llama" in line and "'gpt_neox'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["neox"]
 
 
 def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
-    export_argv = ["export", "--model_path", str(llama_dir(tmp_path)), "--out"]  # the output is checked first
+    export_argv = ["export", "--model_path", str(neox_dir(tmp_path)), "--out"]  # the output is checked first
     monkeypatch.setitem(sys.modules, "gguf", None)  # as without the [gguf] extra: import gguf fails
     line = one_line(capsys, [*export_argv, str(tmp_path / "l.gguf"), "--format", "gguf"])
     assert "pip install 'qlora-ft[gguf]'" in line
@@ -111,7 +111,7 @@ def test_bad_exports_are_refused_in_one_line_and_write_nothing(tmp_path, capsys,
     assert "--format gguf" in one_line(capsys, [*export_argv, str(tmp_path / "new.gguf")])
     assert "--format gguf" in one_line(capsys, [*export_argv, str(tmp_path / "new"), "--gguf-type", "q8_0"])
     assert existing.read_bytes() == b"keep me" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "merged", "old.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "neox", "old.gguf"]
 
 
 def test_an_exported_chat_template_prompts_with_trainings_ids():

@@ -1,10 +1,11 @@
 """Batches: records -> windows -> the rows of an epoch (packed or padded) -> batches, one builder for training,
 validation and eval.
 
-A window is a stretch of a cached record: a paragraph wrapped as `<eos> + ids + <eos>` and cut into windows of at
-most --max-input-length tokens that overlap by one token (every token after the leading `<eos>` is predicted
-exactly once); an instruction or chat record whole (one longer than --max-input-length is left out and counted,
-never cut). Windows are offsets into the cache's memory maps, read when a batch is made.
+A window is a stretch of a cached record: a paragraph wrapped as `<lead> + ids + <eos>` (`encode.leading_token_id`:
+`<eos>` for GPT-2) and cut into windows of at most --max-input-length tokens that overlap by one token (every
+token after the leading one is predicted exactly once); an instruction or chat record whole (one longer than
+--max-input-length is left out and counted, never cut). Windows are offsets into the cache's memory maps, read
+when a batch is made.
 """
 
 from __future__ import annotations
@@ -63,11 +64,10 @@ class Windows:
 
     def ids(self, k: int) -> np.ndarray:
         """Token ids of window k (int64)."""
-        eos = self.cache.eos_id
-        return self._slice(k, self.cache.tokens(int(self.record[k])), eos, eos)
+        return self._slice(k, self.cache.tokens(int(self.record[k])), self.cache.lead_id, self.cache.eos_id)
 
     def mask(self, k: int) -> np.ndarray:
-        """Loss mask of window k: the record's mask; for a paragraph 0 for the leading <eos>, 1 for the closing one."""
+        """Loss mask of window k: the record's mask; for a paragraph 0 for the leading token, 1 for the closing eos."""
         return self._slice(k, self.cache.mask(int(self.record[k])), 0, 1)
 
     def prompt(self, k: int) -> list[int]:
@@ -77,11 +77,11 @@ class Windows:
 
 
 def cut_windows(cache: TokenCache, records: Sequence[int] | np.ndarray, max_len: int) -> Windows:
-    """The windows of `records` (in that order), each at most `max_len` tokens. A paragraph is wrapped in <eos>
-    and cut into windows overlapping by one token: for n tokens the wrapped sequence has n + 2, giving
-    ceil((n + 1) / (max_len - 1)) windows starting every max_len - 1 tokens. An instruction or chat record is one
-    window, or none when it is longer than `max_len`: a cut response would teach the model to stop mid-sentence
-    without its EOS, and a cut prompt would train answers to questions never asked."""
+    """The windows of `records` (in that order), each at most `max_len` tokens. A paragraph is wrapped in the
+    leading token and <eos> and cut into windows overlapping by one token: for n tokens the wrapped sequence has
+    n + 2, giving ceil((n + 1) / (max_len - 1)) windows starting every max_len - 1 tokens. An instruction or chat
+    record is one window, or none when it is longer than `max_len`: a cut response would teach the model to stop
+    mid-sentence without its EOS, and a cut prompt would train answers to questions never asked."""
     if max_len < 2:
         raise UserError(f"the window length must be at least 2 tokens (got {max_len})")
     records = np.asarray(records, dtype=np.int64)

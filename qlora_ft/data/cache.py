@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_ft.data.encode import Parallel, Segment, backend_json, encode_chunks
+from qlora_ft.data.encode import Parallel, Segment, backend_json, encode_chunks, leading_token_id
 from qlora_ft.errors import UserError
 from qlora_ft.fs import fsync, sha256_file
 
@@ -84,15 +84,15 @@ def file_digests(files: Sequence[Path], root: Path | None = None) -> list[dict[s
 
 def tokenizer_digest(tokenizer: Any) -> dict[str, Any]:
     """What decides a tokenizer's ids: a hash of its pipeline's id rules (`id_rules`), or of a slow tokenizer's
-    class and vocabulary, with its eos and bos ids and size."""
+    class and vocabulary, with its eos and bos ids, the leading token's id (`encode.leading_token_id`) and size."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         content: Any = id_rules(json.loads(backend.to_str()))
     else:
         content = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
     text = json.dumps(content, sort_keys=True, ensure_ascii=False)
-    return {"eos_id": tokenizer.eos_token_id, "bos_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer),
-            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}  # fmt: skip
+    return {"eos_id": tokenizer.eos_token_id, "bos_id": tokenizer.bos_token_id, "lead_id": leading_token_id(tokenizer),
+            "vocab_size": len(tokenizer), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}  # fmt: skip
 
 
 def id_rules(pipeline: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +217,11 @@ class TokenCache:
     @property
     def eos_id(self) -> int:
         return self.meta["eos_id"]
+
+    @property
+    def lead_id(self) -> int:
+        """The token before each paragraph (`encode.leading_token_id`; caches written before it: the eos)."""
+        return self.meta.get("lead_id", self.meta["eos_id"])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -351,7 +356,8 @@ def _build_into(root: Path, fp: str, tokenizer: Any, records: Callable[[], Itera
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise _full_disk(root) from None
         raise
-    meta.update(fingerprint=fp, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id, vocab_size=vocab_size,
+    meta.update(fingerprint=fp, format_version=FORMAT_VERSION, eos_id=tokenizer.eos_token_id,
+                lead_id=leading_token_id(tokenizer), vocab_size=vocab_size,
                 build_seconds=round(time.perf_counter() - started, 2),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
     return meta

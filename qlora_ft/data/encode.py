@@ -115,6 +115,29 @@ def render(record: Record, template: Template, tokenizer, train_on_prompt: bool 
 # Tokens: segments -> (ids, mask), length limit, batches
 
 
+def leading_token_id(tokenizer) -> int:
+    """The token before every paragraph and record in training, and before every prompt at inference: the one
+    place it comes from (exports and GGUF files give a raw prompt this token, their chat templates write it).
+
+    The tokenizer's BOS when the tokenizer puts it before any text itself (Llama 2, TinyLlama: `<s>`, as they
+    were pretrained); else `<|endoftext|>` when the vocabulary holds it as a special token (GPT-2, where it is
+    also the EOS; SmolLM2, whose pretraining separated documents with it: its BOS `<|im_start|>` and EOS
+    `<|im_end|>` are chat-turn markers, measured worse before a paragraph in docs/gguf.md); else the EOS.
+    """
+    if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer.bos_token_id
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return endoftext if endoftext in special else tokenizer.eos_token_id
+
+
+def add_leading_token(tokenizer) -> None:
+    """Make `tokenizer(text)` start with the leading token, as a text run's export does: the token becomes the
+    BOS and is added to every text (`add_bos_token`, which GGUF files of text runs set too)."""
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(leading_token_id(tokenizer))
+    tokenizer.add_bos_token = True
+
+
 def encode(tokenizer, segments: Sequence[Segment]) -> Encoded:
     """Token ids and loss mask (1 = trained on) of a record's segments, after a leading EOS.
 
@@ -143,7 +166,7 @@ def encode_with_prompt(tokenizer, segments: Sequence[Segment]) -> tuple[list[int
     """`encode`, and the number of ids before the last response (its prompt, leading EOS included)."""
     texts = texts_to_tokenize(segments)
     pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    return assemble(segments, pieces, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return assemble(segments, pieces, tokenizer.bos_token_id, leading_token_id(tokenizer))
 
 
 def units(segments: Sequence[Segment]) -> list[tuple[str, str]]:
@@ -176,7 +199,7 @@ def texts_to_tokenize(segments: Sequence[Segment]) -> list[str]:
     return [t for i, (p, r) in enumerate(pairs) for t in ((p, p + r) if i < last else (p, r))]
 
 
-def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_id: int | None, eos_id: int,
+def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_id: int | None, lead_id: int,
              ) -> tuple[list[int], list[int], int]:  # fmt: skip
     """`encode_with_prompt` from the token ids of `texts_to_tokenize(segments)`, tokenized elsewhere (the
     token cache tokenizes many records at once)."""
@@ -195,8 +218,8 @@ def assemble(segments: Sequence[Segment], pieces: Sequence[Sequence[int]], bos_i
             ids += [*alone, *second]
             mask += [0] * len(alone) + [1] * len(second)
     prompt = len(ids) if prompt is None else prompt
-    if not ids or ids[0] not in (bos_id, eos_id):
-        ids.insert(0, eos_id)
+    if not ids or ids[0] not in (bos_id, lead_id):
+        ids.insert(0, lead_id)
         mask.insert(0, 0)
         prompt += 1
     return ids, mask, prompt
@@ -250,7 +273,7 @@ def prompt_ids(record: Record, template: Template, tokenizer) -> list[int]:
 # pool of spawned workers)
 
 Parallel = Literal["threads", "processes"]
-Lead = tuple[int | None, int] | None  # (bos id, eos id) for records that take the leading EOS; None: paragraphs
+Lead = tuple[int | None, int] | None  # (bos id, leading id) for records that take the leading token; None: paragraphs
 CHUNK_CHARS = 1 << 18  # text per work item sent to a tokenizer worker
 
 
@@ -385,7 +408,7 @@ def encode_chunks(records: Iterable[list[Segment]], tokenizer: Any, lead: bool, 
     processes at most 2 chunks per worker are in flight, so memory stays bounded (Pool.imap and Executor.map
     would read the whole input ahead). `lead`: records get the leading EOS rule (instruction and chat)."""
     spec = _encoder_spec(tokenizer)
-    how: Lead = (tokenizer.bos_token_id, tokenizer.eos_token_id) if lead else None
+    how: Lead = (tokenizer.bos_token_id, leading_token_id(tokenizer)) if lead else None
     chunks = _chunks(records)
     workers = available_cores() if workers is None else workers
     if workers <= 1 or spec[0] != "backend" or parallel == "threads":
@@ -407,17 +430,22 @@ def encode_chunks(records: Iterable[list[Segment]], tokenizer: Any, lead: bool, 
 
 
 def exported_chat_template(template: Template, tokenizer) -> str:
-    """The chat template an exported model carries, writing training's leading `<eos>` itself: an instruction
-    run's `instruction_chat_template`; a chat run's own template, after `{{ eos_token }}` unless it already
-    starts with the BOS or EOS token (as `encode` adds the leading `<eos>` only when the text lacks one).
-    So `apply_chat_template(..., add_generation_prompt=True)` gives the ids training saw before a response;
-    where a chat run's template cannot (`whole_prompt_mismatch`), a warning says so."""
+    """The chat template an exported model carries, writing training's leading token itself (`leading_token_id`:
+    `{{ eos_token }}` for GPT-2): an instruction run's `instruction_chat_template`; a chat run's own template,
+    after the leading token unless it already starts with it or the BOS token (as `encode` adds the leading token
+    only when the text lacks both). So `apply_chat_template(..., add_generation_prompt=True)` gives the ids
+    training saw before a response; where a chat run's template cannot (`whole_prompt_mismatch`), a warning says
+    so."""
+    lead_id = leading_token_id(tokenizer)
+    lead_token = tokenizer.convert_ids_to_tokens(lead_id)
+    names = {tokenizer.bos_token_id: "{{ bos_token }}", tokenizer.eos_token_id: "{{ eos_token }}"}  # GPT-2: eos
+    lead = names.get(lead_id, "{{ " + json.dumps(lead_token) + " }}")
     if template.chat_template is None:
-        return instruction_chat_template(template)
+        return instruction_chat_template(template, lead)
     chat = [{"role": "user", "content": "Hi"}]
     text = tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False)
-    starts = tuple(t for t in (tokenizer.bos_token, tokenizer.eos_token) if t)
-    exported = template.chat_template if text.startswith(starts) else "{{ eos_token }}" + template.chat_template
+    starts = tuple(t for t in (tokenizer.bos_token, lead_token) if t)
+    exported = template.chat_template if text.startswith(starts) else lead + template.chat_template
     if (probe := whole_prompt_mismatch(template, exported, tokenizer)) is not None:
         log.warning("the chat template's prompts, tokenized whole (apply_chat_template, llama.cpp, servers), differ "
                     "from the ids training gave them, e.g. for %r (a template whose assistant turns do not end in a "

@@ -35,7 +35,7 @@ from qlora_ft.data.cache import (
     tokenizer_digest,
     write_note,
 )
-from qlora_ft.data.encode import Parallel, segments_of
+from qlora_ft.data.encode import Parallel, leading_token_id, segments_of
 from qlora_ft.data.sources import DEMO_PREFIX, Layout, Shape, Source, input_bytes, is_csv, resolve, table_shape
 from qlora_ft.data.split import Split
 from qlora_ft.errors import UserError, first_line
@@ -148,6 +148,8 @@ def earlier_fingerprints(covers: dict[str, Any], tokenizer: Any, sources: tuple[
     pipeline, a hub dataset's `datasets` fingerprint; text read by the paragraph rules of version 2, unnamed in
     the cache's first version), each with the rules version of its text (None for records): their checkpoints
     resume where the records are the same (`Split.check`)."""
+    if leading_token_id(tokenizer) != tokenizer.eos_token_id:
+        return {}  # earlier versions put the EOS before every paragraph and record: their ids differ
     then = {**covers, "tokenizer": earlier_tokenizer_digest(tokenizer)}
     for key, src in zip(("data", "validation_data"), sources, strict=True):
         if src is not None and src.kind == "hub":
