@@ -370,10 +370,16 @@ class Serialized:
 
     def __init__(self, tok, pipeline: dict):
         self.backend_tokenizer = type("Backend", (), {"to_str": lambda _: json.dumps(pipeline)})()
-        self.eos_token_id, self.bos_token_id, self.size = tok.eos_token_id, tok.bos_token_id, len(tok)
+        self.eos_token_id, self.bos_token_id, self.size, self.tok = tok.eos_token_id, tok.bos_token_id, len(tok), tok
 
     def __len__(self) -> int:
         return self.size
+
+    def __call__(self, *args, **kwargs):  # the rest (the leading token's rule) as `tok` reads it
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
 
 
 def test_the_tokenizer_digest_is_what_decides_the_ids(tmp_path, tok, book):
