@@ -275,6 +275,89 @@ def load_dequantized_base(name: str, dtype: torch.dtype, device: torch.device):
     return model
 
 
+def dequantized_copy(model):
+    """A float model computing what the 4-bit LoRA `model` (a PeftModel) computes, for sampling on CPU, where
+    bitsandbytes' 4-bit path is slow one token at a time: each 4-bit weight dequantised (its LoRA update, if any,
+    merged in: W + s·BA) in the dtype of the model's float weights; every other tensor is `model`'s own, shared.
+    It costs `dequantized_bytes(model)`. None when a LoRA layer is not plain LoRA (DoRA: its merge rescales)."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    base = model.get_base_model()
+    dtype = base.get_input_embeddings().weight.dtype
+    config = copy.deepcopy(base.config)
+    config.__dict__.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = {}
+    for name, module in plain.named_modules():
+        source = base.get_submodule(name)
+        if isinstance(source, LoraLayer) and any(source.use_dora.values()):
+            return None
+        weight = _float_weight(source, dtype)
+        source = source.get_base_layer() if isinstance(source, LoraLayer) else source
+        if weight is not None:
+            tensors[f"{name}.weight"] = weight.t().contiguous() if isinstance(module, Conv1D) else weight
+        for kind in ("parameters", "buffers"):
+            for key, _ in getattr(module, f"named_{kind}")(recurse=False):
+                if f"{name}.{key}".lstrip(".") not in tensors:
+                    tensors[f"{name}.{key}".lstrip(".")] = getattr(source, key)  # shared, not copied
+    for key, value in tensors.items():
+        module_name, _, attr = key.rpartition(".")
+        setattr_tensor(plain.get_submodule(module_name), attr, value)
+    plain.generation_config = base.generation_config
+    return plain.eval()
+
+
+def sampling_copy(model, device: torch.device):
+    """What in-training samples generate from on CPU: `dequantized_copy(model)` when `model` is a 4-bit LoRA model
+    and the copy takes at most half the memory available now (on GPUs, and where it does not fit, None: sample from
+    `model` itself). Same tokens: the copy computes the same function to float rounding."""
+    import psutil
+
+    if device.type != "cpu" or not getattr(model, "is_loaded_in_4bit", False) or not hasattr(model, "peft_config"):
+        return None
+    if dequantized_bytes(model) > psutil.virtual_memory().available / 2:
+        return None
+    return dequantized_copy(model)
+
+
+def setattr_tensor(module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in `module` as its parameter or buffer `name`, replacing the meta tensor there."""
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(value.detach(), requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _float_weight(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 4-bit layer's weight (out, in) dequantised to `dtype`, with the active LoRA updates of a LoRA layer around
+    it merged in; None for any other module."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    quant_state = getattr(getattr(inner, "weight", None), "quant_state", None)
+    if quant_state is None:
+        return None
+    import bitsandbytes as bnb
+
+    weight = bnb.functional.dequantize_4bit(inner.weight.data, quant_state).to(dtype)
+    if isinstance(module, LoraLayer) and not module.disable_adapters:
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight += module.get_delta_weight(adapter).to(dtype)
+    return weight
+
+
+def dequantized_bytes(model) -> int:
+    """Bytes a `dequantized_copy` of `model` allocates: its 4-bit weights' elements in the float weights' dtype."""
+    elements = sum(p.quant_state.shape.numel() for p in model.parameters() if getattr(p, "quant_state", None))
+    return elements * model.get_input_embeddings().weight.element_size()
+
+
 def context_length(config) -> int | None:
     """Tokens the model attends over (GPT-2's `n_positions`, others' `max_position_embeddings`), or None when
     the config states no limit."""
