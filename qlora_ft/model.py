@@ -225,6 +225,29 @@ def _stores_transposed(model, targets: list[str] | str) -> bool:
     return bool(conv) and len(conv) == sum(isinstance(m, (Conv1D, torch.nn.Linear)) for m in layers)
 
 
+# Bytes a decoder layer keeps for backward per token and per unit of its width, in float32 with LoRA (and its
+# dropout) on every projection: measured on SmolLM2-135M, 8 x 256 tokens (bench/memory_account.py, docs/memory.md)
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 130
+
+
+def memory_estimate(model, tokens: int, loss_chunk: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(activations, rest) in bytes for a micro-batch of `tokens` tokens: what the decoder layers keep for backward
+    (tokens x layers x width x ACTIVATION_BYTES_PER_TOKEN_WIDTH, scaled to `dtype`), and the rest of training
+    memory: the weights as held (4-bit packed or not), a gradient and two AdamW moments per trainable parameter,
+    and the logits of one loss chunk (all `tokens` with `loss_chunk` 0) with their gradient, in float32.
+
+    >>> memory_estimate(smollm2_qlora_r64, 8 * 256, 1024, torch.float32)  # doctest: +SKIP
+    (4600000000, 880000000)
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = torch.finfo(dtype).bits / 32
+    activations = tokens * config.num_hidden_layers * config.hidden_size * ACTIVATION_BYTES_PER_TOKEN_WIDTH * scale
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logits = 2 * (loss_chunk or tokens) * config.vocab_size * 4
+    return int(activations), weights + state + logits
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
     trainable = total = 0
@@ -347,8 +370,9 @@ def _float_weight(module, dtype: torch.dtype) -> torch.Tensor | None:
     weight = bnb.functional.dequantize_4bit(inner.weight.data, quant_state).to(dtype)
     if isinstance(module, LoraLayer) and not module.disable_adapters:
         for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                weight += module.get_delta_weight(adapter).to(dtype)
+            if adapter in module.lora_A:  # W += s·BA in place (a 4-bit layer is never fan_in_fan_out)
+                a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                weight.addmm_(b.to(dtype), a.to(dtype), alpha=module.scaling[adapter])
     return weight
 
 

@@ -198,3 +198,29 @@ def test_neftune_without_the_transformers_hook_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers.integrations.neftune", None)  # as a release without it
     with pytest.raises(UserError, match="--neftune-alpha needs transformers' NEFTune hook"):
         add_neftune(object(), 5.0)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_is_on_where_activations_outweigh_the_rest(tmp_path, data_pkl, tiny_model_dir):
+    """The default follows `memory_estimate`: the tiny model at 4 x 24 tokens with a 1024-token loss chunk holds
+    more logits than activations (off); with the whole batch's logits at once (--loss-chunk 0) the activations
+    weigh more (on). Given, the flag wins; a resume keeps what the checkpoint trained with."""
+    from qlora_ft.model import ACTIVATION_BYTES_PER_TOKEN_WIDTH, add_lora, load_base, memory_estimate
+
+    cfg = parse_config(TrainConfig, argv(tmp_path, data_pkl, tiny_model_dir), "train.py")
+    apply_mode_defaults(cfg, "text")
+    model = add_lora(load_base(str(tiny_model_dir), True, torch.float32, torch.device("cpu")), cfg.model)
+    activations, rest = memory_estimate(model, 96, 1024, torch.float32)
+    assert activations == 96 * 2 * 64 * ACTIVATION_BYTES_PER_TOKEN_WIDTH  # tokens x layers x width x bytes
+    assert memory_estimate(model, 96, 1024, torch.bfloat16)[0] == activations // 2
+    assert rest > activations > memory_estimate(model, 96, 0, torch.float32)[1] - rest + 2 * 96 * 400 * 4
+
+    def checkpointing(*extra: str, run: str, check: str = "") -> bool:
+        flags = argv(tmp_path, data_pkl, tiny_model_dir, *extra, "--check-dir", str(tmp_path / (check or run)), run=run)
+        return train(parse_config(TrainConfig, flags, "t")).model.get_base_model().is_gradient_checkpointing
+
+    assert not checkpointing("--max-steps", "1", run="a")
+    assert checkpointing("--max-steps", "1", "--loss-chunk", "0", run="b")
+    assert not checkpointing("--max-steps", "1", "--loss-chunk", "0", "--gradient-checkpointing", "False", run="c")
+    resumed = ("--max-steps", "2", "--loss-chunk", "0", "--restore-file", "step-000001")
+    assert not checkpointing(*resumed, run="d", check="c")

@@ -30,6 +30,7 @@ from qlora_ft.model import (
     keep_training_layout,
     load_base,
     load_tokenizer,
+    memory_estimate,
     resolve_base_name,
 )
 from qlora_ft.precision import Precision, precision_policy
@@ -140,12 +141,21 @@ def build_model(cfg: TrainConfig, engine: Engine, dtype: torch.dtype):
     model = load_base(cfg.model.model, cfg.model.qlora, dtype, engine.device, engine.quantized_storage(dtype),
                       weights_dtype=None if cfg.model.lora else torch.float32)  # fmt: skip
     model.config.use_cache = False
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.qlora:
         keep_training_layout(model)
     if cfg.model.lora:
         model = add_lora(model, cfg.model)
+    if cfg.model.gradient_checkpointing is None:  # by the model's size: on where activations dominate
+        activations, rest = memory_estimate(model, cfg.data.batch_size * cfg.data.max_input_length,
+                                            cfg.model.loss_chunk, dtype)  # fmt: skip
+        cfg.model.gradient_checkpointing = activations > rest
+        log.info("gradient checkpointing %s by default: a micro-batch's activations, ~%.2f GB by estimate, %s the "
+                 "weights, trainable state and logits, ~%.2f GB (--gradient-checkpointing True/False to choose)",
+                 "on" if activations > rest else "off", activations / 1e9,
+                 "outweigh" if activations > rest else "do not outweigh", rest / 1e9)  # fmt: skip
+    if cfg.model.gradient_checkpointing:
+        base = model.get_base_model() if cfg.model.lora else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(cfg.data.seed, device_specific=True)  # seed + rank: each process its own dropout masks
     return model
 
@@ -175,9 +185,10 @@ def log_setup(cfg: TrainConfig, engine: Engine, precision: Precision) -> None:
     scaler = "DeepSpeed's loss scaler" if isinstance(engine, engines.DeepSpeedEngine) else "GradScaler"
     scaling = f"dynamic (fp16 {scaler})" if precision.use_scaler else "none"
     packing = "on" if cfg.data.packing else "off"
-    log.info("setup: %s, device %s, compute dtype %s, loss scaling %s, %s, packing %s", engine.description,
-             engine.device, str(precision.dtype).removeprefix("torch."), scaling, method_name(cfg),
-             packing)  # fmt: skip
+    checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
+    log.info("setup: %s, device %s, compute dtype %s, loss scaling %s, %s, packing %s, gradient checkpointing %s",
+             engine.description, engine.device, str(precision.dtype).removeprefix("torch."), scaling, method_name(cfg),
+             packing, checkpointing)  # fmt: skip
 
 
 def warn_if_warmup_outlasts(cfg: TrainConfig, total_steps: int) -> None:
