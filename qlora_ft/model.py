@@ -227,7 +227,7 @@ def _stores_transposed(model, targets: list[str] | str) -> bool:
 
 # Bytes a decoder layer keeps for backward per token and per unit of its width, in float32 with LoRA (and its
 # dropout) on every projection: measured on SmolLM2-135M, 8 x 256 tokens (bench/memory_account.py, docs/memory.md)
-ACTIVATION_BYTES_PER_TOKEN_WIDTH = 130
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 123
 
 
 def memory_estimate(model, tokens: int, loss_chunk: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -237,7 +237,7 @@ def memory_estimate(model, tokens: int, loss_chunk: int, dtype: torch.dtype) -> 
     and the logits of one loss chunk (all `tokens` with `loss_chunk` 0) with their gradient, in float32.
 
     >>> memory_estimate(smollm2_qlora_r64, 8 * 256, 1024, torch.float32)  # doctest: +SKIP
-    (4600000000, 880000000)
+    (4352901120, 890000000)
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale = torch.finfo(dtype).bits / 32
