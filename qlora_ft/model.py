@@ -237,7 +237,7 @@ def memory_estimate(model, tokens: int, loss_chunk: int, dtype: torch.dtype) -> 
     and the logits of one loss chunk (all `tokens` with `loss_chunk` 0) with their gradient, in float32.
 
     >>> memory_estimate(smollm2_qlora_r64, 8 * 256, 1024, torch.float32)  # doctest: +SKIP
-    (4352901120, 890000000)
+    (4352901120, 880000000)
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale = torch.finfo(dtype).bits / 32
