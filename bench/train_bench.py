@@ -10,7 +10,12 @@ FLOPs utilisation against this device's measured matmul peak, and validation los
     python bench/train_bench.py --model ../shared/models/mini-gpt2-fiction --data ../shared/data/corpora/austen
     python bench/train_bench.py --random-config gpt2-medium --max-length 512 --tokens 400000   # GPU
 
-Arms: `ours` (optionally `ours:packing=False,loss_chunk=0,...` to override options), `trainer`, `original`.
+Any causal LM: every arm wraps the architecture's LoRA targets (`model.LORA_TARGETS`: GPT-2 `c_attn c_proj`,
+Llama all seven projections) with the same rank, alpha, learning rate, batch size and length; the FLOPs count
+reads the model (`matmul_parameters`). Compare like with like: `ours:gradient_checkpointing=True` beside
+`trainer` (which checkpoints), `ours:gradient_checkpointing=False` beside `trainer:gradient_checkpointing=False`.
+
+Arms: `ours` (optionally `ours:packing=False;loss_chunk=0` to override options), `trainer`, `original`.
 Writes bench/results/<device>-<model>.json and prints a table.
 """
 
@@ -42,7 +47,7 @@ from qlora_ft.data.records import iter_paragraphs  # noqa: E402
 from qlora_ft.data.sources import resolve  # noqa: E402
 from qlora_ft.loop import train  # noqa: E402
 from qlora_ft.loss import output_layer  # noqa: E402
-from qlora_ft.model import bnb_config, compute_dtype, keep_training_layout, load_tokenizer  # noqa: E402
+from qlora_ft.model import bnb_config, compute_dtype, keep_training_layout, load_tokenizer, lora_targets  # noqa: E402
 from qlora_ft.options import parse_config  # noqa: E402
 from qlora_ft.training.validate import validation_loss  # noqa: E402
 
@@ -108,14 +113,23 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def train_flops_per_token(config, trainable_fraction: float, seq_len: int) -> float:
-    """Model FLOPs per real token for LoRA training: forward 2N, backward 2N for input gradients (frozen base),
-    plus 2N x trainable share for weight gradients; attention scores add 12 * layers * width * seq_len / 2
-    (causal). N counts the weight matmuls including the output layer."""
-    d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
-    n_matmul = layers * 12 * d * d + vocab * d
-    attention = 12 * layers * d * seq_len / 2
+def train_flops_per_token(model, trainable_fraction: float, seq_len: int) -> float:
+    """Model FLOPs per real token for LoRA training, for any causal LM: forward 2N, backward 2N for input gradients
+    (frozen base), plus 2N x trainable share for weight gradients; attention scores add 12 * layers * width *
+    seq_len / 2 (causal). N counts the weights that multiply each token (`matmul_parameters`)."""
+    config = model.config.get_text_config()
+    n_matmul = matmul_parameters(model)
+    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len / 2
     return 4 * n_matmul + 2 * n_matmul * trainable_fraction + attention
+
+
+def matmul_parameters(model) -> int:
+    """Every 2-D weight but the embedding tables (4-bit ones at their unpacked size), plus a tied output layer."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+            for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings)  # fmt: skip
+    head = model.get_output_embeddings().weight
+    return n + (head.numel() if id(head) in embeddings else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,19 +170,25 @@ def _hf_qlora_model(ctx, gradient_checkpointing: bool):
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     keep_training_layout(model)  # the same bitsandbytes CPU-layout guard for every arm
-    lora = LoraConfig(r=ctx.rank, lora_alpha=ctx.alpha, lora_dropout=0.05, target_modules=["c_attn", "c_proj"],
-                      task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=ctx.rank,
+        lora_alpha=ctx.alpha,
+        lora_dropout=0.05,
+        target_modules=lora_targets(model, ["auto"]),
+        task_type="CAUSAL_LM",
+    )  # the architecture's targets, as the `ours` arm (Llama: all seven)
     return get_peft_model(model, lora)
 
 
-def arm_trainer(ctx, _overrides):
+def arm_trainer(ctx, overrides):
     """The usual recipe: transformers Trainer + peft QLoRA, DataCollatorForLanguageModeling, dynamic padding
-    (`prepare_model_for_kbit_training` with its default gradient checkpointing)."""
+    (`prepare_model_for_kbit_training` with its default gradient checkpointing; `trainer:gradient_checkpointing=False`
+    turns it off)."""
     import datasets
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     mem = PeakMemory(ctx.device).__enter__()  # like ours, the arm's memory includes loading the model
-    model = _hf_qlora_model(ctx, gradient_checkpointing=True)
+    model = _hf_qlora_model(ctx, gradient_checkpointing=overrides.get("gradient_checkpointing", "True") == "True")
     tok = ctx.tokenizer
     ds = datasets.Dataset.from_dict({"text": ctx.train_texts}).map(
         lambda b: tok(b["text"], truncation=True, max_length=ctx.max_length), batched=True, remove_columns=["text"]
@@ -304,9 +324,6 @@ def main(argv=None):
                    for j in range(0, len(val), 16)]  # fmt: skip
 
     peak = matmul_peak_flops(ctx.device, ctx.dtype)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(ctx.model_dir)
     results: dict[str, dict] = {}
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for repeat in range(args.repeats):
@@ -324,7 +341,7 @@ def main(argv=None):
             r["peak_memory_bytes"].append(mem)
             r["val_loss"].append(val_loss)
             r.update(steps=steps, train_tokens=tokens, seconds=seconds)
-            flops = train_flops_per_token(config, trainable / total, ctx.max_length)
+            flops = train_flops_per_token(model, trainable / total, ctx.max_length)
             r["mfu"] = statistics.median(r["tokens_per_second"]) * flops / peak
             print(f"[{repeat + 1}/{args.repeats}] {spec:40s} {tokens / seconds:9.0f} tok/s  {mem / 2**20:8.0f} MiB  "
                   f"val {val_loss:.4f}  ({tokens} tokens, {steps} steps, {seconds:.1f} s)", flush=True)  # fmt: skip

@@ -110,12 +110,12 @@ def apply_mode_defaults(cfg: TrainConfig, mode: Mode) -> None:
 
 
 def take_unset_from(cfg: TrainConfig, saved: TrainConfig) -> dict[str, Any]:
-    """Fill the per-mode options left unset in `cfg` (None) from `saved`, a checkpoint's configuration, which
-    holds each one as that run resolved it: a resume continues with the settings it trained with, not with
-    the mode's defaults of today. Returns the options taken, with their values."""
+    """Fill the per-mode options (and --gradient-checkpointing) left unset in `cfg` (None) from `saved`, a
+    checkpoint's configuration, which holds each one as that run resolved it: a resume continues with the
+    settings it trained with, not with the defaults of today. Returns the options taken, with their values."""
     taken = {}
     for group, saved_group in ((cfg.data, saved.data), (cfg.model, saved.model), (cfg.optim, saved.optim)):
-        for name in MODE_DEFAULTS["text"]:
+        for name in [*MODE_DEFAULTS["text"], "gradient_checkpointing"]:  # (the latter: by the model's size)
             value = getattr(saved_group, name, None)
             if hasattr(group, name) and getattr(group, name) is None and value is not None:
                 setattr(group, name, list(value) if isinstance(value, list) else value)
@@ -232,7 +232,11 @@ class ModelArgs:
     rslora: bool | None = per_mode(
         "rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(r), not alpha / r", "rslora"
     )
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool | None = arg(
+        None,
+        "recompute activations in backward: less memory, slower (default: on when a micro-batch's activations would "
+        "outweigh the rest of training memory, by estimate: docs/memory.md)",
+    )
     loss_chunk: int = arg(1024, "tokens per chunk of the output layer + loss (0: whole batch at once)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
         "auto",

@@ -227,6 +227,29 @@ def _stores_transposed(model, targets: list[str] | str) -> bool:
     return bool(conv) and len(conv) == sum(isinstance(m, (Conv1D, torch.nn.Linear)) for m in layers)
 
 
+# Bytes a decoder layer keeps for backward per token and per unit of its width, in float32 with LoRA (and its
+# dropout) on every projection: measured on SmolLM2-135M, 8 x 256 tokens (bench/memory_account.py, docs/memory.md)
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 123
+
+
+def memory_estimate(model, tokens: int, loss_chunk: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(activations, rest) in bytes for a micro-batch of `tokens` tokens: what the decoder layers keep for backward
+    (tokens x layers x width x ACTIVATION_BYTES_PER_TOKEN_WIDTH, scaled to `dtype`), and the rest of training
+    memory: the weights as held (4-bit packed or not), a gradient and two AdamW moments per trainable parameter,
+    and the logits of one loss chunk (all `tokens` with `loss_chunk` 0) with their gradient, in float32.
+
+    >>> memory_estimate(smollm2_qlora_r64, 8 * 256, 1024, torch.float32)  # doctest: +SKIP
+    (4352901120, 880000000)
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = torch.finfo(dtype).bits / 32
+    activations = tokens * config.num_hidden_layers * config.hidden_size * ACTIVATION_BYTES_PER_TOKEN_WIDTH * scale
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logits = 2 * (loss_chunk or tokens) * config.vocab_size * 4
+    return int(activations), weights + state + logits
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
     trainable = total = 0
@@ -275,6 +298,90 @@ def load_dequantized_base(name: str, dtype: torch.dtype, device: torch.device):
     fixed = {k: (v.t() if k in conv1d else v).to(dtype) for k, v in dequantized.items()}
     model.load_state_dict(fixed, strict=True)  # copies into the model's own tensors; any mismatch is a bug
     return model
+
+
+def dequantized_copy(model):
+    """A float model computing what the 4-bit LoRA `model` (a PeftModel) computes, for sampling on CPU, where
+    bitsandbytes' 4-bit path is slow one token at a time: each 4-bit weight dequantised (its LoRA update, if any,
+    merged in: W + s·BA) in the dtype of the model's float weights; every other tensor is `model`'s own, shared.
+    It costs `dequantized_bytes(model)`. None when a LoRA layer is not plain LoRA (DoRA: its merge rescales)."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    base = model.get_base_model()
+    dtype = base.get_input_embeddings().weight.dtype
+    config = copy.deepcopy(base.config)
+    config.__dict__.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = {}
+    for name, module in plain.named_modules():
+        source = base.get_submodule(name)
+        if isinstance(source, LoraLayer) and any(source.use_dora.values()):
+            return None
+        weight = _float_weight(source, dtype)
+        source = source.get_base_layer() if isinstance(source, LoraLayer) else source
+        if weight is not None:
+            tensors[f"{name}.weight"] = weight.t().contiguous() if isinstance(module, Conv1D) else weight
+        for kind in ("parameters", "buffers"):
+            for key, _ in getattr(module, f"named_{kind}")(recurse=False):
+                if f"{name}.{key}".lstrip(".") not in tensors:
+                    tensors[f"{name}.{key}".lstrip(".")] = getattr(source, key)  # shared, not copied
+    for key, value in tensors.items():
+        module_name, _, attr = key.rpartition(".")
+        setattr_tensor(plain.get_submodule(module_name), attr, value)
+    plain.generation_config = base.generation_config
+    return plain.eval()
+
+
+def sampling_copy(model, device: torch.device):
+    """What in-training samples generate from on CPU: `dequantized_copy(model)` when `model` is a 4-bit LoRA model
+    and the copy takes at most half the memory available now (on GPUs, and where it does not fit, None: sample from
+    `model` itself). Same tokens: the copy computes the same function to float rounding."""
+    import psutil
+
+    if device.type != "cpu" or not getattr(model, "is_loaded_in_4bit", False) or not hasattr(model, "peft_config"):
+        return None
+    if dequantized_bytes(model) > psutil.virtual_memory().available / 2:
+        return None
+    return dequantized_copy(model)
+
+
+def setattr_tensor(module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in `module` as its parameter or buffer `name`, replacing the meta tensor there."""
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(value.detach(), requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _float_weight(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 4-bit layer's weight (out, in) dequantised to `dtype`, with the active LoRA updates of a LoRA layer around
+    it merged in; None for any other module."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    quant_state = getattr(getattr(inner, "weight", None), "quant_state", None)
+    if quant_state is None:
+        return None
+    import bitsandbytes as bnb
+
+    weight = bnb.functional.dequantize_4bit(inner.weight.data, quant_state).to(dtype)
+    if isinstance(module, LoraLayer) and not module.disable_adapters:
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:  # W += s·BA in place (a 4-bit layer is never fan_in_fan_out)
+                a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                weight.addmm_(b.to(dtype), a.to(dtype), alpha=module.scaling[adapter])
+    return weight
+
+
+def dequantized_bytes(model) -> int:
+    """Bytes a `dequantized_copy` of `model` allocates: its 4-bit weights' elements in the float weights' dtype."""
+    elements = sum(p.quant_state.shape.numel() for p in model.parameters() if getattr(p, "quant_state", None))
+    return elements * model.get_input_embeddings().weight.element_size()
 
 
 def context_length(config) -> int | None:

@@ -60,11 +60,20 @@ def test_token_loss_ignores_padding():
     torch.testing.assert_close(total, one + two)
 
 
-def test_qlora_trains_only_lora_weights_and_writes_outputs(tmp_path, data_pkl, tiny_model_dir):
+def test_qlora_trains_only_lora_weights_and_writes_outputs(tmp_path, data_pkl, tiny_model_dir, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qlora_ft.model import add_lora, load_base
+    from qlora_ft.training import fit
+
+    real, copies = fit.sampling_copy, []  # samples on CPU come from a dequantised float copy of the weights
+
+    def spy(model, device):
+        copies.append(real(model, device))
+        return copies[-1]
+
+    monkeypatch.setattr(fit, "sampling_copy", spy)
 
     cfg = config(tmp_path, data_pkl, tiny_model_dir, "--max-steps", "4", "--sample-every", "2", "--eval-every", "2")
     torch.manual_seed(cfg.data.seed)
@@ -93,6 +102,7 @@ def test_qlora_trains_only_lora_weights_and_writes_outputs(tmp_path, data_pkl, t
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {2, 4} and len(samples) == 2 * len(cfg.sample.sample_prompts)
     assert all(s["text"].startswith(s["prompt"]) for s in samples)
+    assert len(copies) == 2 and None not in copies
     assert list((out / "tb").rglob("events.out.tfevents.*"))
     assert set(adapter(out)) == {k for k in adapter(out) if "lora_" in k}
 

@@ -254,3 +254,29 @@ def test_output_best_after_a_resume_ships_the_step_the_summary_names(tmp_path, d
     main(["compare", "--model_path", str(tmp_path / "resumed"), "--max_length", "4"])
     text = (tmp_path / "resumed" / "compare.md").read_text()
     assert f"-> {losses[best]:.3f}; the weights of step {best} of 6 (--output-best)" in text
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_is_on_where_activations_outweigh_the_rest(tmp_path, data_pkl, tiny_model_dir):
+    """The default follows `memory_estimate`: the tiny model at 4 x 24 tokens with a 1024-token loss chunk holds
+    more logits than activations (off); with the whole batch's logits at once (--loss-chunk 0) the activations
+    weigh more (on). Given, the flag wins; a resume keeps what the checkpoint trained with."""
+    from qlora_ft.model import ACTIVATION_BYTES_PER_TOKEN_WIDTH, add_lora, load_base, memory_estimate
+
+    cfg = parse_config(TrainConfig, argv(tmp_path, data_pkl, tiny_model_dir), "train.py")
+    apply_mode_defaults(cfg, "text")
+    model = add_lora(load_base(str(tiny_model_dir), True, torch.float32, torch.device("cpu")), cfg.model)
+    activations, rest = memory_estimate(model, 96, 1024, torch.float32)
+    assert activations == 96 * 2 * 64 * ACTIVATION_BYTES_PER_TOKEN_WIDTH  # tokens x layers x width x bytes
+    assert memory_estimate(model, 96, 1024, torch.bfloat16)[0] == activations // 2
+    assert rest > activations > memory_estimate(model, 96, 0, torch.float32)[1] - rest + 2 * 96 * 400 * 4
+
+    def checkpointing(*extra: str, run: str, check: str = "") -> bool:
+        flags = argv(tmp_path, data_pkl, tiny_model_dir, *extra, "--check-dir", str(tmp_path / (check or run)), run=run)
+        return train(parse_config(TrainConfig, flags, "t")).model.get_base_model().is_gradient_checkpointing
+
+    assert not checkpointing("--max-steps", "1", run="a")
+    assert checkpointing("--max-steps", "1", "--loss-chunk", "0", run="b")
+    assert not checkpointing("--max-steps", "1", "--loss-chunk", "0", "--gradient-checkpointing", "False", run="c")
+    resumed = ("--max-steps", "2", "--loss-chunk", "0", "--restore-file", "step-000001")
+    assert not checkpointing(*resumed, run="d", check="c")

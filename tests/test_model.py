@@ -4,7 +4,17 @@ import torch
 
 from qlora_ft.config import ModelArgs
 from qlora_ft.errors import UserError
-from qlora_ft.model import add_lora, check_hub_reachable, count_parameters, load_base, load_for_inference
+from qlora_ft.model import (
+    add_lora,
+    check_hub_reachable,
+    count_parameters,
+    dequantized_bytes,
+    dequantized_copy,
+    keep_training_layout,
+    load_base,
+    load_for_inference,
+    sampling_copy,
+)
 
 CPU = torch.device("cpu")
 
@@ -111,3 +121,67 @@ def test_inference_on_a_bad_adapter_dir(tmp_path, tiny_model_dir):
     (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
     with pytest.raises(UserError, match="adapter_config.json is unreadable"):
         load_for_inference(str(tmp_path / "broken"), None, False, CPU)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-training samples on CPU: a dequantised float copy of the 4-bit LoRA model
+
+NEAR_TIE = 0.1  # docs/gguf.md's rule: a first differing greedy token where the top two logits are this close
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    """`n` greedy tokens, each from the whole sequence's logits (no cache: one rule for both models)."""
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            new.append(int(model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    return new
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_dequantized_copy_computes_what_the_4bit_model_does(kind, tiny_model_dir, tmp_path):
+    """Same logits to float rounding and the same greedy tokens (except at a near-tie), with the LoRA update merged
+    into the dequantised weights; the float tensors outside the 4-bit layers are shared, not copied."""
+    from test_architectures import build
+
+    model_dir = tiny_model_dir if kind == "gpt2" else build("llama", tmp_path / "llama")
+    model = lora_model(model_dir, targets_lora=["auto"]).eval()
+    keep_training_layout(model)  # as training holds it (else bitsandbytes computes in bf16 in eval)
+    copy = dequantized_copy(model)
+    assert not any("lora_" in n for n, _ in copy.named_parameters())
+    four_bit = [p for p in model.parameters() if getattr(p, "quant_state", None) is not None]
+    assert dequantized_bytes(model) == sum(p.quant_state.shape.numel() for p in four_bit) * 4
+    shared = model.get_input_embeddings().weight
+    assert copy.get_input_embeddings().weight.data_ptr() == shared.data_ptr()
+    ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(ids).logits, copy(ids).logits
+        without_lora = model.get_base_model()
+        with model.disable_adapter():
+            base = without_lora(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (expected - base).abs().max() > 1e-3  # the adapter matters, so merging it is tested
+    for prompt in ([1, 5, 9], [7], [3, 3, 8, 2]):
+        a, b = greedy(model, prompt, 16), greedy(copy, prompt, 16)
+        at = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if at is not None:
+            with torch.no_grad():
+                top2 = model(torch.tensor([prompt + a[:at]])).logits[0, -1].topk(2).values
+            assert top2[0] - top2[1] < NEAR_TIE, (prompt, a, b)
+
+
+def test_sampling_copy_only_on_cpu_for_plain_lora_that_fits(tiny_model_dir, monkeypatch):
+    """The rule: a 4-bit LoRA model on CPU whose copy takes at most half the available memory; not on GPUs, not for
+    DoRA (its merge rescales each column), not for a model that is not 4-bit."""
+    import psutil
+
+    model = lora_model(tiny_model_dir)
+    assert sampling_copy(model, CPU) is not None
+    assert sampling_copy(model, torch.device("cuda")) is None
+    assert sampling_copy(lora_model(tiny_model_dir, dora=True), CPU) is None
+    assert sampling_copy(lora_model(tiny_model_dir, quantize=False), CPU) is None
+    memory = psutil.virtual_memory()
+    small = memory._replace(available=2 * dequantized_bytes(model) - 1)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    assert sampling_copy(model, CPU) is None

@@ -27,6 +27,7 @@ from qlora_ft import checkpoint
 from qlora_ft.errors import UserError
 from qlora_ft.generate import sample
 from qlora_ft.loss import accumulate_gradients
+from qlora_ft.model import sampling_copy
 from qlora_ft.training.methods import set_learning_rate
 from qlora_ft.training.outputs import append_jsonl, log_metrics
 from qlora_ft.training.plan import Rows, due, lr_at
@@ -156,8 +157,10 @@ def write_samples(run: Run, step: int) -> None:
     if not (engine.is_main or engine.lockstep):  # FSDP: all generate the same texts, in lockstep
         return
     prompts = run.sample_prompts()
+    model = engine.unwrap()
+    model = (sampling_copy(model, engine.device) if engine.world == 1 else None) or model  # CPU: a float copy
     with engine.autocast():
-        texts = sample(engine.unwrap(), run.tokenizer, prompts, cfg.sample, cfg.sample.max_output_length,
+        texts = sample(model, run.tokenizer, prompts, cfg.sample, cfg.sample.max_output_length,
                        seed=cfg.data.seed + step, truncate=True)  # fmt: skip
     if not engine.is_main:
         return
