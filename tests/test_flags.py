@@ -190,7 +190,7 @@ def test_startup_line_says_what_auto_chose(run):
     _, messages = run
     (line,) = [m for m in messages if m.startswith("setup:")]
     assert line == ("setup: single process, device cpu, compute dtype float32, loss scaling none, 32-bit LoRA, "
-                    "packing on")  # fmt: skip
+                    "packing on, gradient checkpointing off")  # fmt: skip
 
 
 def test_plain_text_headings_are_dropped_in_training(run):
