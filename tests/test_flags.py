@@ -191,6 +191,8 @@ def test_startup_line_says_what_auto_chose(run):
     (line,) = [m for m in messages if m.startswith("setup:")]
     assert line == ("setup: single process, device cpu, compute dtype float32, loss scaling none, 32-bit LoRA, "
                     "packing on, gradient checkpointing off")  # fmt: skip
+    (why,) = [m for m in messages if m.startswith("gradient checkpointing off by default")]
+    assert "do not outweigh" in why and "--gradient-checkpointing True/False" in why
 
 
 def test_plain_text_headings_are_dropped_in_training(run):
