@@ -49,8 +49,8 @@ def our_loglikelihoods(model, tokenizer) -> list[float]:
             ctx, ids = tokenizer(context).input_ids, tokenizer(context + continuation).input_ids
             assert ids[: len(ctx)] == ctx  # the pairs split at a token boundary, as lm_eval's _encode_pair assumes
         else:
-            ctx = [tokenizer.eos_token_id]
-            ids = ctx + tokenizer(continuation).input_ids
+            ctx = [tokenizer.eos_token_id]  # lm_eval's prefix token; the continuation without the tokenizer's own
+            ids = ctx + tokenizer(continuation, add_special_tokens=False).input_ids  # (an export's adds the lead)
         ids = torch.tensor([ids])
         with torch.no_grad():
             logprobs = model(ids).logits[0, :-1].log_softmax(-1)  # (T-1, V): position t predicts token t+1
