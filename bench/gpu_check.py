@@ -281,11 +281,15 @@ def check_resume(s: Setup) -> dict:
     return {"adapter_max_abs_diff": max_diff, "resumed_losses_equal": same, "ok": max_diff == 0.0 and same}
 
 
+PARITY_PROMPT = "the a of and to in was her"
+
+
 def check_inference(s: Setup) -> dict:
     """The bf16 QLoRA adapter: merged at load, kept 4-bit, and exported then loaded; logits and greedy text."""
     import torch
 
     from qlora_ft.cli import main as cli_main
+    from qlora_ft.data.encode import leading_token_id
     from qlora_ft.model import load_for_inference
 
     adapter, exported, device = s.work / "qlora-bfloat16", s.work / "exported", torch.device(s.device)
@@ -300,10 +304,16 @@ def check_inference(s: Setup) -> dict:
         except Exception as e:
             errors[name] = describe(e)
             continue
-        ids = tokenizer("the a of and to in was her", return_tensors="pt").input_ids.to(device)
+        # the package's prompt ids (the leading token, then the text), which an export's tokenizer gives by itself
+        plain = tokenizer(PARITY_PROMPT, add_special_tokens=False).input_ids
+        ids = torch.tensor([[leading_token_id(tokenizer), *plain]], device=device)
+        if name == "export" and tokenizer(PARITY_PROMPT).input_ids != ids[0].tolist():
+            errors[name] = "the export's tokenizer does not give the package's prompt ids"
         with torch.no_grad():
             logits[name] = model(ids).logits.float()
-            texts[name] = tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0])
+            texts[name] = tokenizer.decode(
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)[0]
+            )  # the leading token is no padding
         del model
     ref = logits.get("adapter-merged")
     diffs = {name: float((v - ref).abs().max()) for name, v in logits.items()} if ref is not None else {}
