@@ -301,11 +301,7 @@ def open_or_build(
     """
     import filelock
 
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the token cache folder {root}: {e.strerror}") from None
+    root = _cache_root(cache_dir)
     fp = fingerprint(covers)
     final = root / fp
     if workers is None and parallel == "processes" and 0 < input_bytes < POOL_MIN_BYTES:
@@ -336,6 +332,16 @@ def open_or_build(
     log.info("token cache %s: %d records, %d tokens, built in %.1fs", final, meta["n_records"], meta["n_tokens"],
              meta["build_seconds"])  # fmt: skip
     return TokenCache(final, built=True)
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    """The folder holding the caches (created if missing); a UserError when it cannot be."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the token cache folder {root}: {e.strerror}") from None
+    return root
 
 
 def _build_into(root: Path, fp: str, tokenizer: Any, records: Callable[[], Iterable[Record]],
