@@ -24,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from qlora_ft import checkpoint
+from qlora_ft.data.encode import leading_token_id
 from qlora_ft.errors import UserError
 from qlora_ft.generate import sample
 from qlora_ft.loss import accumulate_gradients
@@ -172,10 +173,10 @@ def write_samples(run: Run, step: int) -> None:
 
 
 def prompt_text(tokenizer, prompt: str | list[int]) -> str:
-    """A sample prompt as samples.jsonl shows it: a record's prompt ids decoded, without their leading <eos>."""
+    """A sample prompt as samples.jsonl shows it: a record's prompt ids decoded, without their leading token."""
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.decode(prompt[1:] if prompt[:1] == [tokenizer.eos_token_id] else prompt)
+    return tokenizer.decode(prompt[1:] if prompt[:1] == [leading_token_id(tokenizer)] else prompt)
 
 
 def save(run: Run, state: TrainState, session: Session, name: str) -> Path:
