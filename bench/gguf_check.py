@@ -1,4 +1,4 @@
-"""GGUF export check: files written from a QLoRA style run and a QLoRA instruction run, read by transformers and
+"""GGUF export check: files written from a QLoRA style run, instruction run and chat run, read by transformers and
 by llama.cpp (llama-cpp-python), against the merged model they came from. Thresholds fixed before measuring:
 
 - f16 in transformers: max |delta logit| against the merged model <= 0.05 over the held-out tokens;
@@ -8,11 +8,16 @@ by llama.cpp (llama-cpp-python), against the merged model they came from. Thresh
   equal token for token except from a near-tie on: at the first position where they differ, transformers' top-2
   logits there are less than NEAR_TIE apart (then rounding may pick either, and the texts part ways after it).
 
+Beside each q8_0 and q4_0 export, llama.cpp's own quantizer (`llama_model_quantize`, its default mix for that
+type) writes the f16 export as that type: the reference a quantised export's perplexity is read against.
+
     python bench/gguf_check.py --model ../shared/models/mini-gpt2-fiction --max-steps 30
     python bench/gguf_check.py --model /tmp/smollm2-hf --max-steps 5   # SmolLM2 (to_hf.py's folder): Llama
 
 Style run: `--data` Pride and Prejudice, held out: the first paragraphs of Emma (never trained on). Instruction
-run: the instruction records but the last 50, which are its `--validation-data` and its held-out text.
+run: the instruction records but the last 50, which are its `--validation-data` and its held-out text. Chat
+run: the same records as one-turn conversations (`{"messages": [...]}`, every other one opened by a system
+prompt), through the tokenizer's chat template.
 Writes bench/results/gguf-check.json and prints a table.
 """
 
@@ -36,7 +41,7 @@ from qlora_ft.cli import main as cli_main  # noqa: E402
 from qlora_ft.cli import train_main  # noqa: E402
 from qlora_ft.data.encode import encode, leading_token_id, render  # noqa: E402
 from qlora_ft.data.prepare import read_template  # noqa: E402
-from qlora_ft.data.records import Instruction, iter_paragraphs  # noqa: E402
+from qlora_ft.data.records import Chat, Instruction, as_chat, iter_paragraphs  # noqa: E402
 from qlora_ft.data.sources import resolve  # noqa: E402
 from qlora_ft.generate import encode_prompt, instruction_prompt  # noqa: E402
 from qlora_ft.model import load_for_inference  # noqa: E402
@@ -48,6 +53,7 @@ STYLE_PROMPTS = ["She was", "The morning", "It is a truth universally acknowledg
 INSTRUCTIONS = ["Name a colour.", "What is the capital of France?", "Rewrite: the cat sat on the mat.",
                 "Give a synonym for 'happy'.", "Translate 'thank you' into Spanish."]  # fmt: skip
 CPU = torch.device("cpu")
+RECORDS = SHARED / "data" / "instructions" / "instruction-data.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,7 +79,7 @@ def style_run(args, root: Path) -> tuple[Path, list[list[int]]]:
 
 
 def instruction_run(args, root: Path) -> tuple[Path, list[list[int]]]:
-    records = json.loads((SHARED / "data" / "instructions" / "instruction-data.json").read_text())
+    records = json.loads(RECORDS.read_text())
     (root / "train.json").write_text(json.dumps(records[:-50]))
     (root / "val.json").write_text(json.dumps(records[-50:]))
     run = train(["--model", args.model, "--data", str(root / "train.json"), "--validation-data", str(root / "val.json"),
@@ -83,6 +89,26 @@ def instruction_run(args, root: Path) -> tuple[Path, list[list[int]]]:
     template = read_template(run)
     rows = (Instruction(r["instruction"], r["output"], r["input"]) for r in records[-50:])
     return run, held_out(tokenizer, (encode(tokenizer, render(r, template, tokenizer))[0] for r in rows), args)
+
+
+def chat_run(args, root: Path) -> tuple[Path, list[list[int]]]:
+    chats = [conversation(r, i) for i, r in enumerate(json.loads(RECORDS.read_text()))]
+    (root / "chat-train.json").write_text(json.dumps(chats[:-50]))
+    (root / "chat-val.json").write_text(json.dumps(chats[-50:]))
+    run = train(["--model", args.model, "--data", str(root / "chat-train.json"), "--validation-data",
+                 str(root / "chat-val.json"), "--max-steps", str(args.max_steps), "--batch-size", "8",
+                 "--max-input-length", "256"], root, "chat")  # fmt: skip
+    _, tokenizer = load_for_inference(str(run), None, False, CPU)
+    template = read_template(run)
+    rows = (Chat(tuple((m["role"], m["content"]) for m in c["messages"])) for c in chats[-50:])
+    return run, held_out(tokenizer, (encode(tokenizer, render(r, template, tokenizer))[0] for r in rows), args)
+
+
+def conversation(record: dict, i: int) -> dict:
+    """An instruction record as a one-turn conversation, every other one opened by a system prompt."""
+    chat = as_chat(Instruction(record["instruction"], record["output"], record["input"]))
+    system = [("system", "You are a helpful assistant.")] if i % 2 else []
+    return {"messages": [{"role": role, "content": content} for role, content in [*system, *chat.messages]]}
 
 
 def held_out(tokenizer, sequences, args) -> list[list[int]]:
@@ -97,6 +123,7 @@ def held_out(tokenizer, sequences, args) -> list[list[int]]:
 
 
 def export_all(run: Path, root: Path) -> dict[str, Path]:
+    """The run exported in every type, and llama.cpp's own quantisation of the f16 export (`llama-<type>`)."""
     files = {}
     for kind in TYPES:
         files[kind] = root / f"{run.name}-{kind}.gguf"
@@ -104,7 +131,20 @@ def export_all(run: Path, root: Path) -> dict[str, Path]:
         cli_main(["export", "--model_path", str(run), "--out", str(files[kind]), "--format", "gguf",
                   "--gguf-type", kind, "--overwrite"])  # fmt: skip
         print(f"{files[kind].name}: {files[kind].stat().st_size / 1e6:.1f} MB in {time.perf_counter() - start:.0f} s")
+    for kind in TYPES[1:]:
+        files[f"llama-{kind}"] = llama_quantize(files["f16"], root / f"{run.name}-llama-{kind}.gguf", kind)
     return files
+
+
+def llama_quantize(source: Path, out: Path, kind: str) -> Path:
+    """`source` written as `kind` by llama.cpp's quantizer, with its default choice of per-tensor types."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not quantise {source}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,8 +248,9 @@ def measure(run: Path, files: dict[str, Path], sequences: list[list[int]], promp
     n_ctx = min(getattr(config, "n_positions", None) or config.max_position_embeddings, 2048)
     hf, llama, hf_tokenizer = {}, {}, None
     for kind, path in files.items():
-        hf[kind], tokenizer_of_file = hf_from_gguf(path, base)
-        hf_tokenizer = hf_tokenizer or tokenizer_of_file
+        if not kind.startswith("llama-"):
+            hf[kind], tokenizer_of_file = hf_from_gguf(path, base)
+            hf_tokenizer = hf_tokenizer or tokenizer_of_file
         llama[kind] = Llama(path, n_ctx)
     result = {
         "held_out": {"sequences": len(sequences), "tokens": sum(map(len, sequences))},
@@ -224,6 +265,10 @@ def measure(run: Path, files: dict[str, Path], sequences: list[list[int]], promp
     for kind in TYPES:
         result["perplexity"][f"transformers_{kind}"] = perplexity(hf[kind], sequences)
         result["perplexity"][f"llama_cpp_{kind}"] = perplexity(llama[kind], sequences)
+    for kind in TYPES[1:]:  # the reference: llama.cpp's own quantizer, read by llama.cpp
+        ppl = result["perplexity"]
+        ppl[f"llama_quantize_{kind}"] = perplexity(llama[f"llama-{kind}"], sequences)
+        result.setdefault("vs_llama_quantize", {})[kind] = ppl[f"llama_cpp_{kind}"] / ppl[f"llama_quantize_{kind}"] - 1
     ids = {text: prompt_ids(run, tokenizer, hf_tokenizer, llama["f16"], text) for text in prompts}
     result["prompt_ids"] = {text: {**got, "equal": got["package"] == got["transformers"] == got["llama_cpp"]}
                             for text, got in ids.items()}  # fmt: skip
@@ -252,8 +297,9 @@ def table(name: str, r: dict) -> str:
              f"{r['max_dlogit']['llama_cpp_f16_vs_merged']:.4f}",
              f"  perplexity: base {ppl['base']:.3f}, merged {ppl['merged']:.3f}"]  # fmt: skip
     for kind in TYPES:
+        reference = f"  llama-quantize's own {ppl[f'llama_quantize_{kind}']:.3f}" if kind != "f16" else ""
         lines.append(f"  {kind:5} {r['file_mb'][kind]:5.1f} MB  transformers {ppl[f'transformers_{kind}']:.3f}  "
-                     f"llama.cpp {ppl[f'llama_cpp_{kind}']:.3f}")  # fmt: skip
+                     f"llama.cpp {ppl[f'llama_cpp_{kind}']:.3f}{reference}")  # fmt: skip
     equal = sum(g["equal"] for g in r["greedy"].values())
     ties = sum(not g["equal"] and g["near_tie"] for g in r["greedy"].values())
     lines.append(f"  greedy 32 tokens: {equal}/{len(r['greedy'])} equal, {ties} near-tie; checks: {r['checks']}")
@@ -265,7 +311,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHARED / "models" / "mini-gpt2-fiction"))
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens per run")
-    parser.add_argument("--runs", nargs="+", choices=["style", "instruction"], default=["style", "instruction"])
+    parser.add_argument("--runs", nargs="+", choices=["style", "instruction", "chat"],
+                        default=["style", "instruction", "chat"])  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf-check.json"))
     args = parser.parse_args()
     import llama_cpp
@@ -282,6 +329,7 @@ def main() -> None:
         for name, make, prompts in (
             ("style", style_run, STYLE_PROMPTS),
             ("instruction", instruction_run, INSTRUCTIONS),
+            ("chat", chat_run, INSTRUCTIONS),
         ):
             if name not in args.runs:
                 continue

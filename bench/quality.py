@@ -7,9 +7,13 @@ with `qlora-ft eval`.
     # style (Austen): screen at 300 steps, then confirm at the full defaults (3 epochs) with one seed
     python bench/quality.py --mode style --max-steps 300 --seeds 1 2 3
     python bench/quality.py --mode style --candidates defaults dora loraplus --seeds 1
+    # another model (a local folder), with flags every run shares
+    python bench/quality.py --model /tmp/smollm2-135m-instruct --mode style --max-steps 300 --seeds 1 \
+        --flags "--max-input-length 128 --gradient-checkpointing False"
 
-Each run is `python train.py --model ../shared/models/mini-gpt2-fiction --data DATA --seed S [--max-steps N]
-<candidate flags>` in a subprocess, then `python -m qlora_ft eval` on its output folder:
+Each run is `python train.py --model MODEL --data DATA --seed S [--max-steps N] <--flags> <candidate flags>` in a
+subprocess (MODEL: `--model`, by default ../shared/models/mini-gpt2-fiction), then `python -m qlora_ft eval` on
+its output folder:
 - instructions: response perplexity, ROUGE-L and format adherence on the run's validation records (the 100 of
   the shared file's 10% split; greedy, `--max-new-tokens` new tokens; `--n-prompts` of them answered);
 - style: perplexity on the held-out Austen paragraphs and the share of `--n-generations` generations (fixed
@@ -22,6 +26,7 @@ A candidate's flags may combine others': `original+dora`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -92,9 +97,10 @@ def run(cmd: list[str], log_path: Path, threads: int | None) -> float:
 
 def train_and_eval(args, name: str, seed: int, work: Path) -> dict:
     out = work / f"{name}-seed{seed}"
-    train = [sys.executable, "train.py", "--model", str(MODEL), "--data", str(DATA[args.mode]), "--seed", str(seed),
+    train = [sys.executable, "train.py", "--model", args.model, "--data", str(DATA[args.mode]), "--seed", str(seed),
              "--output-dir", str(out), "--check-dir", str(work / f"ckpt-{name}-seed{seed}"), "--sample-every", "0",
-             *(["--max-steps", str(args.max_steps)] if args.max_steps else []), *flags_of(name)]  # fmt: skip
+             *(["--max-steps", str(args.max_steps)] if args.max_steps else []), *args.flags.split(),
+             *flags_of(name)]  # fmt: skip
     # (--sample-every 0: in-training samples change no weight, and cost time the table would count)
     train_s = run(train, work / f"{name}-seed{seed}-train.log", args.threads)
     evaluate = [sys.executable, "-m", "qlora_ft", "eval", "--model_path", str(out), "--seed", "42"]
@@ -153,6 +159,8 @@ def table(mode: str, rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=list(DATA), default="instructions")
+    p.add_argument("--model", default=str(MODEL), help="the base model: a local folder (default: the mini GPT-2)")
+    p.add_argument("--flags", default="", help="train.py flags every run shares, as one string")
     p.add_argument("--candidates", nargs="+", help="names from CANDIDATES, combined with + (default: the mode's)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--max-steps", type=int, help="screening budget (default: the mode's full defaults)")
@@ -160,11 +168,11 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="instructions: greedy new tokens per answer")
     p.add_argument("--n-generations", type=int, default=100, help="style: generations judged per model")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. smoke)")
-    p.add_argument("--work-dir", help="where runs go (default: a temporary folder, removed)")
+    p.add_argument("--work-dir", help="where runs go, kept (<candidate>-seed<S>; default: a temporary folder)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's choice)")
     args = p.parse_args()
-    if not MODEL.is_dir() or not DATA[args.mode].exists():
-        raise SystemExit(f"needs {MODEL} and {DATA[args.mode]} (../shared beside the checkout)")
+    if not Path(args.model).is_dir() or not DATA[args.mode].exists():
+        raise SystemExit(f"needs {args.model} and {DATA[args.mode]} (../shared beside the checkout)")
     candidates = args.candidates or DEFAULT_CANDIDATES[args.mode]
     for name in candidates:
         flags_of(name)  # an unknown name fails before anything runs
@@ -173,11 +181,12 @@ def main() -> None:
     # rows already measured by an interrupted run of the same command are kept, not run again
     done = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
     rows = done.get("rows", []) if done.get("command") == command else []
-    with tempfile.TemporaryDirectory(prefix="quality-", dir=args.work_dir) as tmp:
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="quality-")))
         for name in candidates:
             for seed in args.seeds:
                 if not any(r["candidate"] == name and r["seed"] == seed for r in rows):
-                    rows.append(train_and_eval(args, name, seed, Path(tmp)))
+                    rows.append(train_and_eval(args, name, seed, work))
                     write(args, command, stem, rows)
     print(write(args, command, stem, rows))
 
@@ -188,7 +197,7 @@ def write(args, command: str, stem: Path, rows: list[dict]) -> str:
     if args.threads:
         device += f", {args.threads} thread{'s' if args.threads > 1 else ''} per run"
     markdown = table(args.mode, rows)
-    meta = {"command": command, "device": device, "model": str(MODEL.name),
+    meta = {"command": command, "device": device, "model": Path(args.model).name,
             "data": str(DATA[args.mode].relative_to(SHARED.parent)), "max_steps": args.max_steps}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"`{command}` on {meta['device']}\n\n{markdown}\n")

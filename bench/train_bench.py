@@ -137,12 +137,13 @@ def matmul_parameters(model) -> int:
 
 
 def ours_config(ctx, overrides: dict[str, str]) -> TrainConfig:
-    """The configuration of the `ours` arm (its token cache in the work folder, built by `main` for the split)."""
+    """The configuration of the `ours` arm (its token cache in the work folder, built by `main` for the split; each
+    arm and repeat replaces the previous one's output and checkpoint folders)."""
     argv = ["--model", ctx.model_dir, "--data", ctx.data_pkl, "--batch-size", str(ctx.batch),
             "--max-input-length", str(ctx.max_length), "--rank-lora", str(ctx.rank), "--alpha-lora", str(ctx.alpha),
             "--lr", str(ctx.lr), "--warmup-steps", "10", "--sample-every", "0", "--save-interval", "0",
             "--train-size", str(ctx.train_size), "--output-dir", str(ctx.work / "ours"),
-            "--check-dir", str(ctx.work / "ours-ckpt"), "--cache-dir", str(ctx.work / "cache"),
+            "--check-dir", str(ctx.work / "ours-ckpt"), "--cache-dir", str(ctx.work / "cache"), "--overwrite",
             "--log-every", "1000"]  # fmt: skip
     for key, value in overrides.items():
         argv += [f"--{key}", value]

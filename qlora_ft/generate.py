@@ -57,6 +57,9 @@ def fit_context(input_ids: torch.Tensor, limit: int | None, max_new_tokens: int,
     return input_ids[:, -room:]
 
 
+ROWS_PER_CALL = 32  # prompts x sequences generated together: one forward pass per new token serves them all
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -73,38 +76,56 @@ def sample(
     A prompt is text (`encode_prompt` gives its ids) or token ids, used as given (a record's prompt as training
     encoded it: `encode.prompt_ids`).
 
-    Runs under `torch.random.fork_rng`, seeded with `seed`: the caller's RNG streams (e.g. the training
-    loop's dropout) are left exactly as they were, and the same seed gives the same texts. Stops at `<eos>`.
-    A prompt whose tokens + `max_new_tokens` exceed the model's context raises UserError before anything is
-    generated, or with `truncate` is cut to its last tokens that fit (see `fit_context`).
+    Prompts are generated together, up to `ROWS_PER_CALL` sequences per `generate` call (`left_padded`), or
+    one sequence per call when streaming (streamers take batch size 1). Runs under `torch.random.fork_rng`,
+    seeded with `seed`: the caller's RNG streams (e.g. the training loop's dropout) are left exactly as they
+    were, and the same seed gives the same texts. Stops at `<eos>`. A prompt whose tokens + `max_new_tokens`
+    exceed the model's context raises UserError before anything is generated, or with `truncate` is cut to its
+    last tokens that fit (see `fit_context`).
     """
     limit = context_length(model.config)
     device = next(model.parameters()).device
-    out: list[list[str]] = []
-    encoded = [fit_context(prompt_tensor(tokenizer, prompt, device), limit, max_new_tokens, truncate, number)
+    encoded = [fit_context(prompt_tensor(tokenizer, prompt, device), limit, max_new_tokens, truncate, number)[0]
                for number, prompt in enumerate(prompts, 1)]  # fmt: skip
+    knobs = {"do_sample": True, "top_k": sampling.top_k, "top_p": sampling.top_p, "temperature": sampling.temperature,
+             "max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
+             "pad_token_id": pad_id(tokenizer)}  # fmt: skip
+    texts: list[str] = []
     with seeded_eval(model, seed):
-        for input_ids in encoded:
-            texts = []
-            # one sequence per call when streaming (streamers take batch size 1), else all at once
-            n_calls, per_call = (num_return_sequences, 1) if streamer_factory else (1, num_return_sequences)
-            for _ in range(n_calls):
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    do_sample=True,
-                    top_k=sampling.top_k,
-                    top_p=sampling.top_p,
-                    temperature=sampling.temperature,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=per_call,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    streamer=streamer_factory() if streamer_factory else None,
-                )  # (per_call, T + new)
-                texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
-            out.append([t.strip() for t in texts])
-    return out
+        if streamer_factory:
+            for ids in encoded:
+                for _ in range(num_return_sequences):
+                    generated = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]),
+                                               streamer=streamer_factory(), **knobs)  # fmt: skip
+                    texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        else:
+            per_call = max(1, ROWS_PER_CALL // num_return_sequences)
+            for group in (encoded[i : i + per_call] for i in range(0, len(encoded), per_call)):
+                input_ids, mask = left_padded(group, pad_id(tokenizer))
+                generated = model.generate(input_ids=input_ids, attention_mask=mask,
+                                           num_return_sequences=num_return_sequences, **knobs)  # fmt: skip
+                rows = [ids for ids in group for _ in range(num_return_sequences)]  # generate's order
+                texts += [tokenizer.decode(torch.cat([ids, new]), skip_special_tokens=True)
+                          for ids, new in zip(rows, generated[:, input_ids.shape[1] :], strict=True)]  # fmt: skip
+    n = num_return_sequences
+    return [[t.strip() for t in texts[i : i + n]] for i in range(0, len(texts), n)]
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding rows of a batch: the tokenizer's padding token, or its EOS when it has none (GPT-2's own)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows (1-D, on one device) as one batch padded on the left with `pad_id`, and its attention mask
+    (0 on the padding), so that `generate` continues every row from its own last token. Outputs equal those of
+    one row at a time except where float rounding flips a near-tie (padding changes the matmuls' shapes)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return input_ids, mask
 
 
 @contextlib.contextmanager

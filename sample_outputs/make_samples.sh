@@ -5,7 +5,9 @@
 # style) and `qlora-ft compare`.
 # Then the same model instruction-tuned on ../shared/data/instructions (the instruction mode's defaults) and
 # evaluated on its held-out records (`qlora-ft eval`: base vs tuned).
-# Run from the repository root: bash sample_outputs/make_samples.sh [WORK_DIR] [all|austen|instructions]
+# Then SmolLM2-135M-Instruct (a real pretrained model: ../shared/models/smollm2-135m-instruct) on Austen, through
+# bench/quality.py's style screen (200 steps of 8 x 128 tokens), then `qlora-ft compare`.
+# Run from the repository root: bash sample_outputs/make_samples.sh [WORK_DIR] [all|austen|instructions|smollm2]
 # About an hour on 2 CPU cores for austen (its two training runs go side by side, one thread each), about 10
 # minutes for instructions. A run already finished in WORK_DIR (train_summary.json) is reused.
 set -euo pipefail
@@ -55,7 +57,39 @@ PY
   echo "wrote $out/instructions-mini-gpt2-fiction.md and $dest/"
 }
 
+smollm2_sample() {
+  local smol="$work/smollm2-135m-instruct" dest="$out/austen-smollm2-135m-instruct"
+  [[ -f $smol/config.json ]] || python "$root/../shared/models/smollm2-135m-instruct/to_hf.py" "$smol"
+  (cd "$root" && python bench/quality.py --model "$smol" --mode style --max-steps 200 --seeds 1 \
+    --candidates defaults --flags "--max-input-length 128 --gradient-checkpointing False" --label smollm2 \
+    --n-generations 50 --work-dir "$work/quality-smollm2")
+  local run="$work/quality-smollm2/defaults-seed1"
+  python -m qlora_ft compare --model_path "$run" --prompt "It is a truth universally acknowledged" \
+    --prompt "She was" --prompt "Mr. Darcy" --prompt "" --out smollm2-compare.md 2> smollm2-compare.log
+  mkdir -p "$dest"
+  cp "$run"/{eval.json,eval.md,eval.png,training.png,report.md,train_summary.json,run_config.json} "$dest/"
+  {
+    echo "# Before and after: SmolLM2-135M-Instruct fine-tuned on Jane Austen"
+    echo
+    echo "Made by \`bash sample_outputs/make_samples.sh WORK smollm2\`: SmolLM2-135M-Instruct (a pretrained"
+    echo "135M-parameter Llama-architecture model, ../shared/models/smollm2-135m-instruct written as a model folder"
+    echo "by its \`to_hf.py\`) fine-tuned with \`train.py --qlora True --model smollm2-135m-instruct --data"
+    echo "../shared/data/corpora/austen --max-steps 200 --max-input-length 128 --gradient-checkpointing False"
+    echo "--seed 1\` (the text mode's defaults otherwise: QLoRA r 64 / alpha 16, rsLoRA, on all seven projections;"
+    echo "200 steps of 8 x 128 tokens, 205K tokens, a screen: the defaults' three epochs are about 4 hours here),"
+    echo "then \`qlora-ft compare\` below: the same prompts, seed and sampling settings for the base and the"
+    echo "fine-tuned model. The evaluation (held-out perplexity, style classifier against Dickens, copying) is in"
+    echo "austen-smollm2-135m-instruct/eval.md; the full report in austen-smollm2-135m-instruct/report.md."
+    echo
+    sed -e '1d' -e "s#$work/##g" -e "s#$smol#smollm2-135m-instruct#g" smollm2-compare.md
+  } > "$out/austen-smollm2-135m-instruct.md"
+  sed -i -e "s#$work/##g" -e "s#$smol#smollm2-135m-instruct#g" -e "s#$corpora#../shared/data/corpora#g" \
+    -e "s#$root/##g" "$dest"/*.md "$dest"/*.json
+  echo "wrote $out/austen-smollm2-135m-instruct.md and $dest/"
+}
+
 if [[ $part == instructions ]]; then instruction_sample; exit 0; fi
+if [[ $part == smollm2 ]]; then smollm2_sample; exit 0; fi
 [[ -f austen_dataset.pkl ]] || python -m qlora_ft prepare "$corpora/austen" --out austen_dataset.pkl
 common=(--model "$model" --data austen_dataset.pkl --sample-every 100 --log-every 20)
 train() {  # train RUN FLAGS...: one run on one thread, skipped when RUN finished before
@@ -90,4 +124,4 @@ cp lora_run/train_summary.json "$dest/lora_reference_train_summary.json"
 sed -i -e "s#$work/##g" -e "s#$model#../shared/models/mini-gpt2-fiction#g" -e "s#$corpora#../shared/data/corpora#g" \
   "$dest"/*.md "$dest"/*.json
 echo "wrote $out/austen-mini-gpt2-fiction.md and $dest/ (work dir $work)"
-if [[ $part == all ]]; then instruction_sample; fi
+if [[ $part == all ]]; then instruction_sample; smollm2_sample; fi

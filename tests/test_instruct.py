@@ -193,11 +193,15 @@ def test_chat_sample_prompts_are_the_training_ids_before_the_last_answer(tmp_pat
     header = tokenizer("<|assistant|>\n", add_special_tokens=False).input_ids
     assert all(list(p[-len(header) :]) == header for p in prompts)
 
-    fed = []  # what the model is given: the ids as they are
+    fed = []  # what the model is given: the ids as they are (the rows' unmasked tokens: prompts go together)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     real = model.generate
-    monkeypatch.setattr(model, "generate", lambda input_ids, **kw: fed.append(input_ids[0].tolist()) or
-                        real(input_ids=input_ids, **kw))  # fmt: skip
+
+    def generate(input_ids, attention_mask, **kw):
+        fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True))
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(model, "generate", generate)
     texts = sample(model, tokenizer, prompts, SamplingArgs(), 2, seed=0)
     assert fed == [list(p) for p in prompts] and len(texts) == len(prompts)
 
