@@ -183,6 +183,7 @@ def main() -> None:
     rows = done.get("rows", []) if done.get("command") == command else []
     with contextlib.ExitStack() as stack:
         work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="quality-")))
+        work.mkdir(parents=True, exist_ok=True)
         for name in candidates:
             for seed in args.seeds:
                 if not any(r["candidate"] == name and r["seed"] == seed for r in rows):
