@@ -33,10 +33,9 @@ from qlora_ft.data.prepare import held_out_data, read_run, read_template, run_da
 from qlora_ft.data.records import Record, iter_paragraphs, prompt_side
 from qlora_ft.data.sources import resolve
 from qlora_ft.errors import UserError
-from qlora_ft.generate import left_padded, pad_id, sample, stop_strings
+from qlora_ft.generate import greedy_answers, sample, stop_strings
 from qlora_ft.model import (
     compute_dtype,
-    context_length,
     default_device,
     keep_training_layout,
     load_base,
@@ -47,7 +46,7 @@ from qlora_ft.model import (
     resolve_base_name,
 )
 from qlora_ft.run_options import CompareConfig, EvalConfig
-from qlora_ft.templates import Template, check_format, cut_at_stop, rouge_l
+from qlora_ft.templates import Template, rouge_l
 from qlora_ft.training.validate import validation_loss
 
 log = logging.getLogger(__name__)
@@ -360,46 +359,6 @@ def instruction_held_out(args, train_cfg: TrainConfig, template: Template, run: 
     held = data.validation
     n_dropped = len(data.split.val_idx) - len(held)
     return HeldOutRecords(data.read(held.record), held, source, n_dropped)
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop,
-                   batch_size: int = 16) -> list[dict[str, Any]]:  # fmt: skip
-    """The model's greedy answer to each prompt's token ids (`encode.prompt_ids`, as `generate.respond` prompts)
-    and its format.
-
-    Generated without stop strings, up to EOS or `max_new_tokens` (fewer when the model's context leaves less
-    room: `token_limit`), so that a template header the model goes on to write shows in `generated`;
-    `response` is that text cut at the first header, which is what `respond` returns. Prompts of one budget go
-    `batch_size` at a time, shortest first (`generate.left_padded`: the tokens one prompt at a time would give,
-    except at near-ties).
-    """
-    device = next(model.parameters()).device
-    limit = context_length(model.config)
-    budgets = [max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - len(p))) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-budgets[i], len(prompts[i])))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    groups = [[i for i in g if budgets[i] == b] for g in groups for b in dict.fromkeys(budgets[i] for i in g)]
-    answers: list[dict[str, Any]] = [{} for _ in prompts]
-    for group in groups:
-        input_ids, mask = left_padded([torch.tensor(prompts[i], device=device) for i in group], pad_id(tokenizer))
-        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=budgets[group[0]], eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad_id(tokenizer))  # fmt: skip
-        for i, row in zip(group, out[:, input_ids.shape[1] :].tolist(), strict=True):
-            answers[i] = answer_format(tokenizer, row, budgets[i], stop)
-    return answers
-
-
-def answer_format(tokenizer, new_ids: list[int], budget: int, stop) -> dict[str, Any]:
-    """One greedy answer (its new ids, through EOS or the padding after it) as `greedy_answers` reports it."""
-    eos = tokenizer.eos_token_id
-    new_ids = new_ids[: new_ids.index(eos) + 1] if eos in new_ids else new_ids
-    text = tokenizer.decode(new_ids[:-1] if new_ids[-1:] == [eos] else new_ids, skip_special_tokens=True)
-    check = check_format(new_ids, text, eos, budget, stop)
-    return {"response": cut_at_stop(text, stop).strip(), "generated": text, "new_tokens": len(new_ids),
-            "token_limit": budget, "ended_with_eos": check.ended, "repeated_header": check.repeated_header,
-            "format_ok": check.ok}  # fmt: skip
 
 
 def score_answers(answers: list[dict[str, Any]], references: list[str]) -> tuple[float, dict[str, float]]:

@@ -1,11 +1,13 @@
 """Sampling, shared by in-training samples and inference; `respond` answers an instruction through a run's
-template, `complete` continues a prompt's token ids (the chat's turns)."""
+template, `complete` continues a prompt's token ids (the chat's turns), `greedy_answers` answers many prompts
+at once (eval). Several prompts go through `generate` together, left-padded (`left_padded`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jinja2
 import torch
@@ -15,7 +17,7 @@ from qlora_ft.data.encode import leading_token_id, prompt_ids
 from qlora_ft.data.records import Chat, Instruction
 from qlora_ft.errors import UserError
 from qlora_ft.model import context_length
-from qlora_ft.templates import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, Template, cut_at_stop
+from qlora_ft.templates import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, Template, check_format, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +262,43 @@ def complete(
         )  # (n, T + new)
     texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
     return [cut_at_stop(text, stop).strip() for text in texts]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop,
+                   batch_size: int = 16) -> list[dict[str, Any]]:  # fmt: skip
+    """The model's greedy answer to each prompt's token ids (`encode.prompt_ids`, as `generate.respond` prompts)
+    and its format.
+
+    Generated without stop strings, up to EOS or `max_new_tokens` (fewer when the model's context leaves less
+    room: `token_limit`), so that a template header the model goes on to write shows in `generated`;
+    `response` is that text cut at the first header, which is what `respond` returns. Prompts of one budget go
+    `batch_size` at a time, shortest first (`left_padded`: the tokens one prompt at a time would give,
+    except at near-ties).
+    """
+    device = next(model.parameters()).device
+    limit = context_length(model.config)
+    budgets = [max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - len(p))) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-budgets[i], len(prompts[i])))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = [[i for i in g if budgets[i] == b] for g in groups for b in dict.fromkeys(budgets[i] for i in g)]
+    answers: list[dict[str, Any]] = [{} for _ in prompts]
+    for group in groups:
+        input_ids, mask = left_padded([torch.tensor(prompts[i], device=device) for i in group], pad_id(tokenizer))
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=budgets[group[0]], eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad_id(tokenizer))  # fmt: skip
+        for i, row in zip(group, out[:, input_ids.shape[1] :].tolist(), strict=True):
+            answers[i] = answer_format(tokenizer, row, budgets[i], stop)
+    return answers
+
+
+def answer_format(tokenizer, new_ids: list[int], budget: int, stop) -> dict[str, Any]:
+    """One greedy answer (its new ids, through EOS or the padding after it) as `greedy_answers` reports it."""
+    eos = tokenizer.eos_token_id
+    new_ids = new_ids[: new_ids.index(eos) + 1] if eos in new_ids else new_ids
+    text = tokenizer.decode(new_ids[:-1] if new_ids[-1:] == [eos] else new_ids, skip_special_tokens=True)
+    check = check_format(new_ids, text, eos, budget, stop)
+    return {"response": cut_at_stop(text, stop).strip(), "generated": text, "new_tokens": len(new_ids),
+            "token_limit": budget, "ended_with_eos": check.ended, "repeated_header": check.repeated_header,
+            "format_ok": check.ok}  # fmt: skip

@@ -8,7 +8,6 @@ from test_gguf_llama import build_llama
 import qlora_ft.generate as generate
 from conftest import build_model_dir
 from qlora_ft.config import SamplingArgs
-from qlora_ft.evaluate import greedy_answers
 from qlora_ft.model import load_tokenizer
 
 PROMPTS = ["She", "It is a truth universally acknowledged that", "Mr. Darcy was", ""]  # lengths 1 to 9 words
@@ -31,8 +30,8 @@ def test_left_padding_puts_each_row_at_the_right_edge():
 def test_greedy_answers_together_equal_one_at_a_time(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = [generate.encode_prompt(tokenizer, p, torch.device("cpu"))[0].tolist() for p in PROMPTS]
-    together = greedy_answers(model, tokenizer, prompts, 12, stop=(), batch_size=16)
-    alone = greedy_answers(model, tokenizer, prompts, 12, stop=(), batch_size=1)
+    together = generate.greedy_answers(model, tokenizer, prompts, 12, stop=(), batch_size=16)
+    alone = generate.greedy_answers(model, tokenizer, prompts, 12, stop=(), batch_size=1)
     assert together == alone
     assert len({a["generated"] for a in alone}) > 1  # the prompts' answers differ: the rows were not mixed up
 
