@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -118,7 +119,10 @@ def train_and_eval(args, name: str, seed: int, work: Path) -> dict:
         row.update(response_perplexity=result["response_perplexity"]["fine_tuned"],
                    rouge_l=result["rouge_l"]["fine_tuned"],
                    format_adherence=100 * result["format"]["fine_tuned"]["adherence"],
-                   n_prompts=result["generation"]["n_prompts"])  # fmt: skip
+                   n_prompts=result["generation"]["n_prompts"],
+                   base={"response_perplexity": result["response_perplexity"]["base"],
+                         "rouge_l": result["rouge_l"]["base"],
+                         "format_adherence": 100 * result["format"]["base"]["adherence"]})  # fmt: skip
     else:
         ppl = result["perplexity"]
         row.update(held_out_perplexity=ppl["fine_tuned"], perplexity_drop=100 * ppl["reduction"],
@@ -176,7 +180,7 @@ def main() -> None:
     candidates = args.candidates or DEFAULT_CANDIDATES[args.mode]
     for name in candidates:
         flags_of(name)  # an unknown name fails before anything runs
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    command = "python bench/quality.py " + shlex.join(sys.argv[1:])
     stem = ROOT / "bench" / "results" / f"quality-{args.mode}{'-' + args.label if args.label else ''}"
     # rows already measured by an interrupted run of the same command are kept, not run again
     done = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}

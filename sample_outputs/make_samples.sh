@@ -6,7 +6,8 @@
 # Then the same model instruction-tuned on ../shared/data/instructions (the instruction mode's defaults) and
 # evaluated on its held-out records (`qlora-ft eval`: base vs tuned).
 # Then SmolLM2-135M-Instruct (a real pretrained model: ../shared/models/smollm2-135m-instruct) on Austen, through
-# bench/quality.py's style screen (200 steps of 8 x 128 tokens), then `qlora-ft compare`.
+# bench/quality.py's style screen (200 steps of 8 x 128 tokens), then `qlora-ft compare`; and instruction-tuned
+# at the instruction mode's defaults (bench/quality.py --mode instructions), evaluated base vs tuned.
 # Run from the repository root: bash sample_outputs/make_samples.sh [WORK_DIR] [all|austen|instructions|smollm2]
 # About an hour on 2 CPU cores for austen (its two training runs go side by side, one thread each), about 10
 # minutes for instructions. A run already finished in WORK_DIR (train_summary.json) is reused.
@@ -86,6 +87,15 @@ smollm2_sample() {
   sed -i -e "s#$work/##g" -e "s#$smol#smollm2-135m-instruct#g" -e "s#$corpora#../shared/data/corpora#g" \
     -e "s#$root/##g" "$dest"/*.md "$dest"/*.json
   echo "wrote $out/austen-smollm2-135m-instruct.md and $dest/"
+  # the instruction mode's defaults (2 epochs of the shared records), base vs tuned on the 100 held-out records
+  (cd "$root" && python bench/quality.py --model "$smol" --mode instructions --seeds 1 --candidates defaults \
+    --flags "--gradient-checkpointing False" --label smollm2 --work-dir "$work/quality-smollm2-instructions")
+  dest="$out/instructions-smollm2-135m-instruct"
+  mkdir -p "$dest"
+  cp "$work/quality-smollm2-instructions/defaults-seed1"/{eval.json,eval.md,training.png,train_summary.json,run_config.json} "$dest/"
+  sed -i -e "s#$work/##g" -e "s#$smol#smollm2-135m-instruct#g" -e "s#$instructions#../shared/data/instructions/instruction-data.json#g" \
+    -e "s#$root/##g" "$dest"/*.md "$dest"/*.json
+  echo "wrote $dest/"
 }
 
 if [[ $part == instructions ]]; then instruction_sample; exit 0; fi

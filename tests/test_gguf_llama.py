@@ -59,6 +59,34 @@ def test_rotary_rows_interleave_each_heads_halves():
     assert rotary_rows(w, 2)[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]  # rows 0 2 1 3 4 6 5 7
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantized_blocks_are_llama_quantizes_blocks_of_the_f16_file(llama, tmp_path, kind):
+    """A q8_0 or q4_0 export holds the blocks llama.cpp's own path gives (convert to f16, then llama-quantize):
+    computed from the f16 values, and, where llama-cpp-python is installed, equal byte for byte to
+    `llama_model_quantize` of the f16 export."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    base, f16_path = llama
+    export(base, tmp_path / f"{kind}.gguf", "--gguf-type", kind)
+    ours, f16 = fields(tmp_path / f"{kind}.gguf"), fields(f16_path)
+    for name, data in ours["data"].items():
+        if f16["tensors"][name][0] == "F16":
+            blocks = quantize(np.asarray(f16["data"][name], dtype=np.float32), Q[ours["tensors"][name][0]])
+            np.testing.assert_array_equal(np.asarray(data).view(np.uint8), blocks.view(np.uint8), err_msg=name)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+    assert llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp_path / "ref.gguf").encode(), params) == 0
+    reference = fields(tmp_path / "ref.gguf")
+    assert ours["tensors"] == reference["tensors"]
+    for name, data in ours["data"].items():
+        assert np.asarray(data).tobytes() == np.asarray(reference["data"][name]).tobytes(), name
+
+
 def test_a_llama_exports_llama_cpps_layout(llama):
     from transformers import AutoModelForCausalLM
 
