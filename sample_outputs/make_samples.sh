@@ -81,6 +81,14 @@ smollm2_sample() {
     echo "then \`qlora-ft compare\` below: the same prompts, seed and sampling settings for the base and the"
     echo "fine-tuned model. The evaluation (held-out perplexity, style classifier against Dickens, copying) is in"
     echo "austen-smollm2-135m-instruct/eval.md; the full report in austen-smollm2-135m-instruct/report.md."
+    python - "$run/eval.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ppl, judged = r["perplexity"], r["style"]["judged_target"]
+print(f"Held-out perplexity {ppl['base']:.1f} -> {ppl['fine_tuned']:.1f} ({100 * ppl['reduction']:.0f}% lower); "
+      f"generations judged Austen (against Dickens) {100 * judged['base']['share']:.0f}% -> "
+      f"{100 * judged['fine_tuned']['share']:.0f}% of {judged['fine_tuned']['n']}.")
+PY
     echo
     sed -e '1d' -e "s#$work/##g" -e "s#$smol#smollm2-135m-instruct#g" smollm2-compare.md
   } > "$out/austen-smollm2-135m-instruct.md"
