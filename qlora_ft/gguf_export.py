@@ -105,9 +105,8 @@ def write_gguf(model, tokenizer, out: Path, gguf_type: GgufType, chat_template: 
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hyperparameters(writer, model.config, out.stem, gguf_type)
         _add_tokenizer(writer, tokenizer, model.config, chat_template)
-        tensors = dict(_gguf_tensors(model))
-        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied: the embedding
-        for name, array in tensors.items():
+        head = "token_embd.weight" if _tied(model) else "output.weight"  # the output layer's GGUF name
+        for name, array in _gguf_tensors(model):  # one at a time: a float32 copy of one tensor alive
             data, qtype = _encode(name, array, gguf_type, head)
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
@@ -262,6 +261,11 @@ def _merges(tokenizer) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
 
+def _tied(model) -> bool:
+    """Whether the output layer is the token embedding (the file then has no `output` tensor)."""
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
 def _gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) of each weight; Conv1D weights transposed to (out, in), Llama's q and k rows
     permuted (`rotary_rows`), the output layer left out when it is the token embedding (llama.cpp then reuses
@@ -273,7 +277,7 @@ def _gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
     arch = gguf.MODEL_ARCH.LLAMA if llama else gguf.MODEL_ARCH.GPT2
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers if llama else config.n_layer)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads} if llama else {}
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = _tied(model)
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
